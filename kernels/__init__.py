@@ -1,0 +1,1 @@
+"""Triton kernels for multi-teacher knowledge distillation (never imports mtkd.pipeline or zarr)."""
