@@ -1,0 +1,32 @@
+"""What every command shares: the --json/--quiet options and how a result reaches stdout."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line of stdout.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _finite(value: Any) -> Any:
+    # JSON has no NaN: metrics without labelled rows are null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def emit(result: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], None]) -> None:
+    """Print `result` as one JSON line (--json) or through `render` for people."""
+    if as_json:
+        print(json.dumps(_finite(result), default=str))
+    else:
+        render(result)
