@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -18,12 +17,12 @@ from mtkd.pipeline.errors import MtkdError
 class _MtkdGroup(TyperGroup):
     """Translates mtkd's errors into exit codes, once, for every command."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MtkdError as e:
-            click.echo(f"error: {e}", err=True)
-            raise click.exceptions.Exit(e.exit_code) from e
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from e
 
 
 app = typer.Typer(
