@@ -36,6 +36,17 @@ app = typer.Typer(
 
 # One file per command; each defines a function whose typer signature is the command's interface.
 # (registered below, in the order `mtkd --help` lists them)
+from mtkd.pipeline.commands import infer, inspect  # noqa: E402
+
+app.command("infer")(infer.infer)
+app.command("inspect")(inspect.inspect)
+from mtkd.pipeline.commands import eval, train  # noqa: E402
+
+app.command("train")(train.train)
+app.command("eval")(eval.eval_command)
+from mtkd.pipeline.commands import demo  # noqa: E402
+
+app.command("demo")(demo.demo)
 
 
 def main() -> None:

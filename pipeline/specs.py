@@ -16,12 +16,14 @@ resolve against the TOML's folder and the current directory is importable.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import os
 import re
 import sys
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,13 @@ import torch
 from mtkd.pipeline.errors import CheckpointError, SpecError
 
 IGNORE_LABEL = -100
+
+
+def _brief(e: BaseException) -> str:
+    """An exception as one line (errors reach the user as one line; torch's run to paragraphs)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
 
 # ---------------------------------------------------------------------------------------------------
 # Data
@@ -108,7 +117,11 @@ def load_data(spec: str) -> ArrayData:
     if spec.endswith(".npy"):
         if not path.is_file():
             raise SpecError(f"data {spec!r}: no such file")
-        return make_array_data(spec, np.load(path, allow_pickle=False))
+        try:
+            x = np.load(path, allow_pickle=False)
+        except Exception as e:  # corrupt file, pickled object array
+            raise SpecError(f"data {spec!r}: cannot read it: {_brief(e)}") from e
+        return make_array_data(spec, x)
     if path.is_dir():
         return _load_zarr(spec, path)
     if ":" in spec and not path.exists():
@@ -121,10 +134,16 @@ def load_data(spec: str) -> ArrayData:
 def _load_npz(spec: str, path: Path) -> ArrayData:
     if not path.is_file():
         raise SpecError(f"data {spec!r}: no such file")
-    with np.load(path, allow_pickle=False) as f:
-        if "x" not in f:
-            raise SpecError(f"data {spec!r}: no array named 'x' (found {sorted(f.files)})")
-        return make_array_data(spec, f["x"], f["y"] if "y" in f else None)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f:
+                raise SpecError(f"data {spec!r}: no array named 'x' (found {sorted(f.files)})")
+            x, y = f["x"], f["y"] if "y" in f else None
+    except SpecError:
+        raise
+    except Exception as e:  # not a zip, truncated, pickled object arrays
+        raise SpecError(f"data {spec!r}: cannot read it: {_brief(e)}") from e
+    return make_array_data(spec, x, y)
 
 
 def _load_zarr(spec: str, path: Path) -> ArrayData:
@@ -133,7 +152,7 @@ def _load_zarr(spec: str, path: Path) -> ArrayData:
     try:
         arr = zarr.open_array(path, mode="r")
     except Exception as e:  # zarr raises several unrelated types for "not an array"
-        raise SpecError(f"data {spec!r}: not a Zarr array ({e})") from e
+        raise SpecError(f"data {spec!r}: not a Zarr array ({_brief(e)})") from e
     return make_array_data(spec, arr[...])
 
 
@@ -142,18 +161,20 @@ def _load_mnist1d(spec: str) -> ArrayData:
     if body not in MNIST1D_SPLITS:
         raise SpecError(f"data {spec!r}: mnist1d split must be one of {', '.join(MNIST1D_SPLITS)}")
     n, seed = MNIST1D_DEFAULTS[body]
-    for key, value in parse_qsl(query, strict_parsing=bool(query)) if query else []:
+    try:
+        options = parse_qsl(query, strict_parsing=True) if query else []
+    except ValueError as e:
+        raise SpecError(f"data {spec!r}: options are ?n=INT&seed=INT ({_brief(e)})") from e
+    for key, value in options:
         if key not in ("n", "seed") or not value.isdigit():
             raise SpecError(f"data {spec!r}: options are n=INT and seed=INT, got {key}={value}")
         n, seed = (int(value), seed) if key == "n" else (n, int(value))
+    if n < 10:
+        raise SpecError(f"data {spec!r}: n must be at least 10 (one sample per class), got {n}")
     try:
-        from mnist1d.data import get_dataset_args, make_dataset
+        d = _mnist1d_arrays(n, seed)
     except ImportError as e:
         raise SpecError(f"data {spec!r}: needs the mnist1d package (pip install 'mtkd[demo]')") from e
-    args = get_dataset_args()
-    args.num_samples, args.seed = n, seed
-    # make_dataset generates locally from templates shipped with the package; it never downloads.
-    d = make_dataset(args, template=None)
     if body == "train":
         return make_array_data(spec, d["x"], d["y"])
     if body == "test":
@@ -161,12 +182,26 @@ def _load_mnist1d(spec: str) -> ArrayData:
     return make_array_data(spec, np.concatenate([d["x"], d["x_test"]]))
 
 
+@functools.lru_cache(maxsize=4)
+def _mnist1d_arrays(n: int, seed: int) -> dict[str, np.ndarray]:
+    """One MNIST-1D draw, kept per process: the demo reads the same splits several times."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.seed = n, seed
+    # make_dataset generates locally from templates shipped with the package; it never downloads.
+    d = make_dataset(args, template=None)
+    for key in ("x", "x_test", "y", "y_test"):
+        d[key].flags.writeable = False  # shared between callers: nobody may change it in place
+    return d
+
+
 def _load_function(spec: str) -> ArrayData:
     fn = import_object(spec, what="data")
     try:
         out = fn()
     except Exception as e:
-        raise SpecError(f"data {spec!r}: calling it failed: {type(e).__name__}: {e}") from e
+        raise SpecError(f"data {spec!r}: calling it failed: {_brief(e)}") from e
     if isinstance(out, dict):
         if "x" not in out:
             raise SpecError(f"data {spec!r}: returned a dict without 'x'")
@@ -201,7 +236,7 @@ def import_object(ref: str, *, what: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:
-        raise SpecError(f"{what} {ref!r}: cannot import {module_name}: {type(e).__name__}: {e}") from e
+        raise SpecError(f"{what} {ref!r}: cannot import {module_name}: {_brief(e)}") from e
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -264,14 +299,17 @@ class ModelSpec:
             if not self.torchscript.is_file():
                 raise CheckpointError(f"model {self.name!r}: TorchScript file {str(self.torchscript)!r} does not exist")
             try:
-                return torch.jit.load(str(self.torchscript), map_location=map_location)
+                with warnings.catch_warnings():
+                    # Recent torch deprecates TorchScript; SPEC still accepts `torchscript = "..."` files.
+                    warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning)
+                    return torch.jit.load(str(self.torchscript), map_location=map_location)
             except Exception as e:
-                raise CheckpointError(f"model {self.name!r}: cannot load TorchScript {str(self.torchscript)!r}: {e}") from e
+                raise CheckpointError(f"model {self.name!r}: cannot load TorchScript {str(self.torchscript)!r}: {_brief(e)}") from e
         factory = import_object(self.factory or "", what=f"model {self.name!r} factory")
         try:
             model = factory(**self.kwargs)
         except Exception as e:
-            raise SpecError(f"model {self.name!r}: factory {self.factory} failed: {type(e).__name__}: {e}") from e
+            raise SpecError(f"model {self.name!r}: factory {self.factory} failed: {_brief(e)}") from e
         if not isinstance(model, torch.nn.Module):
             raise SpecError(f"model {self.name!r}: factory {self.factory} returned {type(model).__name__}, not a torch.nn.Module")
         if load_weights and self.checkpoint is not None:
@@ -287,7 +325,7 @@ def load_checkpoint(model: torch.nn.Module, path: Path, *, name: str, map_locati
         state = torch.load(path, map_location=map_location, weights_only=True)
         model.load_state_dict(state)
     except Exception as e:
-        raise CheckpointError(f"model {name!r}: checkpoint {str(path)!r} does not load: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"model {name!r}: checkpoint {str(path)!r} does not load: {_brief(e)}") from e
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -297,7 +335,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
-        raise SpecError(f"model file {str(path)!r} is not valid TOML: {e}") from e
+        raise SpecError(f"model file {str(path)!r} is not valid TOML: {_brief(e)}") from e
 
 
 def _parse_model(table: Any, source: Path, where: str) -> ModelSpec:

@@ -1,0 +1,174 @@
+"""Whole-pipeline benchmark: what offline distillation buys, and what the store costs.
+
+    python bench/pipeline.py                      # CPU: ~2-4 minutes on 2 cores
+    python bench/pipeline.py --device cuda --rows 200000 --json bench/results/pipeline-h200.json
+
+Three figures, each a ratio of two things measured side by side in the same run (repeats interleaved,
+medians compared), with the demo's teachers (CNN, bidirectional GRU, wide CNN; random weights: the
+cost of a forward pass does not depend on them) and the demo's MLP student on MNIST-1D inputs:
+
+  infer_vs_forward           stage one's rows/s (forward + copy + Zarr writes, `run_infer`) divided by
+                             the teachers' bare forward rows/s (`forward_throughput`, same batches).
+                             Target >= 0.9.
+  offline_vs_online_speedup  online KD (every teacher run on every batch, for E epochs) wall time,
+                             divided by stage one once plus E epochs of stage two (`run_train --store`),
+                             wall time of both library calls. Target >= 5.
+  stream_overhead            stage two's median epoch time streaming logits from the store, divided by
+                             the same with the logits read into memory first, minus 1. Target <= 0.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtkd.kernels import fused_kd_loss
+from mtkd.pipeline.demo import DemoConfig, toml_table
+from mtkd.pipeline.infer import forward_throughput, load_teacher, resolve_device, run_infer
+from mtkd.pipeline.specs import import_object, load_data, load_teacher_specs
+from mtkd.pipeline.train import run_train
+
+
+def _setup(work: Path, rows: int) -> tuple[Path, Path, Path]:
+    """Teachers (random weights, saved as checkpoints), the student TOML, and the data as .npz."""
+    config = DemoConfig()
+    tables = []
+    for recipe in config.teachers:
+        model = import_object(recipe.factory, what="teacher factory")(**recipe.kwargs)
+        torch.save(model.state_dict(), work / f"{recipe.name}.pt")
+        fields = {"name": recipe.name, "factory": recipe.factory, "kwargs": recipe.kwargs, "checkpoint": f"{recipe.name}.pt"}
+        tables.append(toml_table("[[teachers]]", fields))
+    teachers = work / "teachers.toml"
+    teachers.write_text("\n".join(tables))
+    student = work / "student.toml"
+    student.write_text(toml_table("[student]", {"name": "mlp", "factory": "mtkd.pipeline.models:mlp", "kwargs": config.student_kwargs}))
+    data = load_data(f"mnist1d:unlabeled?n={rows}")
+    path = work / "data.npz"
+    np.savez(path, x=data.x)
+    return teachers, student, path
+
+
+def _online_kd(teachers: Path, data: Path, *, epochs: int, batch_size: int, lr: float, temperature: float,
+               device: torch.device, seed: int) -> float:
+    """Wall seconds of online multi-teacher KD: every teacher forwarded on every batch of every epoch."""
+    torch.manual_seed(seed)
+    models = [load_teacher(spec, device) for spec in load_teacher_specs(teachers)]
+    from mtkd.pipeline.models import mlp
+
+    student = mlp(40, [100, 100], 10).to(device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
+    x_all = torch.from_numpy(np.load(data)["x"])
+    started = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(x_all))
+        for start in range(0, len(x_all), batch_size):
+            x = x_all[order[start : start + batch_size]].to(device, non_blocking=True)
+            with torch.inference_mode():
+                z = torch.stack([m(x) for m in models])  # (K, B, V)
+            loss = fused_kd_loss(student(x), z.clone(), temperature=temperature)  # clone: out of inference mode
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def _epoch_seconds(run: Path) -> float:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    return statistics.median(r["seconds"] for r in rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=10_000, help="MNIST-1D rows (inputs of 40 values)")
+    parser.add_argument("--epochs", type=int, default=10, help="stage-two / online KD epochs")
+    parser.add_argument("--stream-epochs", type=int, default=4, help="epochs per stream_overhead run")
+    parser.add_argument("--batch-size", type=int, default=256, help="stage two and online KD batch size")
+    parser.add_argument("--infer-batch-size", type=int, default=512, help="stage one batch size")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each measurement")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--json", dest="json_path", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    lr, temperature, seed = 1e-2, 2.0, 0
+
+    work = Path(tempfile.mkdtemp(prefix="mtkd-bench-"))
+    try:
+        teachers, student, data = _setup(work, args.rows)
+        common = {"device": args.device, "quiet": True}
+
+        # infer_vs_forward: interleaved, so that both see the same machine.
+        forward, infer, infer_wall = [], [], []
+        for i in range(args.repeats):
+            forward.append(forward_throughput(teachers, str(data), batch_size=args.infer_batch_size, device=args.device))
+            result = run_infer(teachers, str(data), work / f"store{i}", batch_size=args.infer_batch_size, device=args.device)
+            infer.append(result.rows_per_s)
+            infer_wall.append(result.wall_s)
+        store = work / "store0"
+
+        # offline (stage one once + E epochs of stage two) against online KD, alternating.
+        offline, online = [], []
+        for i in range(max(1, args.repeats - 1)):
+            started = time.perf_counter()
+            run_train(student, str(data), work / f"offline{i}", store=store, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=lr, temperature=temperature, seed=seed, **common)
+            offline.append(infer_wall[i] + time.perf_counter() - started)
+            online.append(_online_kd(teachers, data, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+                                     temperature=temperature, device=device, seed=seed))
+
+        # stream_overhead: median epoch time, streaming vs in memory, alternating.
+        stream, memory = [], []
+        for i in range(max(1, args.repeats - 1)):
+            for mode, sink in ((True, stream), (False, memory)):
+                run = work / f"{'stream' if mode else 'memory'}{i}"
+                run_train(student, str(data), run, store=store, epochs=args.stream_epochs, batch_size=args.batch_size,
+                          lr=lr, temperature=temperature, seed=seed, stream=mode, **common)
+                sink.append(_epoch_seconds(run))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = statistics.median
+    results = {
+        "infer_vs_forward": med(infer) / med(forward),
+        "offline_vs_online_speedup": med(online) / med(offline),
+        "stream_overhead": med(stream) / med(memory) - 1,
+        "measurements": {
+            "forward_rows_per_s": forward, "infer_rows_per_s": infer, "infer_wall_s": infer_wall,
+            "offline_s": offline, "online_s": online, "stream_epoch_s": stream, "memory_epoch_s": memory,
+        },
+        "conditions": {
+            "rows": args.rows, "epochs": args.epochs, "stream_epochs": args.stream_epochs,
+            "batch_size": args.batch_size, "infer_batch_size": args.infer_batch_size, "repeats": args.repeats,
+            "teachers": [r.name for r in DemoConfig().teachers], "student": "mlp 40-100-100-10",
+            "device": str(device), "cpu_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
+        },
+    }
+    targets = {"infer_vs_forward": (">=", 0.9), "offline_vs_online_speedup": (">=", 5.0), "stream_overhead": ("<=", 0.05)}
+    print(f"{'figure':<28}{'measured':>10}  {'target':>8}")
+    for key, (op, target) in targets.items():
+        value = results[key]
+        ok = value >= target if op == ">=" else value <= target
+        print(f"{key:<28}{value:>10.3f}  {op}{target:>6}  {'ok' if ok else 'MISSED'}")
+    print(f"({args.rows} rows, {args.epochs} epochs, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads)")
+    if args.json_path:
+        args.json_path.parent.mkdir(parents=True, exist_ok=True)
+        args.json_path.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,56 @@
+"""`mtkd eval`: accuracy, macro precision/recall/F1, NLL and ECE of a student. Parses options, hands off to
+run_eval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mtkd.pipeline.commands.infer import Device
+from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
+from mtkd.pipeline.evaluate import EVAL_BATCH_SIZE, run_eval
+
+METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "nll", "ece")
+
+
+def eval_command(
+    data: Annotated[
+        str, typer.Option("--data", help="Labelled data spec: PATH.npz, a Zarr array, mnist1d:SPLIT or MODULE:FUNCTION.")
+    ],
+    run: Annotated[
+        Path | None,
+        typer.Argument(help="A `mtkd train` run directory (its student spec and student.pt).", exists=True, file_okay=False),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Student TOML with a `student` table (instead of RUN).", exists=True, dir_okay=False),
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", help="state_dict file for --model (torch.save).", exists=True, dir_okay=False),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass.")] = EVAL_BATCH_SIZE,
+    device: Annotated[Device, typer.Option("--device", help="auto: cuda when available.")] = Device.auto,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Measure a student on labelled data: accuracy, macro precision/recall/F1, NLL, ECE.
+
+    Rows whose label is unknown (-100) are left out.
+
+    Example:
+      mtkd eval runs/kd --data mnist1d:test
+      mtkd eval --model mlp.toml --checkpoint runs/kd/student.pt --data mnist1d:test --json
+    """
+    result = run_eval(
+        data, run=run, model=model, checkpoint=checkpoint, batch_size=batch_size, device=device.value, quiet=quiet
+    )
+    emit(result, as_json, _render)
+
+
+def _render(result: dict) -> None:
+    print(f"{result['model']} ({result['checkpoint']}) on {result['data']}: {result['n']} labelled rows")
+    for name in METRICS:
+        print(f"  {name:<16}{result[name]:.4f}")

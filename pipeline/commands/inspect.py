@@ -1,0 +1,62 @@
+"""`mtkd inspect`: what a store holds and how good its teachers are. Hands off to report.inspect_store."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mtkd.pipeline.commands.output import JsonOption, emit
+from mtkd.pipeline.report import inspect_store
+from mtkd.pipeline.store import open_store
+
+
+def inspect(
+    store: Annotated[Path, typer.Argument(help="A store written by `mtkd infer`.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Show a store's teachers, completeness, accuracy/NLL/ECE and agreement.
+
+    Per teacher and for the ensemble (the mean of the complete teachers'
+    probabilities), against the labels stored with the data (-100: left out).
+
+    Example:
+      mtkd inspect train.zarr
+      mtkd inspect train.zarr --json
+    """
+    emit(inspect_store(open_store(store)), as_json, _render)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _render(report: dict) -> None:
+    console = Console()
+    console.print(
+        f"[bold]{report['store']}[/bold]: {report['num_rows']} rows ({report['labelled_rows']} labelled), "
+        f"{report['num_classes']} classes, blocks of {report['chunk_rows']} rows; data {report['dataset']['spec']}"
+    )
+    table = Table()
+    for column in ("model", "dtype", "rows complete", "accuracy", "NLL", "ECE"):
+        table.add_column(column, justify="left" if column in ("model", "dtype") else "right")
+    for t in report["teachers"]:
+        m = t["metrics"]
+        rows = f"{t['rows_complete']}/{report['num_rows']}" + ("" if t["complete"] else " (incomplete)")
+        table.add_row(t["name"], t["dtype"], rows, _fmt(m["accuracy"]), _fmt(m["nll"]), _fmt(m["ece"]))
+    if report["ensemble"] is not None:
+        m = report["ensemble"]["metrics"]
+        label = f"ensemble ({len(report['ensemble']['teachers'])} teachers)"
+        table.add_row(label, "", str(report["num_rows"]), _fmt(m["accuracy"]), _fmt(m["nll"]), _fmt(m["ece"]), style="bold")
+    console.print(table)
+    if report["agreement"]:
+        pairs = Table(title="pairwise agreement (rows both wrote)")
+        for column in ("teacher", "teacher", "agreement", "rows"):
+            pairs.add_column(column)
+        for p in report["agreement"]:
+            pairs.add_row(p["a"], p["b"], _fmt(p["agreement"]), str(p["rows"]))
+        console.print(pairs)

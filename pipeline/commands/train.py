@@ -1,0 +1,176 @@
+"""`mtkd train`: stage two, a student trained on hard labels or distilled from a store. Parses options,
+hands off to run_train."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mtkd.pipeline.commands.infer import Device
+from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
+from mtkd.pipeline.errors import BadInputError
+from mtkd.pipeline.train import CHECKPOINT_EVERY, DEFAULTS, Fusion, Loss, Schedule, run_train
+
+
+class LoaderMode(str, Enum):
+    auto = "auto"
+    memory = "memory"
+    stream = "stream"
+
+
+def train(
+    student: Annotated[
+        Path,
+        typer.Option("--student", help="Student TOML: one `student` table (name, factory, kwargs, optional initial checkpoint).",
+                     exists=True, dir_okay=False, readable=True),
+    ],
+    data: Annotated[
+        str, typer.Option("--data", help="Data spec: PATH.npz, PATH.npy, a Zarr array, mnist1d:SPLIT or MODULE:FUNCTION.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Run directory to create (or continue, with --resume).")],
+    store: Annotated[
+        Path | None,
+        typer.Option("--store", help="Logit store of --data made by `mtkd infer`: distil from it. Without: hard labels."),
+    ] = None,
+    teachers: Annotated[
+        str | None, typer.Option("--teachers", help="Comma-separated teachers of the store to use (default: all).")
+    ] = None,
+    fusion: Annotated[
+        Fusion,
+        typer.Option("--fusion", help="How teachers combine: mean of probabilities, weighted (--teacher-weights), "
+                     "confidence (per row, by the probability each gives the label), vote (fraction of argmaxes)."),
+    ] = Fusion(DEFAULTS["fusion"]),
+    teacher_weights: Annotated[
+        str | None, typer.Option("--teacher-weights", help="NAME=WEIGHT pairs for --fusion weighted, e.g. cnn=2,gru=1.")
+    ] = None,
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-T", help="Softmax temperature of the KD term (> 0).")
+    ] = DEFAULTS["temperature"],
+    alpha: Annotated[
+        float, typer.Option("--alpha", help="Weight of the KD term in [0, 1]; 1 - alpha weighs cross-entropy on labelled rows.")
+    ] = DEFAULTS["alpha"],
+    loss: Annotated[
+        Loss, typer.Option("--loss", help="KD term: kl (T^2 KL divergence) or mse (squared error of probabilities at T).")
+    ] = Loss(DEFAULTS["loss"]),
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the data.")] = DEFAULTS["epochs"],
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Rows per optimizer step and process (under torchrun: per rank).")
+    ] = DEFAULTS["batch_size"],
+    lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate.")] = DEFAULTS["lr"],
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = DEFAULTS["weight_decay"],
+    schedule: Annotated[
+        Schedule, typer.Option("--schedule", help="Learning-rate decay per step: cosine to 0, or inverse lr / (1 + a * epochs).")
+    ] = Schedule(DEFAULTS["schedule"]),
+    decay_rate: Annotated[
+        float, typer.Option("--decay-rate", help="a of --schedule inverse, per epoch.")
+    ] = DEFAULTS["decay_rate"],
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seeds the student's initialisation and the data order.")] = DEFAULTS["seed"],
+    device: Annotated[Device, typer.Option("--device", help="auto: cuda when available.")] = Device.auto,
+    val_data: Annotated[
+        str | None,
+        typer.Option("--val-data", help="Labelled data spec to validate on after every epoch; student.pt is then the best."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint (or start it, if there is none).")
+    ] = False,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", min=0, help="Also checkpoint every N batches (0: only at epoch ends).")
+    ] = CHECKPOINT_EVERY,
+    loader: Annotated[
+        LoaderMode, typer.Option("--loader", help="Logits in memory or streamed from the store; auto: by available memory.")
+    ] = LoaderMode.auto,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train a student: on hard labels, or distilled from the teachers' logits in a store (stage two).
+
+    Writes OUT/student.pt, OUT/config.json, OUT/metrics.jsonl and OUT/checkpoint.pt.
+    Under torchrun it trains with DDP unchanged; rank 0 writes OUT.
+
+    Example:
+      mtkd train --student mlp.toml --data mnist1d:train --out runs/baseline
+      mtkd train --student mlp.toml --data mnist1d:unlabeled --store unlabeled.zarr --out runs/kd -T 2 --val-data mnist1d:test
+      torchrun --nproc_per_node 4 -m mtkd.pipeline.cli train --student mlp.toml --data x.npz --store x.zarr --out runs/kd --resume
+    """
+    result = run_train(
+        student,
+        data,
+        out,
+        store=store,
+        teachers=_names(teachers),
+        fusion=fusion.value,
+        teacher_weights=_weights(teacher_weights),
+        temperature=temperature,
+        alpha=alpha,
+        loss=loss.value,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        schedule=schedule.value,
+        decay_rate=decay_rate,
+        seed=seed,
+        device=device.value,
+        val_data=val_data,
+        resume=resume,
+        stream=None if loader is LoaderMode.auto else loader is LoaderMode.stream,
+        checkpoint_every=checkpoint_every,
+        quiet=quiet,
+    )
+    if result["rank"] == 0:  # one report per run, not one per torchrun process
+        emit(result, as_json, _render)
+
+
+def _names(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise BadInputError(f"--teachers {text!r}: expected comma-separated names, e.g. cnn,gru")
+    return names
+
+
+def _weights(text: str | None) -> dict[str, float] | None:
+    if text is None:
+        return None
+    weights: dict[str, float] = {}
+    for pair in text.split(","):
+        name, sep, value = pair.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not sep or not name.strip() or math.isnan(weight):
+            raise BadInputError(f"--teacher-weights {text!r}: expected NAME=WEIGHT pairs, e.g. cnn=2,gru=1 (bad: {pair!r})")
+        if name.strip() in weights:
+            raise BadInputError(f"--teacher-weights {text!r}: teacher {name.strip()!r} appears twice")
+        weights[name.strip()] = weight
+    return weights
+
+
+def _render(result: dict) -> None:
+    last = result["last"] or {}
+    lines = [
+        f"run {result['run']}: {result['mode']}, {result['epochs']} epochs, {result['steps']} steps "
+        f"({result['world_size']} process{'es' if result['world_size'] > 1 else ''}, logits in {result['loader']}) "
+        f"in {result['seconds']:.1f} s"
+    ]
+    if result["resumed_from"]:
+        lines.append(f"resumed from epoch {result['resumed_from']['epoch']}, batch {result['resumed_from']['batch']}")
+    if last:
+        acc = last.get("train_accuracy")
+        rate = last.get("rows_per_s")
+        lines.append(
+            f"last epoch: loss {last['loss']:.4f}"
+            + (f", train accuracy {acc:.4f}" if acc is not None else "")
+            + (f", {rate:.0f} rows/s" if rate else "")
+            + (f", val accuracy {last['val_accuracy']:.4f}" if last.get("val_accuracy") is not None else "")
+        )
+    best = result["best"]
+    which = f"best (epoch {best['epoch']}, val accuracy {best['val_accuracy']:.4f})" if best else "final"
+    lines.append(f"student: {result['student']} ({which})")
+    print("\n".join(lines))

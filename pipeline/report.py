@@ -1,0 +1,151 @@
+"""What `mtkd inspect` shows and what stage one records as a teacher's stats, computed from a store.
+
+Everything streams over the store's row blocks (one chunk per teacher at a time), so a store larger
+than memory is measured in one pass. Metrics are those of `metrics.classification_metrics`, computed
+from running sums; rows with label -100 are left out.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+
+from mtkd.pipeline.metrics import ECE_BINS, fuse_log_probs
+from mtkd.pipeline.specs import IGNORE_LABEL
+from mtkd.pipeline.store import LogitStore
+
+
+class RunningMetrics:
+    """classification_metrics over rows seen block by block: the same keys, from sums in float64."""
+
+    def __init__(self, num_classes: int, bins: int = ECE_BINS):
+        self.bins = bins
+        self.n = 0
+        self.correct = 0.0
+        self.nll = 0.0
+        self.tp = torch.zeros(num_classes, dtype=torch.float64)
+        self.predicted = torch.zeros(num_classes, dtype=torch.float64)
+        self.actual = torch.zeros(num_classes, dtype=torch.float64)
+        self.bin_count = torch.zeros(bins, dtype=torch.float64)
+        self.bin_conf = torch.zeros(bins, dtype=torch.float64)
+        self.bin_correct = torch.zeros(bins, dtype=torch.float64)
+
+    def update(self, log_probs: torch.Tensor, labels: torch.Tensor) -> None:
+        """log_probs (B, V), labels (B,) with -100 for rows to leave out."""
+        keep = labels != IGNORE_LABEL
+        log_probs, labels = log_probs[keep].double(), labels[keep].long()
+        if len(labels) == 0:
+            return
+        v = self.tp.numel()
+        pred = log_probs.argmax(1)
+        correct = (pred == labels).double()
+        confidence = log_probs.amax(1).exp()
+        self.n += len(labels)
+        self.correct += float(correct.sum())
+        self.nll -= float(log_probs.gather(1, labels[:, None]).sum())
+        self.tp += torch.bincount(labels[pred == labels], minlength=v).double()
+        self.predicted += torch.bincount(pred, minlength=v).double()
+        self.actual += torch.bincount(labels, minlength=v).double()
+        index = (confidence * self.bins).long().clamp(max=self.bins - 1)
+        self.bin_count += torch.bincount(index, minlength=self.bins).double()
+        self.bin_conf += torch.bincount(index, weights=confidence, minlength=self.bins)
+        self.bin_correct += torch.bincount(index, weights=correct, minlength=self.bins)
+
+    def result(self) -> dict[str, float | int]:
+        nan = float("nan")
+        if self.n == 0:
+            return {"n": 0, "accuracy": nan, "precision_macro": nan, "recall_macro": nan, "f1_macro": nan, "nll": nan, "ece": nan}
+        present = (self.predicted + self.actual) > 0
+        precision = torch.where(self.predicted > 0, self.tp / self.predicted.clamp(min=1), torch.zeros_like(self.tp))
+        recall = torch.where(self.actual > 0, self.tp / self.actual.clamp(min=1), torch.zeros_like(self.tp))
+        denom = (precision + recall).clamp(min=1e-300)
+        f1 = torch.where(precision + recall > 0, 2 * precision * recall / denom, torch.zeros_like(self.tp))
+        return {
+            "n": self.n,
+            "accuracy": self.correct / self.n,
+            "precision_macro": float(precision[present].mean()),
+            "recall_macro": float(recall[present].mean()),
+            "f1_macro": float(f1[present].mean()),
+            "nll": self.nll / self.n,
+            "ece": float((self.bin_conf - self.bin_correct).abs().sum() / self.n),
+        }
+
+
+def teacher_stats(store: LogitStore, name: str) -> dict[str, float | int]:
+    """A complete teacher's metrics against the store's labels (what stage one records as `stats`)."""
+    store.require_complete([name])
+    labels = torch.from_numpy(store.labels())
+    running = RunningMetrics(store.num_classes)
+    for block in range(store.num_blocks):
+        start, stop = store.block_range(block)
+        if (labels[start:stop] == IGNORE_LABEL).all():
+            continue
+        log_probs = torch.log_softmax(store.read_logits(name, start, stop).double(), dim=1)
+        running.update(log_probs, labels[start:stop])
+    return running.result()
+
+
+def inspect_store(store: LogitStore) -> dict[str, Any]:
+    """Teachers, completeness, per-teacher and fused-ensemble metrics, pairwise agreement.
+
+    A teacher's metrics cover the rows it has written; the ensemble (mean of probabilities) covers the
+    complete teachers; agreement between two teachers covers the rows both have written.
+    """
+    names = store.teachers
+    infos = {name: store.teacher(name) for name in names}
+    done = {name: store.done_blocks(name) for name in names}
+    complete = [name for name in names if len(done[name]) == store.num_blocks]
+    labels = torch.from_numpy(store.labels())
+
+    per_teacher = {name: RunningMetrics(store.num_classes) for name in names}
+    ensemble = RunningMetrics(store.num_classes)
+    pairs = list(itertools.combinations(names, 2))
+    agree = {pair: [0, 0] for pair in pairs}  # (rows agreeing, rows compared)
+    for block in range(store.num_blocks):
+        present = [name for name in names if block in done[name]]
+        if not present:
+            continue
+        start, stop = store.block_range(block)
+        y = labels[start:stop]
+        log_probs, preds = {}, {}
+        for name in present:
+            logits = store.read_logits(name, start, stop)
+            log_probs[name] = torch.log_softmax(logits.double(), dim=1)  # (B, V)
+            preds[name] = log_probs[name].argmax(1)
+            per_teacher[name].update(log_probs[name], y)
+        for a, b in pairs:
+            if a in preds and b in preds:
+                agree[(a, b)][0] += int((preds[a] == preds[b]).sum())
+                agree[(a, b)][1] += stop - start
+        if complete:
+            stacked = torch.stack([store.read_logits(name, start, stop) for name in complete])  # (K, B, V)
+            ensemble.update(fuse_log_probs(stacked), y)
+
+    return {
+        "store": str(store.path),
+        "num_rows": store.num_rows,
+        "num_classes": store.num_classes,
+        "chunk_rows": store.chunk_rows,
+        "num_blocks": store.num_blocks,
+        "labelled_rows": int((labels != IGNORE_LABEL).sum()),
+        "dataset": {"spec": store.dataset_spec, "fingerprint": store.fingerprint},
+        "teachers": [
+            {
+                "name": name,
+                "dtype": infos[name].dtype,
+                "checkpoint_sha256": infos[name].checkpoint_sha256,
+                "complete": name in complete,
+                "rows_complete": sum(stop - start for start, stop in map(store.block_range, done[name])),
+                "blocks_complete": len(done[name]),
+                "metrics": per_teacher[name].result(),
+            }
+            for name in names
+        ],
+        "ensemble": {"teachers": complete, "metrics": ensemble.result()} if complete else None,
+        "agreement": [
+            {"a": a, "b": b, "agreement": agree[(a, b)][0] / agree[(a, b)][1] if agree[(a, b)][1] else float("nan"), "rows": agree[(a, b)][1]}
+            for a, b in pairs
+        ],
+    }

@@ -1,0 +1,298 @@
+"""`mtkd infer` through the real CLI: output, every refusal (exit 2, culprit named, store untouched),
+and real processes: killed with SIGKILL and resumed, several shards writing one store at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mtkd.pipeline.cli import app
+from mtkd.pipeline.infer import run_infer
+from mtkd.pipeline.store import open_store
+from tests.pipeline.conftest import snapshot
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _refused(result, *culprits):
+    """Exit 2 with a one-line message that names every culprit."""
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert message.startswith("error: ") and "\n" not in message, message
+    for culprit in culprits:
+        assert str(culprit) in message, message
+    return message
+
+
+@pytest.fixture
+def store_of(tmp_path, make_data, make_teachers):
+    """A complete store of teacher "a" on data.npz (60 rows, blocks of 16)."""
+    data, toml = make_data(60), make_teachers([{"name": "a"}])
+    result = invoke("infer", "--teachers", toml, "--data", data, "--out", tmp_path / "s.zarr", "--chunk-rows", 16, "--quiet")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "s.zarr"
+
+
+# -- success ---------------------------------------------------------------------------------------
+
+
+def test_json_is_the_last_stdout_line(tmp_path, make_data, make_teachers):
+    data, toml = make_data(60), make_teachers([{"name": "a"}, {"name": "b", "seed": 1}])
+    result = invoke("infer", "--teachers", toml, "--data", data, "--out", tmp_path / "s.zarr", "--json", "--chunk-rows", 16)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["teachers"] == ["a", "b"] and out["rows"] == 60 and out["blocks_written"] == 4
+    assert out["blocks_skipped"] == 0 and out["complete"] == {"a": True, "b": True}
+    assert out["rows_per_s"] > 0 and out["wall_s"] > 0 and out["shard"] == "0/1"
+    again = invoke("infer", "--teachers", toml, "--data", data, "--out", tmp_path / "s.zarr", "--json")
+    assert json.loads(again.stdout.strip().splitlines()[-1])["skipped_teachers"] == ["a", "b"]
+
+
+def test_human_output_lists_teachers(tmp_path, make_data, make_teachers):
+    result = invoke("infer", "--teachers", make_teachers([{"name": "a"}]), "--data", make_data(10), "--out", tmp_path / "s.zarr")
+    assert result.exit_code == 0, result.output
+    assert "a" in result.stdout and "computed" in result.stdout and "10 rows" in result.stdout
+
+
+def test_help_has_an_example():
+    result = invoke("infer", "--help")
+    assert result.exit_code == 0
+    assert "Example" in result.stdout and "mtkd infer --teachers" in result.stdout and "--shard" in result.stdout
+    assert "--chunk-rows" not in result.stdout  # a testing knob, hidden
+
+
+# -- refusals: exit 2, culprit named, store untouched ----------------------------------------------
+
+
+def test_refuses_data_with_another_fingerprint(tmp_path, store_of, make_data, make_teachers):
+    before = snapshot(store_of)
+    other = make_data(60, seed=5, name="other.npz")
+    result = invoke("infer", "--teachers", tmp_path / "teachers.toml", "--data", other, "--out", store_of)
+    _refused(result, "other.npz", "data.npz")
+    assert snapshot(store_of) == before
+
+
+def test_refuses_same_named_teacher_with_another_checkpoint(tmp_path, store_of, make_teachers):
+    before = snapshot(store_of)
+    retrained = make_teachers([{"name": "a", "seed": 9}], folder=tmp_path / "v2")
+    result = invoke("infer", "--teachers", retrained, "--data", tmp_path / "data.npz", "--out", store_of)
+    _refused(result, "teacher 'a'", "checkpoint")
+    assert snapshot(store_of) == before
+
+
+def test_refuses_teachers_with_different_class_counts(tmp_path, make_data, make_teachers):
+    toml = make_teachers([{"name": "three"}, {"name": "four", "num_classes": 4}])
+    result = invoke("infer", "--teachers", toml, "--data", make_data(20), "--out", tmp_path / "s.zarr")
+    _refused(result, "'four'", "4 classes", "'three'")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_refuses_a_teacher_whose_class_count_differs_from_the_store(tmp_path, store_of, make_teachers):
+    before = snapshot(store_of)
+    toml = make_teachers([{"name": "four", "num_classes": 4}], filename="four.toml")
+    result = invoke("infer", "--teachers", toml, "--data", tmp_path / "data.npz", "--out", store_of)
+    _refused(result, "four", "4 classes", "3")
+    assert snapshot(store_of) == before
+
+
+def test_refuses_a_missing_checkpoint(tmp_path, store_of, make_teachers):
+    before = snapshot(store_of)
+    toml = make_teachers([{"name": "a"}, {"name": "b", "checkpoint": "gone.pt"}], filename="more.toml")
+    result = invoke("infer", "--teachers", toml, "--data", tmp_path / "data.npz", "--out", store_of)
+    _refused(result, "'b'", "gone.pt", "does not exist")
+    assert snapshot(store_of) == before
+
+
+def test_refuses_an_unloadable_checkpoint(tmp_path, store_of, make_teachers):
+    before = snapshot(store_of)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    toml = make_teachers([{"name": "b", "checkpoint": "junk.pt"}], filename="junk.toml")
+    result = invoke("infer", "--teachers", toml, "--data", tmp_path / "data.npz", "--out", store_of)
+    _refused(result, "'b'", "junk.pt", "does not load")
+    assert snapshot(store_of) == before
+
+
+def test_refuses_a_checkpoint_of_another_architecture(tmp_path, make_data, make_teachers):
+    toml = make_teachers([{"name": "wide", "kwargs": {"hidden": [32]}}])
+    text = toml.read_text().replace("hidden = [32]", "hidden = [16]")  # the file's weights no longer fit
+    toml.write_text(text)
+    result = invoke("infer", "--teachers", toml, "--data", make_data(20), "--out", tmp_path / "s.zarr")
+    _refused(result, "'wide'", "wide.pt")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_refuses_an_unimportable_factory(tmp_path, make_data):
+    (tmp_path / "t.toml").write_text('[[teachers]]\nname = "x"\nfactory = "no_such_module_xyz:net"\n')
+    result = invoke("infer", "--teachers", tmp_path / "t.toml", "--data", make_data(20), "--out", tmp_path / "s.zarr")
+    _refused(result, "no_such_module_xyz")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_refuses_a_teacher_returning_nan_before_creating_the_store(tmp_path, make_data, make_teachers, odd_teachers):
+    toml = make_teachers([{"name": "ok"}, {"name": "nan", "factory": "mtkd_test_teachers:odd", "kwargs": {"mode": "nan"}}])
+    result = invoke("infer", "--teachers", toml, "--data", make_data(20, nan_row=3), "--out", tmp_path / "s.zarr")
+    _refused(result, "teacher 'nan'", "NaN/inf", "row 3")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_refuses_a_teacher_returning_nan_mid_run(tmp_path, make_data, make_teachers, odd_teachers):
+    toml = make_teachers([{"name": "nan", "factory": "mtkd_test_teachers:odd", "kwargs": {"mode": "nan"}}])
+    data = make_data(64, nan_row=37)
+    result = invoke("infer", "--teachers", toml, "--data", data, "--out", tmp_path / "s.zarr", "--chunk-rows", 16, "--batch-size", 8)
+    _refused(result, "teacher 'nan'", "row 37")
+    store = open_store(tmp_path / "s.zarr")
+    assert 2 in store.missing_blocks("nan") and not store.teacher("nan").complete
+
+
+@pytest.mark.parametrize("mode", ["rows", "3d"])
+def test_refuses_a_teacher_returning_the_wrong_shape(tmp_path, make_data, make_teachers, odd_teachers, mode):
+    toml = make_teachers([{"name": "bent", "factory": "mtkd_test_teachers:odd", "kwargs": {"mode": mode}}])
+    result = invoke("infer", "--teachers", toml, "--data", make_data(20), "--out", tmp_path / "s.zarr")
+    _refused(result, "teacher 'bent'", "expected (20, ")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "culprit"),
+    [
+        ("[[teachers]\nname = 'a'\n", "not valid TOML"),
+        ('[[teachers]]\nname = "a"\nfactory = "mtkd.pipeline.models:mlp"\nlayers = 3\n', "unknown keys ['layers']"),
+        ('[[teachers]]\nname = "a b"\nfactory = "mtkd.pipeline.models:mlp"\n', "name"),
+        ('[[teachers]]\nname = "a"\nfactory = "m:f"\n[[teachers]]\nname = "a"\nfactory = "m:f"\n', "'a' appears twice"),
+        ('[student]\nname = "a"\nfactory = "m:f"\n', "[[teachers]]"),
+    ],
+)
+def test_refuses_malformed_toml(tmp_path, store_of, text, culprit):
+    before = snapshot(store_of)
+    (tmp_path / "bad.toml").write_text(text)
+    result = invoke("infer", "--teachers", tmp_path / "bad.toml", "--data", tmp_path / "data.npz", "--out", store_of)
+    _refused(result, "bad.toml", culprit)
+    assert snapshot(store_of) == before
+
+
+@pytest.mark.parametrize("shard", ["2/2", "x/2", "1", "0/0", "-1/3"])
+def test_refuses_a_bad_shard(tmp_path, store_of, shard):
+    before = snapshot(store_of)
+    result = invoke("infer", "--teachers", tmp_path / "teachers.toml", "--data", tmp_path / "data.npz", "--out", store_of, "--shard", shard)
+    _refused(result, f"--shard {shard!r}")
+    assert snapshot(store_of) == before
+
+
+def test_refuses_a_resume_with_another_dtype(tmp_path, make_data, make_teachers):
+    data, toml = make_data(64), make_teachers([{"name": "a"}])
+    run_infer(toml, str(data), tmp_path / "s.zarr", chunk_rows=16, shard="0/2", device="cpu")  # half done
+    before = snapshot(tmp_path / "s.zarr")
+    result = invoke("infer", "--teachers", toml, "--data", data, "--out", tmp_path / "s.zarr", "--dtype", "float32")
+    _refused(result, "teacher 'a'", "float16", "float32")
+    assert snapshot(tmp_path / "s.zarr") == before
+
+
+def test_refuses_an_out_that_is_not_a_store(tmp_path, make_data, make_teachers):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    result = invoke("infer", "--teachers", make_teachers([{"name": "a"}]), "--data", make_data(10), "--out", tmp_path / "notes")
+    _refused(result, "notes", "not an mtkd store")
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["todo.txt"]
+
+
+def test_refuses_bad_data_spec(tmp_path, make_teachers):
+    result = invoke("infer", "--teachers", make_teachers([{"name": "a"}]), "--data", tmp_path / "none.npz", "--out", tmp_path / "s.zarr")
+    _refused(result, "none.npz")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refusal only without CUDA")
+def test_refuses_cuda_without_a_gpu(tmp_path, make_data, make_teachers):
+    result = invoke("infer", "--teachers", make_teachers([{"name": "a"}]), "--data", make_data(10), "--out", tmp_path / "s.zarr", "--device", "cuda")
+    _refused(result, "--device cuda")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_refuses_bad_choices_and_missing_files_as_usage_errors(tmp_path, make_data, make_teachers):
+    toml, data = make_teachers([{"name": "a"}]), make_data(10)
+    for args, culprit in (
+        (("--dtype", "float64"), "--dtype"),
+        (("--device", "tpu"), "--device"),
+        (("--batch-size", "0"), "--batch-size"),
+    ):
+        result = invoke("infer", "--teachers", toml, "--data", data, "--out", tmp_path / "s.zarr", *args)
+        assert result.exit_code == 2 and culprit in result.output
+    result = invoke("infer", "--teachers", tmp_path / "missing.toml", "--data", data, "--out", tmp_path / "s.zarr")
+    assert result.exit_code == 2 and "missing.toml" in result.output
+    assert not (tmp_path / "s.zarr").exists()
+
+
+# -- real processes --------------------------------------------------------------------------------
+
+SLOW = {"factory": "mtkd_test_teachers:odd", "kwargs": {"sleep": 0.08}}
+
+
+def _infer_process(tmp_path, out, *extra):
+    # The current folder is importable (SPEC), which is how the slow teacher's module is found.
+    args = ["--teachers", "teachers.toml", "--data", "data.npz", "--out", out, "--chunk-rows", "4", "--batch-size", "4", "--quiet"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "mtkd.pipeline.cli", "infer", *args, *extra],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _reference(tmp_path, name="reference.zarr"):
+    """An uninterrupted single run, in a process of its own like the runs it is compared with."""
+    proc = _infer_process(tmp_path, name)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    return snapshot(tmp_path / name)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path, make_data, make_teachers, odd_teachers):
+    make_data(80)
+    make_teachers([{"name": "fast"}, {"name": "slow", **SLOW}])
+    expected = _reference(tmp_path)
+
+    proc = _infer_process(tmp_path, "s.zarr")
+    records = tmp_path / "s.zarr/teachers/slow/done/c"
+    deadline = time.monotonic() + 60
+    while not (records.is_dir() and len(os.listdir(records)) >= 3):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(os.listdir(records))
+    assert 3 <= done < 20, "the kill came too late to test anything"
+
+    rerun = _infer_process(tmp_path, "s.zarr", "--json")
+    stdout, stderr = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, stderr
+    assert json.loads(stdout.strip().splitlines()[-1])["blocks_skipped"] >= 2
+    assert snapshot(tmp_path / "s.zarr") == expected
+
+
+@pytest.mark.slow
+def test_concurrent_shard_processes_equal_one_run(tmp_path, make_data, make_teachers, odd_teachers):
+    make_data(80)
+    make_teachers([{"name": "fast"}, {"name": "slow", **SLOW}])
+    expected = _reference(tmp_path)
+
+    procs = [_infer_process(tmp_path, "s.zarr", "--shard", f"{i}/3") for i in range(3)]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+    assert snapshot(tmp_path / "s.zarr") == expected
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left

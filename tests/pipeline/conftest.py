@@ -1,0 +1,230 @@
+"""Fixtures for pipeline tests: tiny data files, tiny teachers (TOML + checkpoints), store snapshots.
+
+Teachers are small MLPs (`mtkd.pipeline.models:mlp`, FEATURES -> CLASSES) or, for misbehaviour, the
+`Odd` teacher of `odd_teachers` (NaN on marked rows, wrong shapes, slow forwards).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from mtkd.pipeline.specs import import_object
+
+FEATURES, CLASSES = 8, 3
+NAN_MARKER = 1e4  # an input row whose first feature is this makes an "Odd" teacher in mode "nan" return NaN
+
+ODD_TEACHERS_SOURCE = textwrap.dedent(
+    '''
+    """Teachers that misbehave on purpose (written by tests/pipeline/conftest.py)."""
+    import time
+
+    import torch
+    from torch import nn
+
+
+    class Odd(nn.Module):
+        def __init__(self, in_features=8, num_classes=3, mode="ok", sleep=0.0):
+            super().__init__()
+            self.linear = nn.Linear(in_features, num_classes)
+            self.mode, self.sleep = mode, sleep
+
+        def forward(self, x):
+            if self.sleep:
+                time.sleep(self.sleep)
+            flat = x.flatten(1)
+            out = self.linear(flat)
+            if self.mode == "nan":
+                out = out.masked_fill(flat[:, :1] > 1e3, float("nan"))
+            elif self.mode == "rows":
+                out = out[1:]
+            elif self.mode == "3d":
+                out = out[:, None]
+            return out
+
+
+    def odd(**kwargs):
+        return Odd(**kwargs)
+    '''
+)
+
+
+@pytest.fixture
+def make_data(tmp_path: Path) -> Callable[..., Path]:
+    """make_data(n=..., labelled=True, name="data.npz", seed=0, nan_row=None) -> path of an .npz."""
+
+    def make(n: int = 100, *, labelled: bool = True, name: str = "data.npz", seed: int = 0, nan_row: int | None = None) -> Path:
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((n, FEATURES)).astype(np.float32)
+        if nan_row is not None:
+            x[nan_row, 0] = NAN_MARKER
+        path = tmp_path / name
+        if labelled:
+            y = rng.integers(0, CLASSES, n)
+            y[::7] = -100  # some rows unlabelled
+            np.savez(path, x=x, y=y)
+        else:
+            np.savez(path, x=x)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def odd_teachers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Writes the module `mtkd_test_teachers` into tmp_path and makes it importable; returns the folder."""
+    (tmp_path / "mtkd_test_teachers.py").write_text(ODD_TEACHERS_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def make_teachers(tmp_path: Path) -> Callable[..., Path]:
+    """make_teachers([{"name": "a"}, {"name": "b", "seed": 1, "num_classes": 4}, ...]) -> TOML path.
+
+    Each entry: name; optional factory ("mtkd.pipeline.models:mlp" or "mtkd_test_teachers:odd"),
+    kwargs, seed (of the saved weights), num_classes, torchscript=True, checkpoint (a path to use
+    instead of saving one). Checkpoints are written next to the TOML, under relative paths.
+    """
+
+    def make(entries: list[dict[str, Any]], *, folder: Path | None = None, filename: str = "teachers.toml") -> Path:
+        folder = folder or tmp_path
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = [f"# mtkd infer --teachers {filename} --data data.npz --out store.zarr"]
+        for entry in entries:
+            name = entry["name"]
+            factory = entry.get("factory", "mtkd.pipeline.models:mlp")
+            kwargs = dict(entry.get("kwargs", {}))
+            kwargs.setdefault("num_classes", entry.get("num_classes", CLASSES))
+            kwargs.setdefault("in_features", FEATURES)
+            if factory == "mtkd.pipeline.models:mlp":
+                kwargs.setdefault("hidden", [16])
+            lines.append("[[teachers]]")
+            lines.append(f'name = "{name}"')
+            if "checkpoint" in entry:
+                lines += [f'factory = "{factory}"', f"kwargs = {_toml_inline(kwargs)}", f'checkpoint = "{entry["checkpoint"]}"']
+                continue
+            torch.manual_seed(entry.get("seed", 0))
+            model = import_object(factory, what="test factory")(**kwargs)
+            if entry.get("torchscript"):
+                torch.jit.script(model).save(str(folder / f"{name}.ts"))
+                lines.append(f'torchscript = "{name}.ts"')
+            else:
+                torch.save(model.state_dict(), folder / f"{name}.pt")
+                lines += [f'factory = "{factory}"', f"kwargs = {_toml_inline(kwargs)}", f'checkpoint = "{name}.pt"']
+            lines.append("")
+        path = folder / filename
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    return make
+
+
+def _toml_inline(d: dict[str, Any]) -> str:
+    def value(v: Any) -> str:
+        if isinstance(v, str):
+            return f'"{v}"'
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    return "{ " + ", ".join(f"{k} = {value(v)}" for k, v in d.items()) + " }"
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under `path` (relative name -> bytes): two equal snapshots are bit-identical trees."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# -- stage two (loader, train, eval): a tiny distillation world --------------------------------------
+
+KD_FEATURES, KD_CLASSES, KD_TEACHERS = 8, 5, ("a", "b", "c")
+
+
+def write_store(path: Path, x: np.ndarray, y: np.ndarray | None, logits: dict[str, np.ndarray], *,
+                chunk_rows: int, dtype: str = "float16", spec: str | None = None, skip_blocks: tuple[int, ...] = ()) -> Path:
+    """A store of `x` holding the given (N, V) logits per teacher, written block by block through the
+    store's writer API. Teachers with `skip_blocks` stay incomplete."""
+    from mtkd.pipeline.specs import make_array_data
+    from mtkd.pipeline.store import create_store
+
+    data = make_array_data(spec or str(path), x, y)
+    store, _ = create_store(path, data=data, num_classes=next(iter(logits.values())).shape[1], chunk_rows=chunk_rows)
+    for name, z in logits.items():
+        store.add_teacher(name, spec={"name": name}, checkpoint_sha256=None, dtype=dtype)
+        for block in range(store.num_blocks):
+            if block in skip_blocks:
+                continue
+            start, stop = store.block_range(block)
+            store.write_block(name, block, torch.from_numpy(z[start:stop]).to(getattr(torch, dtype)))
+        if not skip_blocks:
+            store.mark_complete(name, {})
+    return path
+
+
+def kd_teacher_logits(x: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """Three linear teachers that share most of their rule (so that they mostly agree)."""
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal((KD_FEATURES, KD_CLASSES))
+    return {
+        name: (2.0 * x @ (shared + 0.7 * rng.standard_normal((KD_FEATURES, KD_CLASSES)))).astype(np.float32)
+        for name in KD_TEACHERS
+    }
+
+
+class KDWorld:
+    """Tiny data sets with stores of three linear teachers, and an MLP student TOML, under `root`.
+
+    labelled.npz (x, y: the teachers' shared rule), unlabelled.npz (x only), val.npz (x, y), each of
+    `rows` rows, stores labelled.zarr and unlabelled.zarr (chunks of `chunk_rows` rows, float16).
+    """
+
+    rows, chunk_rows = 384, 50
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.student = root / "student.toml"
+        self.student.write_text(
+            "# mtkd train --student student.toml --data labelled.npz --store labelled.zarr --out run\n"
+            "[student]\n"
+            'name = "mlp"\n'
+            'factory = "mtkd.pipeline.models:mlp"\n'
+            f"kwargs = {{ in_features = {KD_FEATURES}, hidden = [32], num_classes = {KD_CLASSES} }}\n"
+        )
+        self.x, self.y, self.logits, self.data, self.store = {}, {}, {}, {}, {}
+        for seed, name in enumerate(("labelled", "unlabelled", "val")):
+            rng = np.random.default_rng(100 + seed)
+            x = rng.standard_normal((self.rows, KD_FEATURES)).astype(np.float32)
+            logits = kd_teacher_logits(x)
+            y = np.mean([np.eye(KD_CLASSES)[z.argmax(1)] for z in logits.values()], axis=0).argmax(1)
+            self.x[name], self.logits[name] = x, logits
+            self.y[name] = y if name != "unlabelled" else None
+            self.data[name] = root / f"{name}.npz"
+            if name == "unlabelled":
+                np.savez(self.data[name], x=x)
+            else:
+                np.savez(self.data[name], x=x, y=y)
+            if name != "val":
+                self.store[name] = write_store(root / f"{name}.zarr", x, self.y[name], logits,
+                                               chunk_rows=self.chunk_rows, spec=str(self.data[name]))
+
+    def teacher_stack(self, name: str, teachers=KD_TEACHERS) -> torch.Tensor:
+        """(K, N, V) float32 of the stored (float16-rounded) logits."""
+        return torch.stack([torch.from_numpy(self.logits[name][t]).half().float() for t in teachers])
+
+
+@pytest.fixture(scope="session")
+def kd_world(tmp_path_factory: pytest.TempPathFactory) -> KDWorld:
+    return KDWorld(tmp_path_factory.mktemp("kd_world"))

@@ -1,0 +1,66 @@
+"""run_eval: a run directory or a model spec with a checkpoint, measured against labelled data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mtkd.pipeline.errors import BadInputError, CheckpointError
+from mtkd.pipeline.evaluate import run_eval
+from mtkd.pipeline.metrics import classification_metrics
+from mtkd.pipeline.specs import load_student_spec
+from mtkd.pipeline.train import run_train
+
+METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "nll", "ece")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models train faster on one thread, and a loaded 2-core machine does not stall them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(kd_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    run_train(kd_world.student, str(kd_world.data["labelled"]), out, store=kd_world.store["labelled"], epochs=10,
+              batch_size=32, lr=1e-2)
+    return out
+
+
+def test_a_run_and_its_model_with_checkpoint_measure_the_same(kd_world, trained):
+    by_run = run_eval(str(kd_world.data["val"]), run=trained)
+    by_model = run_eval(str(kd_world.data["val"]), model=kd_world.student, checkpoint=trained / "student.pt")
+    assert {k: by_run[k] for k in METRICS} == {k: by_model[k] for k in METRICS}
+    model = load_student_spec(kd_world.student).build()
+    model.load_state_dict(torch.load(trained / "student.pt", weights_only=True))
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(torch.from_numpy(kd_world.x["val"])).double(), -1)
+    expected = classification_metrics(log_probs, torch.from_numpy(kd_world.y["val"]))
+    for k in METRICS:
+        assert by_run[k] == pytest.approx(expected[k], rel=1e-9, abs=1e-12)
+    assert by_run["n"] == kd_world.rows and 0.6 < by_run["accuracy"] <= 1.0
+
+
+def test_rows_without_labels_are_left_out(kd_world, trained, tmp_path):
+    y = kd_world.y["val"].copy()
+    y[::2] = -100
+    np.savez(tmp_path / "half.npz", x=kd_world.x["val"], y=y)
+    assert run_eval(str(tmp_path / "half.npz"), run=trained)["n"] == kd_world.rows // 2
+
+
+def test_refusals(kd_world, trained, tmp_path):
+    with pytest.raises(BadInputError, match="no labels"):
+        run_eval(str(kd_world.data["unlabelled"]), run=trained)
+    with pytest.raises(BadInputError, match="either"):
+        run_eval(str(kd_world.data["val"]), run=trained, model=kd_world.student)
+    with pytest.raises(BadInputError, match="--checkpoint"):
+        run_eval(str(kd_world.data["val"]), model=kd_world.student)
+    with pytest.raises(BadInputError, match="config.json"):
+        run_eval(str(kd_world.data["val"]), run=tmp_path)
+    with pytest.raises(CheckpointError, match="missing.pt"):
+        run_eval(str(kd_world.data["val"]), model=kd_world.student, checkpoint=tmp_path / "missing.pt")

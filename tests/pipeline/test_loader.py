@@ -1,0 +1,232 @@
+"""The stage-two loader: coverage, determinism, DDP split, streaming vs in memory, whole-chunk reads."""
+
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import closing
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtkd.pipeline.loader import BatchLoader
+from mtkd.pipeline.store import open_store
+
+from .conftest import KD_TEACHERS, write_store
+
+MODES = {"memory": False, "stream": True}
+
+
+class RecordingStore:
+    """A real store that records every read (name, start, stop)."""
+
+    def __init__(self, store):
+        self.store, self.reads = store, []
+        self.num_rows, self.num_classes, self.chunk_rows = store.num_rows, store.num_classes, store.chunk_rows
+
+    def teacher(self, name):
+        return self.store.teacher(name)
+
+    def read_logits(self, name, start, stop):
+        self.reads.append((name, start, stop))
+        return self.store.read_logits(name, start, stop)
+
+
+def make_loader(kd_world, *, mode="memory", seed=0, batch_size=32, rank=0, world_size=1, teachers=KD_TEACHERS,
+                store=None, window_bytes=1, read_bytes=1, **kwargs):
+    # window_bytes=1, read_bytes=1: read units of one chunk and windows of the minimum, 8 units, so
+    # that even this tiny store has several windows.
+    return BatchLoader(
+        kd_world.x["labelled"], kd_world.y["labelled"], batch_size=batch_size, seed=seed,
+        store=store or open_store(kd_world.store["labelled"]), teachers=list(teachers), rank=rank,
+        world_size=world_size, stream=MODES[mode], window_bytes=window_bytes, read_bytes=read_bytes, **kwargs,
+    )
+
+
+def epoch_batches(loader, epoch, start=0):
+    with closing(loader.epoch(epoch, start)) as batches:
+        return list(batches)
+
+
+def rows_of(batches):
+    return torch.cat([b.rows for b in batches])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_row_once_per_epoch_with_its_own_inputs_logits_and_labels(kd_world, mode):
+    loader = make_loader(kd_world, mode=mode, batch_size=37)
+    stack = kd_world.teacher_stack("labelled").half()
+    batches = epoch_batches(loader, epoch=0)
+    assert [len(b) for b in batches] == [37] * 10 + [384 - 370]
+    assert len(batches) == loader.batches_per_epoch
+    assert sorted(rows_of(batches).tolist()) == list(range(kd_world.rows))
+    for b in batches:
+        assert b.logits.shape == (3, len(b), 5) and b.logits.dtype == torch.float16
+        assert torch.equal(b.x, torch.from_numpy(kd_world.x["labelled"])[b.rows])
+        assert torch.equal(b.labels, torch.from_numpy(kd_world.y["labelled"])[b.rows])
+        assert torch.equal(b.logits, stack[:, b.rows])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_order_depends_only_on_seed_and_epoch(kd_world, mode):
+    first = rows_of(epoch_batches(make_loader(kd_world, mode=mode, seed=3), epoch=2))
+    again = rows_of(epoch_batches(make_loader(kd_world, mode=mode, seed=3), epoch=2))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, rows_of(epoch_batches(make_loader(kd_world, mode=mode, seed=3), epoch=3)))
+    assert not torch.equal(first, rows_of(epoch_batches(make_loader(kd_world, mode=mode, seed=4), epoch=2)))
+    assert not torch.equal(first, torch.arange(kd_world.rows))  # shuffled
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_resuming_at_a_batch_gives_the_rest_of_the_epoch(kd_world, mode):
+    loader = make_loader(kd_world, mode=mode, batch_size=30)
+    full = epoch_batches(loader, epoch=1)
+    rest = epoch_batches(loader, epoch=1, start=5)
+    assert len(rest) == len(full) - 5
+    for a, b in zip(full[5:], rest):
+        assert torch.equal(a.rows, b.rows) and torch.equal(a.logits, b.logits) and torch.equal(a.x, b.x)
+    assert epoch_batches(loader, epoch=1, start=loader.batches_per_epoch) == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_iterator_over_several_epochs_matches_epoch_by_epoch(kd_world, mode):
+    loader = make_loader(kd_world, mode=mode, batch_size=30)
+    with closing(loader.batches(1, 4, start_batch=3)) as batches:
+        spanned = [(epoch, b, batch.rows) for epoch, b, batch in batches]
+    expected = [(epoch, b, batch.rows) for epoch in (1, 2, 3)
+                for b, batch in enumerate(epoch_batches(loader, epoch)) if epoch > 1 or b >= 3]
+    assert [(e, b) for e, b, _ in spanned] == [(e, b) for e, b, _ in expected]
+    assert all(torch.equal(r, s) for (_, _, r), (_, _, s) in zip(spanned, expected))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ddp_ranks_get_equal_batches_of_disjoint_rows(kd_world, mode, world_size):
+    per_rank = [epoch_batches(make_loader(kd_world, mode=mode, rank=r, world_size=world_size, batch_size=25), epoch=0)
+                for r in range(world_size)]
+    assert len({tuple(len(b) for b in batches) for batches in per_rank}) == 1  # same count and sizes everywhere
+    rows = torch.cat([rows_of(batches) for batches in per_rank])
+    assert len(rows) == kd_world.rows // world_size * world_size
+    assert len(set(rows.tolist())) == len(rows)  # disjoint
+
+
+def test_streaming_and_memory_give_the_same_rows_each_epoch(kd_world):
+    for epoch in range(3):
+        seen = {}
+        for mode in MODES:
+            batches = epoch_batches(make_loader(kd_world, mode=mode), epoch)
+            seen[mode] = {int(r): (b.x[i].tolist(), b.logits[:, i].tolist(), int(b.labels[i]))
+                          for b in batches for i, r in enumerate(b.rows)}
+        assert seen["memory"] == seen["stream"]
+
+
+def test_streaming_reads_whole_chunks_once_per_epoch(kd_world, tmp_path):
+    # Chunks of 7 rows: the short last chunk lands mid-sequence, so later windows start mid-chunk.
+    x, y, n, cr = kd_world.x["labelled"], kd_world.y["labelled"], kd_world.rows, 7
+    path = write_store(tmp_path / "fine.zarr", x, y, kd_world.logits["labelled"], chunk_rows=cr)
+    recording = RecordingStore(open_store(path))
+    loader = make_loader(kd_world, mode="stream", store=recording)
+    assert loader.window_rows == 8 * cr  # several windows
+    for epoch in range(3):
+        recording.reads.clear()
+        assert sorted(rows_of(epoch_batches(loader, epoch)).tolist()) == list(range(n))
+        whole = [(t, s, min(s + cr, n)) for t in KD_TEACHERS for s in range(0, n, cr)]
+        assert sorted(recording.reads) == sorted(whole)
+
+
+def test_tiny_chunks_are_read_several_at_a_time_still_whole(kd_world, tmp_path):
+    x, y, n, cr = kd_world.x["labelled"], kd_world.y["labelled"], kd_world.rows, 7
+    path = write_store(tmp_path / "fine.zarr", x, y, kd_world.logits["labelled"], chunk_rows=cr)
+    recording = RecordingStore(open_store(path))
+    # 3 chunks of 7 rows x 5 classes x 2 bytes = 210 bytes: one read unit.
+    loader = make_loader(kd_world, mode="stream", store=recording, read_bytes=200)
+    assert loader.read_rows == 3 * cr
+    assert sorted(rows_of(epoch_batches(loader, 0)).tolist()) == list(range(n))
+    assert all(start % cr == 0 and stop == min(start + 3 * cr, n) for _, start, stop in recording.reads)
+    assert len(recording.reads) == 3 * math.ceil(n / (3 * cr))  # every unit once per teacher
+
+
+def test_memory_mode_reads_the_store_once(kd_world):
+    recording = RecordingStore(open_store(kd_world.store["labelled"]))
+    loader = make_loader(kd_world, mode="memory", store=recording)
+    epoch_batches(loader, epoch=0)
+    epoch_batches(loader, epoch=1)
+    n, cr = kd_world.rows, kd_world.chunk_rows
+    assert recording.reads == [(t, s, min(s + cr, n)) for t in KD_TEACHERS for s in range(0, n, cr)]
+
+
+def test_mode_follows_the_memory_budget(kd_world):
+    logits_bytes = 3 * kd_world.rows * 5 * 2
+    store = open_store(kd_world.store["labelled"])
+    x, y = kd_world.x["labelled"], kd_world.y["labelled"]
+    fits = BatchLoader(x, y, batch_size=8, seed=0, store=store, teachers=KD_TEACHERS, memory_budget=logits_bytes)
+    too_big = BatchLoader(x, y, batch_size=8, seed=0, store=store, teachers=KD_TEACHERS, memory_budget=logits_bytes - 1)
+    assert (fits.mode, too_big.mode, fits.logits_bytes) == ("memory", "stream", logits_bytes)
+
+
+def test_a_subset_of_teachers_in_the_given_order(kd_world):
+    loader = make_loader(kd_world, teachers=("c", "a"))
+    batch = epoch_batches(loader, 0)[0]
+    assert torch.equal(batch.logits, kd_world.teacher_stack("labelled", ("c", "a")).half()[:, batch.rows])
+
+
+def test_leaving_a_streamed_epoch_early_stops_its_thread(kd_world):
+    loader = make_loader(kd_world, mode="stream", batch_size=4)
+    before = threading.active_count()
+    with closing(loader.epoch(0)) as batches:
+        next(batches)
+    assert threading.active_count() == before
+
+
+def test_without_a_store_batches_carry_inputs_and_labels_only(kd_world):
+    loader = BatchLoader(kd_world.x["labelled"], kd_world.y["labelled"], batch_size=100, seed=0)
+    batches = epoch_batches(loader, 0)
+    assert loader.mode == "memory" and all(b.logits is None for b in batches)
+    assert sorted(rows_of(batches).tolist()) == list(range(kd_world.rows))
+
+
+class ArraySource:
+    """An in-memory stand-in for a store (the loader's LogitSource protocol), for fast property tests."""
+
+    def __init__(self, n, v, k, chunk_rows):
+        self.num_rows, self.num_classes, self.chunk_rows = n, v, chunk_rows
+        self.logits = {f"t{i}": torch.arange(n * v, dtype=torch.float32).reshape(n, v) + 1e6 * i for i in range(k)}
+
+    def teacher(self, name):
+        return SimpleNamespace(dtype="float32")
+
+    def read_logits(self, name, start, stop):
+        assert start % self.chunk_rows == 0 and (stop % self.chunk_rows == 0 or stop == self.num_rows), "partial chunk"
+        return self.logits[name][start:stop].clone()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 200), chunk_rows=st.integers(1, 40), batch_size=st.integers(1, 50), world_size=st.integers(1, 4),
+    window_chunks=st.integers(1, 12), read_chunks=st.integers(1, 4), stream=st.booleans(), epoch=st.integers(0, 5),
+)
+def test_any_shape_splits_into_disjoint_equal_rank_shares(n, chunk_rows, batch_size, world_size, window_chunks, read_chunks,
+                                                         stream, epoch):
+    if n < world_size:
+        return
+    source = ArraySource(n, 3, 2, chunk_rows)
+    x = np.arange(n, dtype=np.float32)[:, None]
+    window_bytes = window_chunks * chunk_rows * 2 * 3 * 4
+    shares = []
+    for rank in range(world_size):
+        loader = BatchLoader(x, np.zeros(n, dtype=np.int64), batch_size=batch_size, seed=7, store=source,
+                             teachers=["t0", "t1"], rank=rank, world_size=world_size, stream=stream, window_bytes=window_bytes,
+                             read_bytes=read_chunks * chunk_rows * 3 * 4)
+        batches = epoch_batches(loader, epoch)
+        assert len(batches) == loader.batches_per_epoch
+        for b in batches:
+            assert torch.equal(b.x[:, 0].long(), b.rows)
+            assert torch.equal(b.logits, torch.stack([source.logits[t][b.rows] for t in ("t0", "t1")]))
+        shares.append(rows_of(batches))
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) == n // world_size
+    every = torch.cat(shares)
+    assert len(set(every.tolist())) == len(every)

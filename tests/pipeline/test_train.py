@@ -1,0 +1,288 @@
+"""Stage two's training: the loss per fusion mode, distillation reaching its target, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtkd.kernels import confidence_weights, kd_loss_ref
+from mtkd.pipeline.specs import load_student_spec
+from mtkd.pipeline.train import Objective, run_train
+
+from .conftest import KD_CLASSES, KD_TEACHERS
+
+VENV_BIN = Path(sys.executable).parent
+# One thread per process: the uninterrupted and the resumed runs must do the same arithmetic.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models train faster on one thread, and a loaded 2-core machine does not stall them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def student_log_probs(run: Path, kd_world, split: str, temperature: float = 1.0) -> torch.Tensor:
+    model = load_student_spec(kd_world.student).build()
+    if run is not None:
+        model.load_state_dict(torch.load(run / "student.pt", weights_only=True))
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.from_numpy(kd_world.x[split])) / temperature, dim=-1)
+
+
+def initial_log_probs(kd_world, split: str, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
+    torch.manual_seed(seed)  # as run_train builds its student
+    model = load_student_spec(kd_world.student).build()
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.from_numpy(kd_world.x[split])) / temperature, dim=-1)
+
+
+def kl(target: torch.Tensor, log_q: torch.Tensor) -> float:
+    """Mean KL(target || q) over rows, 0 log 0 = 0."""
+    return float(torch.where(target > 0, target * (target.log() - log_q), 0.0).sum(-1).mean())
+
+
+def mean_target(kd_world, split, temperature, weights=None):
+    z = kd_world.teacher_stack(split)  # (K, N, V)
+    w = torch.full((3,), 1 / 3) if weights is None else weights / weights.sum(-1, keepdim=True)
+    w = w.reshape(-1, 3).T.unsqueeze(-1)  # (K, N or 1, 1)
+    return (torch.softmax(z / temperature, dim=-1) * w).sum(0)
+
+
+def train(kd_world, out, split="labelled", **options):
+    defaults = dict(store=kd_world.store[split], epochs=25, batch_size=32, lr=1e-2, temperature=1.0)
+    return run_train(kd_world.student, str(kd_world.data[split]), out, **{**defaults, **options})
+
+
+# -- the loss of one batch ------------------------------------------------------------------------
+
+
+def batch_of(z, labels):
+    return SimpleNamespace(logits=z, labels=labels)
+
+
+def objective(**overrides):
+    options = dict(distil=True, fusion="mean", weights=None, temperature=2.0, alpha=0.3, loss="kl", labels="some")
+    return Objective(**{**options, **overrides})
+
+
+def test_unlabelled_rows_keep_their_kd_term_and_labelled_rows_add_cross_entropy():
+    torch.manual_seed(1)
+    s = torch.randn(12, 5, requires_grad=True)
+    z = torch.randn(3, 12, 5)
+    y = torch.randint(0, 5, (12,))
+    y[::3] = -100
+    loss = objective()(s, batch_of(z, y))
+    kd = kd_loss_ref(s, z, temperature=2.0, reduction="none")
+    ce = F.cross_entropy(s, y, ignore_index=-100, reduction="none")  # 0 where unknown
+    torch.testing.assert_close(loss, (0.3 * kd + 0.7 * ce).mean())
+    loss.backward()
+    assert (s.grad[::3].abs().sum(-1) > 0).all()  # unlabelled rows still learn
+
+
+@pytest.mark.parametrize("labels", ["all", "none"])
+def test_homogeneous_batches_take_one_kernel_call_with_the_same_meaning(labels):
+    torch.manual_seed(2)
+    s, z = torch.randn(8, 4), torch.randn(2, 8, 4)
+    y = torch.randint(0, 4, (8,)) if labels == "all" else torch.full((8,), -100)
+    rows = 0.3 * kd_loss_ref(s, z, temperature=2.0, reduction="none")
+    if labels == "all":
+        rows = rows + 0.7 * F.cross_entropy(s, y, reduction="none")
+    torch.testing.assert_close(objective(labels=labels)(s, batch_of(z, y)), rows.mean())
+
+
+def test_vote_target_is_the_fraction_of_teacher_argmaxes():
+    z = torch.tensor([[[3.0, 1, 0]], [[0, 2, 1]], [[5, 0, 0]]])  # argmaxes 0, 1, 0
+    pseudo, weights = objective(fusion="vote", temperature=3.0).target(z, torch.tensor([-100]))
+    assert weights is None and pseudo.shape == (1, 1, 3)
+    torch.testing.assert_close(torch.softmax(pseudo[0] / 3.0, -1), torch.tensor([[2 / 3, 1 / 3, 0]]))
+
+
+def test_confidence_weights_come_per_row_from_the_kernels_package():
+    z, y = torch.randn(3, 6, 4), torch.tensor([0, 1, 2, 3, -100, 1])
+    _, weights = objective(fusion="confidence").target(z, y)
+    torch.testing.assert_close(weights, confidence_weights(z, y))
+
+
+def test_mse_is_squared_error_of_fused_and_student_probabilities_at_t():
+    torch.manual_seed(3)
+    s, z = torch.randn(6, 4), torch.randn(2, 6, 4)
+    y = torch.tensor([0, 1, -100, 3, 2, -100])
+    w = torch.tensor([3.0, 1.0])
+    loss = objective(fusion="weighted", weights=w, loss="mse")(s, batch_of(z, y))
+    p = 0.75 * torch.softmax(z[0] / 2, -1) + 0.25 * torch.softmax(z[1] / 2, -1)
+    mse = (p - torch.softmax(s / 2, -1)).square().sum(-1)
+    ce = F.cross_entropy(s, y, ignore_index=-100, reduction="none")
+    torch.testing.assert_close(loss, (0.3 * mse + 0.7 * ce).mean())
+
+
+# -- training reaches its target ------------------------------------------------------------------
+
+
+def test_hard_label_training_writes_a_run(kd_world, tmp_path):
+    out = tmp_path / "run"
+    result = run_train(kd_world.student, str(kd_world.data["labelled"]), out, epochs=15, batch_size=32, lr=1e-2)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "student.pt"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(1, 16))
+    assert {"loss", "train_accuracy", "lr", "rows_per_s", "seconds", "rows"} <= set(lines[0])
+    assert lines[-1]["loss"] < 0.5 * lines[0]["loss"] and lines[-1]["train_accuracy"] > 0.85
+    config = json.loads((out / "config.json").read_text())
+    assert config["mode"] == "hard-label" and config["store"] is None and config["student_pt"] == "final"
+    assert list(config)[0] == "command" and config["command"].startswith("mtkd train --student")
+    assert result["student_pt"] == "final" and result["steps"] == 15 * 12
+
+
+def test_distilling_from_unlabelled_rows_reaches_the_fused_teachers(kd_world, tmp_path):
+    out = tmp_path / "run"
+    train(kd_world, out, split="unlabelled", alpha=0.5)  # alpha < 1: unlabelled rows still carry alpha * KD
+    target = mean_target(kd_world, "unlabelled", 1.0)
+    before = kl(target, initial_log_probs(kd_world, "unlabelled"))
+    after = kl(target, student_log_probs(out, kd_world, "unlabelled"))
+    assert after < 0.15 * before, (before, after)
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["labelled_rows"] == 0
+    assert config["store"]["fingerprint"] == config["data"]["fingerprint"]
+    assert [t["name"] for t in config["teachers"]] == list(KD_TEACHERS)
+
+
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+@pytest.mark.parametrize("fusion", ["mean", "weighted", "confidence", "vote"])
+def test_each_fusion_mode_pulls_the_student_to_its_own_target(kd_world, tmp_path, fusion, loss):
+    out = tmp_path / "run"
+    weights = {"a": 1.0, "b": 0.0, "c": 0.0} if fusion == "weighted" else None
+    train(kd_world, out, fusion=fusion, loss=loss, teacher_weights=weights, temperature=2.0)
+    z = kd_world.teacher_stack("labelled")
+    y = torch.from_numpy(kd_world.y["labelled"])
+    if fusion == "mean":
+        target = mean_target(kd_world, "labelled", 2.0)
+    elif fusion == "weighted":
+        target = torch.softmax(z[0] / 2.0, -1)  # teacher a alone
+    elif fusion == "confidence":
+        target = mean_target(kd_world, "labelled", 2.0, confidence_weights(z, y))
+    else:
+        target = F.one_hot(z.argmax(-1), KD_CLASSES).float().mean(0)
+    before = kl(target, initial_log_probs(kd_world, "labelled", temperature=2.0))
+    after = kl(target, student_log_probs(out, kd_world, "labelled", temperature=2.0))
+    assert after < 0.5 * before, (before, after)
+    if fusion == "weighted":  # the zero-weight teachers were ignored: the student sides with a
+        pred = student_log_probs(out, kd_world, "labelled").argmax(-1)
+        agree = [(pred == z[k].argmax(-1)).float().mean() for k in range(3)]
+        assert agree[0] > max(agree[1], agree[2]) + 0.1, agree
+
+
+def test_val_data_keeps_the_best_epoch(kd_world, tmp_path):
+    out = tmp_path / "run"
+    result = train(kd_world, out, epochs=6, lr=3e-2, val_data=str(kd_world.data["val"]))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best = max(lines, key=lambda r: r["val_accuracy"])
+    assert result["best"] == {"epoch": best["epoch"], "val_accuracy": best["val_accuracy"]}
+    assert {"val_accuracy", "val_nll", "val_ece", "val_f1_macro"} <= set(lines[0])
+    pred = student_log_probs(out, kd_world, "val").argmax(-1)
+    accuracy = float((pred == torch.from_numpy(kd_world.y["val"])).float().mean())
+    assert accuracy == pytest.approx(best["val_accuracy"])
+    assert json.loads((out / "config.json").read_text())["student_pt"] == "best"
+
+
+def test_streamed_logits_train_too(kd_world, tmp_path):
+    out = tmp_path / "run"
+    result = train(kd_world, out, epochs=3, stream=True)
+    assert result["loader"] == "stream" and json.loads((out / "config.json").read_text())["loader"] == "stream"
+
+
+# -- resume ----------------------------------------------------------------------------------------
+
+
+def test_resume_of_a_finished_run_changes_nothing(kd_world, tmp_path):
+    out = tmp_path / "run"
+    train(kd_world, out, epochs=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = train(kd_world, out, epochs=2, resume=True)
+    assert result["resumed_from"] == {"epoch": 2, "batch": 0} and result["steps"] == 2 * 12
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_without_a_run_starts_one(kd_world, tmp_path):
+    result = train(kd_world, tmp_path / "run", epochs=1, resume=True)
+    assert result["resumed_from"] is None and (tmp_path / "run" / "student.pt").is_file()
+
+
+def cli_train(kd_world, out, *extra):
+    return [
+        str(VENV_BIN / "mtkd"), "train", "--student", str(kd_world.student), "--data", str(kd_world.data["labelled"]),
+        "--store", str(kd_world.store["labelled"]), "--out", str(out), "--epochs", "40", "--batch-size", "8",
+        "--lr", "0.01", "--checkpoint-every", "5", "--quiet", *extra,
+    ]
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(kd_world, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(cli_train(kd_world, reference), check=True, env=SUBPROCESS_ENV, capture_output=True)
+    rng = random.Random(0)
+    positions = []
+    for _ in range(3):
+        proc = subprocess.Popen(cli_train(kd_world, killed, "--resume"), env=SUBPROCESS_ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        checkpoint = killed / "checkpoint.pt"
+        previous = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
+        deadline = time.monotonic() + 60
+        # Wait for this process's first checkpoint (it is training by then), then kill at a random moment.
+        while proc.poll() is None and time.monotonic() < deadline and (
+            not checkpoint.exists() or checkpoint.stat().st_mtime_ns == previous
+        ):
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        saved = torch.load(checkpoint, weights_only=True)
+        positions.append((saved["epoch"], saved["batch"]))
+    print("killed at (epoch, batch)", positions)
+    assert positions[-1][0] < 40, "the kills came too late to interrupt training"
+    done = subprocess.run(cli_train(kd_world, killed, "--resume", "--json"), env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["resumed_from"] is not None
+    a = torch.load(reference / "student.pt", weights_only=True)
+    b = torch.load(killed / "student.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), positions
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(reference) == losses(killed)
+
+
+# -- DDP --------------------------------------------------------------------------------------------
+
+
+def test_torchrun_with_two_cpu_processes_writes_one_run(kd_world, tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "mtkd.pipeline.cli", "train",
+        "--student", str(kd_world.student), "--data", str(kd_world.data["labelled"]),
+        "--store", str(kd_world.store["labelled"]), "--out", str(out), "--epochs", "2", "--batch-size", "16",
+        "--device", "cpu", "--json", "--quiet",
+    ]
+    done = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1  # rank 0 alone reports
+    result = json.loads(reports[0])
+    assert result["world_size"] == 2 and result["steps"] == 2 * 12  # 384 rows / 2 ranks / 16 per batch
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "student.pt"]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rows"] for r in lines] == [384, 384]  # both ranks' rows are counted

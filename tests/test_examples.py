@@ -1,0 +1,76 @@
+"""The example configs under examples/ run as their first line says (with one epoch instead of many),
+and the cluster scripts do what they claim: sharded stage one equals one process, torchrun trains."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mtkd.pipeline.cli import app
+from mtkd.pipeline.store import open_store
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+BIN = Path(sys.executable).parent
+
+
+def command_of(config: Path) -> list[str]:
+    """The command a config file starts with: its first line, `# mtkd ...`."""
+    first = config.read_text().splitlines()[0]
+    assert first.startswith("# mtkd "), f"{config} must start with the command that runs it"
+    return shlex.split(first[2:])[1:]
+
+
+def run_cli(args: list[str]) -> None:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, f"mtkd {shlex.join(args)} exited {result.exit_code}:\n{result.output}"
+
+
+def one_epoch(args: list[str]) -> list[str]:
+    if "--epochs" in args:
+        i = args.index("--epochs")
+        args = args[:i] + args[i + 2 :]
+    return [*args, "--epochs", "1", "--quiet"]
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    shutil.copytree(EXAMPLES, tmp_path / "examples")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_examples_run_as_documented(workdir):
+    # Teachers on labels, stage one, stage two: the commands the configs start with.
+    run_cli(one_epoch(command_of(workdir / "examples/teachers/cnn.toml")))
+    run_cli(one_epoch(command_of(workdir / "examples/teachers/gru.toml")))
+    run_cli([*command_of(workdir / "examples/teachers.toml"), "--quiet"])
+    run_cli(one_epoch(command_of(workdir / "examples/student.toml")))
+    assert (workdir / "runs/student/student.pt").is_file()
+    store = open_store(workdir / "stores/train")
+    assert sorted(store.teachers) == ["cnn", "gru"]
+    store.require_complete(store.teachers)
+
+    # The sbatch array script, as two array tasks one after the other, makes the same store.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "STORE": "stores/sharded",
+           "SLURM_ARRAY_TASK_COUNT": "2"}
+    for task in ("0", "1"):
+        subprocess.run(["bash", "examples/infer.sbatch"], env={**env, "SLURM_ARRAY_TASK_ID": task}, check=True,
+                       capture_output=True, timeout=300)
+    sharded = open_store(workdir / "stores/sharded")
+    for name in store.teachers:
+        single = store.read_logits(name, 0, store.num_rows).view(-1).numpy().view(np.uint8)
+        assert np.array_equal(single, sharded.read_logits(name, 0, store.num_rows).view(-1).numpy().view(np.uint8))
+
+    # The torchrun script: two CPU processes (gloo), one run directory.
+    subprocess.run(["bash", "examples/train.torchrun.sh"], env={**env, "EPOCHS": "1", "RUN": "runs/ddp"}, check=True,
+                   capture_output=True, timeout=300)
+    assert (workdir / "runs/ddp/student.pt").is_file()
