@@ -19,6 +19,7 @@ import torch
 
 from mtkd.pipeline.errors import BadInputError, CheckpointError, SpecError
 from mtkd.pipeline.infer import resolve_device
+from mtkd.pipeline.loader import as_tensor
 from mtkd.pipeline.metrics import classification_metrics
 from mtkd.pipeline.progress import progress_bar
 from mtkd.pipeline.specs import IGNORE_LABEL, ModelSpec, load_checkpoint, load_data, load_student_spec
@@ -39,7 +40,7 @@ def predict_log_probs(
     """log_softmax of the model's logits over all rows of `x`: (N, V) float64 on the CPU, eval mode."""
     was_training = model.training
     model.eval()
-    x = torch.as_tensor(x)
+    x = as_tensor(x)
     out = []
     try:
         for start in range(0, len(x), batch_size):
@@ -84,7 +85,7 @@ def run_eval(
             log_probs = predict_log_probs(net, dataset.x, device=dev, batch_size=batch_size, progress=bar, task=task)
         except Exception as e:
             raise SpecError(f"model {spec.name!r} fails on data {data!r} (inputs {dataset.x.shape}): {type(e).__name__}: {e}") from e
-    labels = torch.from_numpy(dataset.labels)
+    labels = as_tensor(dataset.labels)
     if log_probs.shape[1] <= int(labels.max()):
         raise BadInputError(
             f"data {data!r} has label {int(labels.max())} but model {spec.name!r} outputs {log_probs.shape[1]} classes"

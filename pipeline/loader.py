@@ -44,6 +44,7 @@ import math
 import os
 import queue
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -112,6 +113,15 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def as_tensor(a: np.ndarray | Tensor) -> Tensor:
+    """A tensor sharing `a`'s memory; read-only arrays (shared data) are fine, nothing writes to them."""
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.as_tensor(a)
+    return torch.as_tensor(a)
+
+
 def _rng(*key: int) -> np.random.Generator:
     # SeedSequence mixes the whole key: (seed, epoch, 0) and (seed, epoch, 1, rank, window) are
     # independent streams, identical on every machine and rank.
@@ -124,6 +134,8 @@ class BatchLoader:
     x: (N, ...) inputs; labels: (N,) int64 with -100 where unknown. `store` and `teachers` give the
     logits (none: hard-label training, logits None). `stream`: True/False forces a mode, None picks
     one from `memory_budget` (bytes; default MEMORY_FRACTION of the available memory per process).
+    Streaming: `window_bytes` of logits are shuffled together; reads cover at least `read_bytes`
+    of one teacher. Batches arrive on `device` (pinned host memory and non_blocking on CUDA).
     """
 
     def __init__(
@@ -143,8 +155,8 @@ class BatchLoader:
         window_bytes: int = WINDOW_BYTES,
         read_bytes: int = READ_BYTES,
     ):
-        self.x = torch.as_tensor(x)
-        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.x = as_tensor(x)
+        self.labels = as_tensor(labels).long()
         n = len(self.x)
         if self.labels.shape != (n,):
             raise ValueError(f"labels must have shape ({n},), got {tuple(self.labels.shape)}")
@@ -281,42 +293,50 @@ class BatchLoader:
     # -- streaming ---------------------------------------------------------------------------------
 
     def _stream(self, start_epoch: int, stop_epoch: int, start_batch: int) -> Iterator[tuple[int, int, Batch]]:
-        """Cut batches from the windows that the reader thread hands over, gathering their logits."""
+        """Cut batches from the windows that the reader thread hands over, gathering their logits.
+
+        The shuffle is applied here, per batch, as the in-memory gather is: the same work in the
+        training thread in both modes, while the reader thread only reads.
+        """
         bs, per_rank = self.batch_size, self.rows_per_epoch
-        windows = _in_background(self._windows(start_epoch, stop_epoch, start_batch), capacity=WINDOW_QUEUE)
+        free: list[np.ndarray] = []  # window buffers done with, for the reader to refill (no page faults)
+        windows = _in_background(self._windows(start_epoch, stop_epoch, start_batch, free), capacity=WINDOW_QUEUE)
         try:
-            pieces: list[tuple[Tensor, Tensor, Tensor]] = []  # (logits, order, rows): a batch spanning two windows
-            for epoch, w_lo, w_hi, logits, order, rows in windows:
+            pending: list[tuple[Tensor, Tensor]] = []  # (logits, rows) of a batch that spans two windows
+            for epoch, w_lo, w_hi, buffer, logits, order, rows in windows:
                 pos = max(w_lo, start_batch * bs) if epoch == start_epoch else w_lo  # this rank's next row
                 while pos < w_hi:
                     batch_end = min((pos // bs + 1) * bs, per_rank)
                     lo, hi = pos - w_lo, min(batch_end, w_hi) - w_lo
-                    pieces.append((logits, order[lo:hi], rows[lo:hi]))
+                    part = (self._take(logits, 1, order[lo:hi]), rows[lo:hi])  # (K, b, V), (b,)
                     pos = hi + w_lo
-                    if pos == batch_end:
-                        yield epoch, (pos - 1) // bs, self._assemble(pieces)
-                        pieces = []
+                    if pos < batch_end:
+                        pending = [part]
+                        continue
+                    yield epoch, (pos - 1) // bs, self._assemble([*pending, part])
+                    pending = []
+                del logits
+                free.append(buffer)  # every row of this window is gathered: the buffer can be refilled
         finally:
             windows.close()
 
-    def _assemble(self, pieces: list[tuple[Tensor, Tensor, Tensor]]) -> Batch:
-        # The shuffle is applied here, per batch, like the in-memory gather: the same work in the
-        # training thread in both modes, and the reader thread only reads.
-        gathered = [self._take(logits, 1, order) for logits, order, _ in pieces]  # (K, B_i, V)
-        logits = gathered[0] if len(gathered) == 1 else torch.cat(gathered, dim=1)
-        if len(gathered) > 1 and self.pin:
-            logits = logits.pin_memory()
-        rows = pieces[0][2] if len(pieces) == 1 else torch.cat([p[2] for p in pieces])
+    def _assemble(self, parts: list[tuple[Tensor, Tensor]]) -> Batch:
+        if len(parts) == 1:
+            logits, rows = parts[0]
+        else:
+            logits, rows = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts])
+            logits = logits.pin_memory() if self.pin else logits
         return self._batch(rows, logits)
 
-    def _windows(self, start_epoch: int, stop_epoch: int, start_batch: int) -> Iterator[tuple]:
-        """(epoch, first, end, logits, order, rows) per window (reader thread).
+    def _windows(self, start_epoch: int, stop_epoch: int, start_batch: int, free: list[np.ndarray]) -> Iterator[tuple]:
+        """(epoch, first, end, buffer, logits, order, rows) per window (reader thread).
 
-        A window is this rank's rows [first, end) of an epoch: `logits` (K, end - first, V) as read,
-        `order` the window's shuffle (positions in `logits`) and `rows` the data rows in that order.
-        Each epoch permutes the read units (runs of `read_rows` rows: whole chunks); this rank's
-        stretch of the unit sequence is cut into windows of `window_rows`. The thread uses numpy only: a torch op here
-        would start a second OpenMP team, competing with the training thread's for the cores.
+        A window is this rank's rows [first, end) of an epoch: `logits` (K, end - first, V) as read
+        (a view of `buffer`, taken from `free` when one is there), `order` the window's shuffle
+        (positions in `logits`) and `rows` the data rows in that order. Each epoch permutes the read
+        units (runs of `read_rows` rows: whole chunks); this rank's stretch of the unit sequence is
+        cut into windows of `window_rows`. The thread uses numpy only: a torch op here would start
+        a second OpenMP team, competing with the training thread's for the cores.
         """
         store, n, ur, wr = self.store, self.num_rows, self.read_rows, self.window_rows
         k, v, per_rank = len(self.teachers), store.num_classes, self.rows_per_epoch
@@ -338,7 +358,9 @@ class BatchLoader:
             for w in range(first // wr, math.ceil(per_rank / wr)):
                 w_lo, w_hi = w * wr, min((w + 1) * wr, per_rank)
                 a, b = base + w_lo, base + w_hi  # the window's stretch of the unit sequence
-                logits = np.empty((k, w_hi - w_lo, v), dtype=_NUMPY_STORAGE[self.logits_dtype])
+                buffer = free.pop() if free else np.empty(k * wr * v, dtype=_NUMPY_STORAGE[self.logits_dtype])
+                # Contiguous even for a short window: index_select on a strided view is ~30x slower.
+                logits = buffer[: k * (w_hi - w_lo) * v].reshape(k, w_hi - w_lo, v)
                 rows = np.empty(w_hi - w_lo, dtype=np.int64)
                 for i in range(np.searchsorted(seq_start, a, side="right") - 1, len(units)):
                     if seq_start[i] >= b:
@@ -349,7 +371,8 @@ class BatchLoader:
                         logits[t, at : at + hi - lo] = unit[lo:hi]
                     rows[at : at + hi - lo] = np.arange(units[i] * ur + lo, units[i] * ur + hi)
                 order = _rng(self.seed, epoch, 1, self.rank, w).permutation(w_hi - w_lo)
-                yield epoch, w_lo, w_hi, _from_numpy(logits, self.logits_dtype), torch.from_numpy(order), torch.from_numpy(rows[order])
+                logits = _from_numpy(logits, self.logits_dtype)
+                yield epoch, w_lo, w_hi, buffer, logits, torch.from_numpy(order), torch.from_numpy(rows[order])
 
 
 # Logits travel through the reader thread as numpy arrays; bfloat16 as its 16 bits.

@@ -410,8 +410,12 @@ def _publish(tmp: Path, target: Path) -> bool:
 
 
 def _write_file(path: Path, payload: bytes | memoryview, *, durable: bool) -> None:
-    """Replace `path` atomically (temporary file, then rename), like zarr's LocalStore; durable: the
-    bytes and the rename are on disk when this returns."""
+    """Replace `path` atomically (temporary file, then rename), like zarr's LocalStore.
+
+    durable: the bytes are on disk before the rename. The folder is not synced: journaling file
+    systems commit renames in order, so a later record's rename never survives a crash that this
+    one does not, and a lost pair only means the block is computed again.
+    """
 
     def write() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -426,8 +430,6 @@ def _write_file(path: Path, payload: bytes | memoryview, *, durable: bool) -> No
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        if durable:
-            _fsync(path.parent)
 
     _retry_if_vanished(write)
 
@@ -440,14 +442,6 @@ def _retry_if_vanished(write, attempts: int = 3) -> None:
         except FileNotFoundError:
             if attempt == attempts - 1:
                 raise
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _json_safe(value: Any) -> Any:

@@ -64,7 +64,7 @@ from mtkd.kernels import confidence_weights, fused_kd_loss
 from mtkd.pipeline.errors import BadInputError, CheckpointError, MtkdError, RunMismatchError, SpecError
 from mtkd.pipeline.evaluate import predict_log_probs
 from mtkd.pipeline.infer import resolve_device
-from mtkd.pipeline.loader import BatchLoader
+from mtkd.pipeline.loader import BatchLoader, as_tensor
 from mtkd.pipeline.metrics import classification_metrics
 from mtkd.pipeline.progress import progress_bar
 from mtkd.pipeline.specs import IGNORE_LABEL, ArrayData, load_data, load_student_spec
@@ -386,7 +386,7 @@ def _output_width(model: torch.nn.Module, data: ArrayData, name: str) -> int:
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.as_tensor(data.x[:2]))
+            out = model(as_tensor(data.x[:2]))
     except Exception as e:
         raise SpecError(
             f"student {name!r} fails on inputs of shape {tuple(data.x.shape[1:])} from {data.spec!r}: {type(e).__name__}: {e}"
@@ -520,7 +520,7 @@ def _train(setup: dict[str, Any], run: Path, *, rank: int, world_size: int, devi
             return
         if setup["val"] is not None:
             val = setup["val"]
-            metrics = classification_metrics(predict_log_probs(model, val.x, device=device), torch.from_numpy(val.labels))
+            metrics = classification_metrics(predict_log_probs(model, val.x, device=device), as_tensor(val.labels))
             record.update({f"val_{k}": v for k, v in metrics.items() if k != "n"})
             if best is None or metrics["accuracy"] > best["val_accuracy"]:
                 best = {"epoch": record["epoch"], "val_accuracy": metrics["accuracy"]}
