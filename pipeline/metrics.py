@@ -21,43 +21,68 @@ def fuse_log_probs(logits: torch.Tensor, weights: torch.Tensor | None = None) ->
     return torch.logsumexp(log_p, dim=0)
 
 
+class RunningMetrics:
+    """Accuracy, macro precision/recall/F1, NLL and ECE over rows fed block by block (float64 sums),
+    so that a store larger than memory is measured in one pass."""
+
+    def __init__(self, num_classes: int, bins: int = ECE_BINS):
+        self.bins = bins
+        self.n = 0
+        self.correct = 0.0
+        self.nll = 0.0
+        self.tp = torch.zeros(num_classes, dtype=torch.float64)
+        self.predicted = torch.zeros(num_classes, dtype=torch.float64)
+        self.actual = torch.zeros(num_classes, dtype=torch.float64)
+        self.bin_count = torch.zeros(bins, dtype=torch.float64)
+        self.bin_conf = torch.zeros(bins, dtype=torch.float64)
+        self.bin_correct = torch.zeros(bins, dtype=torch.float64)
+
+    def update(self, log_probs: torch.Tensor, labels: torch.Tensor) -> None:
+        """log_probs (B, V), labels (B,) with -100 for rows to leave out."""
+        keep = labels != IGNORE_LABEL
+        log_probs, labels = log_probs[keep].double(), labels[keep].long()
+        if len(labels) == 0:
+            return
+        v = self.tp.numel()
+        pred = log_probs.argmax(1)
+        correct = (pred == labels).double()
+        confidence = log_probs.amax(1).exp()
+        self.n += len(labels)
+        self.correct += float(correct.sum())
+        self.nll -= float(log_probs.gather(1, labels[:, None]).sum())
+        self.tp += torch.bincount(labels[pred == labels], minlength=v).double()
+        self.predicted += torch.bincount(pred, minlength=v).double()
+        self.actual += torch.bincount(labels, minlength=v).double()
+        index = (confidence * self.bins).long().clamp(max=self.bins - 1)
+        self.bin_count += torch.bincount(index, minlength=self.bins).double()
+        self.bin_conf += torch.bincount(index, weights=confidence, minlength=self.bins)
+        self.bin_correct += torch.bincount(index, weights=correct, minlength=self.bins)
+
+    def result(self) -> dict[str, float | int]:
+        nan = float("nan")
+        if self.n == 0:
+            return {"n": 0, "accuracy": nan, "precision_macro": nan, "recall_macro": nan, "f1_macro": nan, "nll": nan, "ece": nan}
+        present = (self.predicted + self.actual) > 0
+        precision = torch.where(self.predicted > 0, self.tp / self.predicted.clamp(min=1), torch.zeros_like(self.tp))
+        recall = torch.where(self.actual > 0, self.tp / self.actual.clamp(min=1), torch.zeros_like(self.tp))
+        denom = (precision + recall).clamp(min=1e-300)
+        f1 = torch.where(precision + recall > 0, 2 * precision * recall / denom, torch.zeros_like(self.tp))
+        return {
+            "n": self.n,
+            "accuracy": self.correct / self.n,
+            "precision_macro": float(precision[present].mean()),
+            "recall_macro": float(recall[present].mean()),
+            "f1_macro": float(f1[present].mean()),
+            "nll": self.nll / self.n,
+            "ece": float((self.bin_conf - self.bin_correct).abs().sum() / self.n),
+        }
+
+
 def classification_metrics(log_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float | int]:
     """accuracy, macro precision/recall/F1, NLL, ECE over labelled rows (NaN when none are)."""
-    keep = labels != IGNORE_LABEL
-    log_probs, labels = log_probs[keep].double(), labels[keep].long()
-    n, v = log_probs.shape if log_probs.dim() == 2 else (0, 0)
-    if n == 0:
-        nan = float("nan")
-        return {"n": 0, "accuracy": nan, "precision_macro": nan, "recall_macro": nan, "f1_macro": nan, "nll": nan, "ece": nan}
-    pred = log_probs.argmax(1)
-    correct = (pred == labels).double()
-    nll = -log_probs.gather(1, labels[:, None]).squeeze(1)
-    # Macro averages over the classes present in labels or predictions (sklearn's convention).
-    tp = torch.bincount(labels[pred == labels], minlength=v).double()
-    predicted = torch.bincount(pred, minlength=v).double()
-    actual = torch.bincount(labels, minlength=v).double()
-    present = (predicted + actual) > 0
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
-    recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-300), torch.zeros_like(tp))
-    return {
-        "n": int(n),
-        "accuracy": float(correct.mean()),
-        "precision_macro": float(precision[present].mean()),
-        "recall_macro": float(recall[present].mean()),
-        "f1_macro": float(f1[present].mean()),
-        "nll": float(nll.mean()),
-        "ece": expected_calibration_error(log_probs.exp().amax(1), correct),
-    }
-
-
-def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> float:
-    """Equal-width-bin ECE: sum_b |B_b|/N * |accuracy(B_b) - confidence(B_b)|."""
-    index = (confidence * bins).long().clamp(max=bins - 1)
-    count = torch.bincount(index, minlength=bins).double()
-    conf_sum = torch.bincount(index, weights=confidence.double(), minlength=bins)
-    acc_sum = torch.bincount(index, weights=correct.double(), minlength=bins)
-    return float((conf_sum - acc_sum).abs().sum() / count.sum())
+    running = RunningMetrics(log_probs.shape[-1])
+    running.update(log_probs, labels)
+    return running.result()
 
 
 def agreement(pred_a: torch.Tensor, pred_b: torch.Tensor) -> float:

@@ -1,8 +1,8 @@
 """What `mtkd inspect` shows and what stage one records as a teacher's stats, computed from a store.
 
 Everything streams over the store's row blocks (one chunk per teacher at a time), so a store larger
-than memory is measured in one pass. Metrics are those of `metrics.classification_metrics`, computed
-from running sums; rows with label -100 are left out.
+than memory is measured in one pass. Metrics are `metrics.RunningMetrics`, the same as
+`classification_metrics`, from running sums; rows with label -100 are left out.
 """
 
 from __future__ import annotations
@@ -12,65 +12,9 @@ from typing import Any
 
 import torch
 
-from mtkd.pipeline.metrics import ECE_BINS, fuse_log_probs
+from mtkd.pipeline.metrics import RunningMetrics, fuse_log_probs
 from mtkd.pipeline.specs import IGNORE_LABEL
 from mtkd.pipeline.store import LogitStore
-
-
-class RunningMetrics:
-    """classification_metrics over rows seen block by block: the same keys, from sums in float64."""
-
-    def __init__(self, num_classes: int, bins: int = ECE_BINS):
-        self.bins = bins
-        self.n = 0
-        self.correct = 0.0
-        self.nll = 0.0
-        self.tp = torch.zeros(num_classes, dtype=torch.float64)
-        self.predicted = torch.zeros(num_classes, dtype=torch.float64)
-        self.actual = torch.zeros(num_classes, dtype=torch.float64)
-        self.bin_count = torch.zeros(bins, dtype=torch.float64)
-        self.bin_conf = torch.zeros(bins, dtype=torch.float64)
-        self.bin_correct = torch.zeros(bins, dtype=torch.float64)
-
-    def update(self, log_probs: torch.Tensor, labels: torch.Tensor) -> None:
-        """log_probs (B, V), labels (B,) with -100 for rows to leave out."""
-        keep = labels != IGNORE_LABEL
-        log_probs, labels = log_probs[keep].double(), labels[keep].long()
-        if len(labels) == 0:
-            return
-        v = self.tp.numel()
-        pred = log_probs.argmax(1)
-        correct = (pred == labels).double()
-        confidence = log_probs.amax(1).exp()
-        self.n += len(labels)
-        self.correct += float(correct.sum())
-        self.nll -= float(log_probs.gather(1, labels[:, None]).sum())
-        self.tp += torch.bincount(labels[pred == labels], minlength=v).double()
-        self.predicted += torch.bincount(pred, minlength=v).double()
-        self.actual += torch.bincount(labels, minlength=v).double()
-        index = (confidence * self.bins).long().clamp(max=self.bins - 1)
-        self.bin_count += torch.bincount(index, minlength=self.bins).double()
-        self.bin_conf += torch.bincount(index, weights=confidence, minlength=self.bins)
-        self.bin_correct += torch.bincount(index, weights=correct, minlength=self.bins)
-
-    def result(self) -> dict[str, float | int]:
-        nan = float("nan")
-        if self.n == 0:
-            return {"n": 0, "accuracy": nan, "precision_macro": nan, "recall_macro": nan, "f1_macro": nan, "nll": nan, "ece": nan}
-        present = (self.predicted + self.actual) > 0
-        precision = torch.where(self.predicted > 0, self.tp / self.predicted.clamp(min=1), torch.zeros_like(self.tp))
-        recall = torch.where(self.actual > 0, self.tp / self.actual.clamp(min=1), torch.zeros_like(self.tp))
-        denom = (precision + recall).clamp(min=1e-300)
-        f1 = torch.where(precision + recall > 0, 2 * precision * recall / denom, torch.zeros_like(self.tp))
-        return {
-            "n": self.n,
-            "accuracy": self.correct / self.n,
-            "precision_macro": float(precision[present].mean()),
-            "recall_macro": float(recall[present].mean()),
-            "f1_macro": float(f1[present].mean()),
-            "nll": self.nll / self.n,
-            "ece": float((self.bin_conf - self.bin_correct).abs().sum() / self.n),
-        }
 
 
 def teacher_stats(store: LogitStore, name: str) -> dict[str, float | int]:

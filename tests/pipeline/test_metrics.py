@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mtkd.pipeline.metrics import agreement, classification_metrics, expected_calibration_error, fuse_log_probs
+from mtkd.pipeline.metrics import agreement, classification_metrics, fuse_log_probs
 
 # Three labelled rows (one ignored), two classes:
 #   probabilities        label  prediction  confidence  ECE bin (of 15)
@@ -42,9 +42,12 @@ def test_no_labelled_rows_gives_nan():
     assert m["n"] == 0 and all(math.isnan(m[k]) for k in ("accuracy", "nll", "ece", "f1_macro"))
 
 
-def test_ece_of_a_perfectly_confident_right_model_is_zero():
-    assert expected_calibration_error(torch.ones(5), torch.ones(5)) == 0.0
-    assert expected_calibration_error(torch.full((4,), 0.75), torch.tensor([1.0, 1.0, 1.0, 0.0])) == pytest.approx(0.0)
+def test_ece_of_a_calibrated_model_is_zero():
+    # Always 75% sure of class 0, right on 3 rows of 4: calibrated. Always sure and right: calibrated.
+    sure = torch.tensor([[0.75, 0.25]]).repeat(4, 1).log()
+    assert classification_metrics(sure, torch.tensor([0, 0, 0, 1]))["ece"] == pytest.approx(0.0, abs=1e-6)
+    certain = torch.log(torch.tensor([[1.0, 0.0]])).repeat(5, 1)
+    assert classification_metrics(certain, torch.zeros(5, dtype=torch.long))["ece"] == 0.0
 
 
 def test_fuse_log_probs_is_the_log_of_the_mean_probability():

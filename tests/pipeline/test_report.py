@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtkd.pipeline.metrics import agreement, classification_metrics, fuse_log_probs
-from mtkd.pipeline.report import RunningMetrics, inspect_store, teacher_stats
+from mtkd.pipeline.metrics import RunningMetrics, agreement, classification_metrics, fuse_log_probs
+from mtkd.pipeline.report import inspect_store, teacher_stats
 from mtkd.pipeline.specs import make_array_data
 from mtkd.pipeline.store import create_store
 
