@@ -67,6 +67,7 @@ class DemoConfig:
     baseline_epochs: int = 30
     baseline_lr: float = 1e-2
     batch_size: int = 128
+    infer_batch_size: int = 256  # on 2 CPU cores these teachers forward 1.6x faster at 256 rows than at 512
     seed: int = 0
     device: str = "auto"
 
@@ -142,9 +143,9 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, quiet: bool 
     # -- stage one: every teacher over the transfer set (and the test set, for the ensemble) ---------
     t0 = time.perf_counter()
     transfer_store, test_store = out / "stores" / "transfer", out / "stores" / "test"
-    run_infer(teachers_toml, str(transfer), transfer_store, device=config.device)
+    run_infer(teachers_toml, str(transfer), transfer_store, batch_size=config.infer_batch_size, device=config.device)
     wall["infer"] = time.perf_counter() - t0
-    run_infer(teachers_toml, test, test_store, device=config.device)
+    run_infer(teachers_toml, test, test_store, batch_size=config.infer_batch_size, device=config.device)
     log(f"infer: {len(x_parts[0]) + config.transfer_size} rows x {len(config.teachers)} teachers ({wall['infer']:.1f} s)")
 
     # -- stage two: the distilled student, and the same student on hard labels -----------------------
