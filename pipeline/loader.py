@@ -302,7 +302,7 @@ class BatchLoader:
         free: list[np.ndarray] = []  # window buffers done with, for the reader to refill (no page faults)
         windows = _in_background(self._windows(start_epoch, stop_epoch, start_batch, free), capacity=WINDOW_QUEUE)
         try:
-            pending: list[tuple[Tensor, Tensor]] = []  # (logits, rows) of a batch that spans two windows
+            pending: list[tuple[Tensor, Tensor]] = []  # (logits, rows) of a batch that spans several windows
             for epoch, w_lo, w_hi, buffer, logits, order, rows in windows:
                 pos = max(w_lo, start_batch * bs) if epoch == start_epoch else w_lo  # this rank's next row
                 while pos < w_hi:
@@ -310,8 +310,8 @@ class BatchLoader:
                     lo, hi = pos - w_lo, min(batch_end, w_hi) - w_lo
                     part = (self._take(logits, 1, order[lo:hi]), rows[lo:hi])  # (K, b, V), (b,)
                     pos = hi + w_lo
-                    if pos < batch_end:
-                        pending = [part]
+                    if pos < batch_end:  # the batch goes on in the next window (a batch may span several)
+                        pending.append(part)
                         continue
                     yield epoch, (pos - 1) // bs, self._assemble([*pending, part])
                     pending = []

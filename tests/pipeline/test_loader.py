@@ -230,3 +230,14 @@ def test_any_shape_splits_into_disjoint_equal_rank_shares(n, chunk_rows, batch_s
     assert len({len(s) for s in shares}) == 1 and len(shares[0]) == n // world_size
     every = torch.cat(shares)
     assert len(set(every.tolist())) == len(every)
+
+
+def test_a_batch_spanning_three_windows_keeps_every_row():
+    # Found by the property above: 33 rows, batches of 11, windows of 8 rows: the last batch is cut
+    # from three windows, and the first part of it used to be dropped.
+    n = 33
+    source = ArraySource(n, 3, 2, 1)
+    loader = BatchLoader(np.arange(n, dtype=np.float32)[:, None], np.zeros(n, dtype=np.int64), batch_size=11, seed=7,
+                         store=source, teachers=["t0", "t1"], stream=True, window_bytes=24, read_bytes=12)
+    batches = epoch_batches(loader, 0)
+    assert sorted(rows_of(batches).tolist()) == list(range(n))
