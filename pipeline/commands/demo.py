@@ -28,7 +28,7 @@ def demo(
     Trains a CNN, a GRU and a wide-kernel CNN on the 4000 labelled rows, runs stage one over the
     labelled rows plus an unlabelled transfer set, distils the paper's MLP (40-100-100-10) from the
     stored logits, trains the same MLP on the labels as the baseline, and prints test accuracies and
-    each stage's wall time. About 2 minutes on 2 CPU cores.
+    each stage's wall time. About a minute on 2 CPU cores.
 
     Example:
       mtkd demo --out mtkd-demo
