@@ -34,7 +34,8 @@ import torch
 
 from mtkd.kernels import fused_kd_loss
 from mtkd.pipeline.demo import DemoConfig, toml_table
-from mtkd.pipeline.infer import forward_throughput, load_teacher, resolve_device, run_infer
+from mtkd.pipeline.device import resolve_device
+from mtkd.pipeline.infer import forward_throughput, load_teacher, run_infer
 from mtkd.pipeline.specs import import_object, load_data, load_teacher_specs
 from mtkd.pipeline.train import run_train
 

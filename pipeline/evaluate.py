@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mtkd.pipeline.errors import BadInputError, CheckpointError, SpecError
-from mtkd.pipeline.infer import resolve_device
+from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.loader import as_tensor
 from mtkd.pipeline.metrics import classification_metrics
 from mtkd.pipeline.progress import progress_bar

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.errors import BadInputError, StoreMismatchError, TeacherOutputError
 from mtkd.pipeline.report import teacher_stats
 from mtkd.pipeline.specs import ArrayData, ModelSpec, load_data, load_teacher_specs
@@ -288,17 +289,6 @@ class _BlockWriter:
 # ---------------------------------------------------------------------------------------------------
 # Validation and loading
 # ---------------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str) -> torch.device:
-    """auto -> cuda when available, else cpu; refuses cuda without a CUDA device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise BadInputError(f"--device {device!r}: choose auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BadInputError("--device cuda: no CUDA device is available")
-    return torch.device(device)
 
 
 def load_teacher(spec: ModelSpec, dev: torch.device) -> torch.nn.Module:

@@ -63,7 +63,7 @@ from torch import Tensor
 from mtkd.kernels import confidence_weights, fused_kd_loss
 from mtkd.pipeline.errors import BadInputError, CheckpointError, MtkdError, RunMismatchError, SpecError
 from mtkd.pipeline.evaluate import predict_log_probs
-from mtkd.pipeline.infer import resolve_device
+from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.loader import BatchLoader, as_tensor
 from mtkd.pipeline.metrics import classification_metrics
 from mtkd.pipeline.progress import progress_bar

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mtkd.pipeline.commands.infer import Device
+from mtkd.pipeline.device import Device
 from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
 from mtkd.pipeline.evaluate import EVAL_BATCH_SIZE, run_eval
 

@@ -11,14 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
+from mtkd.pipeline.device import Device
 from mtkd.pipeline.infer import parse_shard, run_infer
 from mtkd.pipeline.progress import progress_bar
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class Dtype(str, Enum):

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from mtkd.pipeline.commands.infer import Device
+from mtkd.pipeline.device import Device
 from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
 from mtkd.pipeline.errors import BadInputError
 from mtkd.pipeline.train import CHECKPOINT_EVERY, DEFAULTS, Fusion, Loss, Schedule, run_train

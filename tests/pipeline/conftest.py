@@ -18,6 +18,15 @@ import torch
 from mtkd.pipeline.specs import import_object
 
 FEATURES, CLASSES = 8, 3
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train faster on one thread, and a loaded 2-core machine does not stall them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 NAN_MARKER = 1e4  # an input row whose first feature is this makes an "Odd" teacher in mode "nan" return NaN
 
 ODD_TEACHERS_SOURCE = textwrap.dedent(

@@ -15,13 +15,7 @@ from mtkd.pipeline.train import run_train
 METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "nll", "ece")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models train faster on one thread, and a loaded 2-core machine does not stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
