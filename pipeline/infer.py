@@ -36,7 +36,7 @@ import torch
 from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.errors import BadInputError, StoreMismatchError, TeacherOutputError
 from mtkd.pipeline.report import teacher_stats
-from mtkd.pipeline.specs import ArrayData, ModelSpec, load_data, load_teacher_specs
+from mtkd.pipeline.specs import IGNORE_LABEL, ArrayData, ModelSpec, load_data, load_teacher_specs
 from mtkd.pipeline.store import DTYPES, STORAGE, LogitStore, create_store, open_store
 
 WRITE_QUEUE_BLOCKS = 2  # full blocks waiting for the writer; bounds host memory to a few blocks
@@ -144,6 +144,11 @@ def run_infer(
     if store is not None and num_classes != store.num_classes:
         raise TeacherOutputError(
             f"teachers {', '.join(models)} give {num_classes} classes; store {str(out)!r} holds {store.num_classes}"
+        )
+    labelled = data.labels[data.labels != IGNORE_LABEL]
+    if len(labelled) and int(labelled.max()) >= num_classes:
+        raise TeacherOutputError(
+            f"data {data.spec!r} has label {int(labelled.max())} but teachers {', '.join(map(repr, models))} give {num_classes} classes"
         )
 
     # -- 2. create or extend the store ---------------------------------------------------------------

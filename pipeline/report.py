@@ -8,6 +8,7 @@ than memory is measured in one pass. Metrics are `metrics.RunningMetrics`, the s
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,10 +32,10 @@ def teacher_stats(store: LogitStore, name: str) -> dict[str, float | int]:
     return running.result()
 
 
-def inspect_store(store: LogitStore) -> dict[str, Any]:
+def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Teachers, completeness, per-teacher and fused-ensemble metrics, pairwise agreement.
 
-    A teacher's metrics cover the rows it has written; the ensemble (mean of probabilities) covers the
+    `progress(blocks_done, blocks)` is called after each row block. A teacher's metrics cover the rows it has written; the ensemble (mean of probabilities) covers the
     complete teachers; agreement between two teachers covers the rows both have written.
     """
     names = store.teachers
@@ -66,6 +67,8 @@ def inspect_store(store: LogitStore) -> dict[str, Any]:
         if complete:
             stacked = torch.stack([store.read_logits(name, start, stop) for name in complete])  # (K, B, V)
             ensemble.update(fuse_log_probs(stacked), y)
+        if progress is not None:
+            progress(block + 1, store.num_blocks)
 
     return {
         "store": str(store.path),

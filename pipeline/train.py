@@ -720,7 +720,7 @@ def _agree(world_size: int, device: torch.device, setup):
     result = None
     try:
         result = setup()
-    except MtkdError as e:
+    except Exception as e:  # any failure, not only a refusal: the other ranks must not wait forever
         error = e
     failed = torch.tensor([0 if error is None else 1], device=device)  # NCCL reduces device tensors only
     dist.all_reduce(failed)

@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mtkd.pipeline.commands.output import JsonOption, emit
+from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
+from mtkd.pipeline.progress import progress_bar
 from mtkd.pipeline.report import inspect_store
 from mtkd.pipeline.store import open_store
 
@@ -18,6 +19,7 @@ from mtkd.pipeline.store import open_store
 def inspect(
     store: Annotated[Path, typer.Argument(help="A store written by `mtkd infer`.")],
     as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Show a store's teachers, completeness, accuracy/NLL/ECE and agreement.
 
@@ -28,7 +30,11 @@ def inspect(
       mtkd inspect train.zarr
       mtkd inspect train.zarr --json
     """
-    emit(inspect_store(open_store(store)), as_json, _render)
+    opened = open_store(store)
+    with progress_bar(quiet) as bar:
+        task = bar.add_task(f"inspect {store.name}", total=opened.num_blocks)
+        report = inspect_store(opened, progress=lambda done, total: bar.update(task, completed=done))
+    emit(report, as_json, _render)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -42,6 +42,15 @@ def test_demo_help_shows_an_example():
     assert "Example" in result.output and "mtkd demo" in result.output
 
 
+def test_demo_refuses_a_folder_that_already_holds_something(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "runs").mkdir()
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "old"), "--json"])
+    assert result.exit_code == 2
+    assert "not an empty folder" in result.output
+    assert [p.name for p in (tmp_path / "old").iterdir()] == ["runs"]
+
+
 def test_demo_refuses_an_out_that_is_a_file(tmp_path):
     target = tmp_path / "file"
     target.write_text("not a folder")

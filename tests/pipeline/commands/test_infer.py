@@ -99,6 +99,18 @@ def test_refuses_teachers_with_different_class_counts(tmp_path, make_data, make_
     assert not (tmp_path / "s.zarr").exists()
 
 
+def test_refuses_data_whose_labels_exceed_the_teachers_classes(tmp_path, make_teachers):
+    # Labels 0..4 against 3-class teachers: refused before anything is written (it used to write
+    # every block and then crash computing the teacher's accuracy, leaving a store stuck for good).
+    import numpy as np
+
+    data = tmp_path / "five.npz"
+    np.savez(data, x=np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32), y=np.arange(20) % 5)
+    result = invoke("infer", "--teachers", make_teachers([{"name": "three"}]), "--data", data, "--out", tmp_path / "s.zarr")
+    _refused(result, "label 4", "3 classes", "'three'")
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_refuses_a_teacher_whose_class_count_differs_from_the_store(tmp_path, store_of, make_teachers):
     before = snapshot(store_of)
     toml = make_teachers([{"name": "four", "num_classes": 4}], filename="four.toml")

@@ -52,3 +52,11 @@ def test_refuses_what_is_not_a_store(tmp_path):
 def test_help_has_an_example():
     result = runner.invoke(app, ["inspect", "--help"])
     assert result.exit_code == 0 and "Example" in result.stdout and "mtkd inspect train.zarr" in result.stdout
+
+
+def test_quiet_prints_the_same_report(tmp_path, make_data, make_teachers):
+    store = str(_store(tmp_path, make_data, make_teachers))
+    loud = runner.invoke(app, ["inspect", store, "--json"])
+    quiet = runner.invoke(app, ["inspect", store, "--json", "--quiet"])
+    assert quiet.exit_code == 0, quiet.output
+    assert json.loads(quiet.stdout.strip().splitlines()[-1]) == json.loads(loud.stdout.strip().splitlines()[-1])
