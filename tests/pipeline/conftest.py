@@ -148,6 +148,16 @@ def _toml_inline(d: dict[str, Any]) -> str:
     return "{ " + ", ".join(f"{k} = {value(v)}" for k, v in d.items()) + " }"
 
 
+def refused(result: Any, *culprits: Any) -> str:
+    """A CLI result that exited 2 with a one-line message (on stderr) naming every culprit."""
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert message.startswith("error: ") and "\n" not in message, message
+    for culprit in culprits:
+        assert str(culprit) in message, message
+    return message
+
+
 def snapshot(path: Path) -> dict[str, bytes]:
     """Every file under `path` (relative name -> bytes): two equal snapshots are bit-identical trees."""
     path = Path(path)

@@ -17,23 +17,13 @@ from typer.testing import CliRunner
 from mtkd.pipeline.cli import app
 from mtkd.pipeline.infer import run_infer
 from mtkd.pipeline.store import open_store
-from tests.pipeline.conftest import snapshot
+from tests.pipeline.conftest import refused, snapshot
 
 runner = CliRunner()
 
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def _refused(result, *culprits):
-    """Exit 2 with a one-line message that names every culprit."""
-    assert result.exit_code == 2, result.output
-    message = result.stderr.strip()
-    assert message.startswith("error: ") and "\n" not in message, message
-    for culprit in culprits:
-        assert str(culprit) in message, message
-    return message
 
 
 @pytest.fixture
@@ -80,7 +70,7 @@ def test_refuses_data_with_another_fingerprint(tmp_path, store_of, make_data, ma
     before = snapshot(store_of)
     other = make_data(60, seed=5, name="other.npz")
     result = invoke("infer", "--teachers", tmp_path / "teachers.toml", "--data", other, "--out", store_of)
-    _refused(result, "other.npz", "data.npz")
+    refused(result, "other.npz", "data.npz")
     assert snapshot(store_of) == before
 
 
@@ -88,14 +78,14 @@ def test_refuses_same_named_teacher_with_another_checkpoint(tmp_path, store_of, 
     before = snapshot(store_of)
     retrained = make_teachers([{"name": "a", "seed": 9}], folder=tmp_path / "v2")
     result = invoke("infer", "--teachers", retrained, "--data", tmp_path / "data.npz", "--out", store_of)
-    _refused(result, "teacher 'a'", "checkpoint")
+    refused(result, "teacher 'a'", "checkpoint")
     assert snapshot(store_of) == before
 
 
 def test_refuses_teachers_with_different_class_counts(tmp_path, make_data, make_teachers):
     toml = make_teachers([{"name": "three"}, {"name": "four", "num_classes": 4}])
     result = invoke("infer", "--teachers", toml, "--data", make_data(20), "--out", tmp_path / "s.zarr")
-    _refused(result, "'four'", "4 classes", "'three'")
+    refused(result, "'four'", "4 classes", "'three'")
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -107,7 +97,7 @@ def test_refuses_data_whose_labels_exceed_the_teachers_classes(tmp_path, make_te
     data = tmp_path / "five.npz"
     np.savez(data, x=np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32), y=np.arange(20) % 5)
     result = invoke("infer", "--teachers", make_teachers([{"name": "three"}]), "--data", data, "--out", tmp_path / "s.zarr")
-    _refused(result, "label 4", "3 classes", "'three'")
+    refused(result, "label 4", "3 classes", "'three'")
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -115,7 +105,7 @@ def test_refuses_a_teacher_whose_class_count_differs_from_the_store(tmp_path, st
     before = snapshot(store_of)
     toml = make_teachers([{"name": "four", "num_classes": 4}], filename="four.toml")
     result = invoke("infer", "--teachers", toml, "--data", tmp_path / "data.npz", "--out", store_of)
-    _refused(result, "four", "4 classes", "3")
+    refused(result, "four", "4 classes", "3")
     assert snapshot(store_of) == before
 
 
@@ -123,7 +113,7 @@ def test_refuses_a_missing_checkpoint(tmp_path, store_of, make_teachers):
     before = snapshot(store_of)
     toml = make_teachers([{"name": "a"}, {"name": "b", "checkpoint": "gone.pt"}], filename="more.toml")
     result = invoke("infer", "--teachers", toml, "--data", tmp_path / "data.npz", "--out", store_of)
-    _refused(result, "'b'", "gone.pt", "does not exist")
+    refused(result, "'b'", "gone.pt", "does not exist")
     assert snapshot(store_of) == before
 
 
@@ -132,7 +122,7 @@ def test_refuses_an_unloadable_checkpoint(tmp_path, store_of, make_teachers):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     toml = make_teachers([{"name": "b", "checkpoint": "junk.pt"}], filename="junk.toml")
     result = invoke("infer", "--teachers", toml, "--data", tmp_path / "data.npz", "--out", store_of)
-    _refused(result, "'b'", "junk.pt", "does not load")
+    refused(result, "'b'", "junk.pt", "does not load")
     assert snapshot(store_of) == before
 
 
@@ -141,21 +131,21 @@ def test_refuses_a_checkpoint_of_another_architecture(tmp_path, make_data, make_
     text = toml.read_text().replace("hidden = [32]", "hidden = [16]")  # the file's weights no longer fit
     toml.write_text(text)
     result = invoke("infer", "--teachers", toml, "--data", make_data(20), "--out", tmp_path / "s.zarr")
-    _refused(result, "'wide'", "wide.pt")
+    refused(result, "'wide'", "wide.pt")
     assert not (tmp_path / "s.zarr").exists()
 
 
 def test_refuses_an_unimportable_factory(tmp_path, make_data):
     (tmp_path / "t.toml").write_text('[[teachers]]\nname = "x"\nfactory = "no_such_module_xyz:net"\n')
     result = invoke("infer", "--teachers", tmp_path / "t.toml", "--data", make_data(20), "--out", tmp_path / "s.zarr")
-    _refused(result, "no_such_module_xyz")
+    refused(result, "no_such_module_xyz")
     assert not (tmp_path / "s.zarr").exists()
 
 
 def test_refuses_a_teacher_returning_nan_before_creating_the_store(tmp_path, make_data, make_teachers, odd_teachers):
     toml = make_teachers([{"name": "ok"}, {"name": "nan", "factory": "mtkd_test_teachers:odd", "kwargs": {"mode": "nan"}}])
     result = invoke("infer", "--teachers", toml, "--data", make_data(20, nan_row=3), "--out", tmp_path / "s.zarr")
-    _refused(result, "teacher 'nan'", "NaN/inf", "row 3")
+    refused(result, "teacher 'nan'", "NaN/inf", "row 3")
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -163,7 +153,7 @@ def test_refuses_a_teacher_returning_nan_mid_run(tmp_path, make_data, make_teach
     toml = make_teachers([{"name": "nan", "factory": "mtkd_test_teachers:odd", "kwargs": {"mode": "nan"}}])
     data = make_data(64, nan_row=37)
     result = invoke("infer", "--teachers", toml, "--data", data, "--out", tmp_path / "s.zarr", "--chunk-rows", 16, "--batch-size", 8)
-    _refused(result, "teacher 'nan'", "row 37")
+    refused(result, "teacher 'nan'", "row 37")
     store = open_store(tmp_path / "s.zarr")
     assert 2 in store.missing_blocks("nan") and not store.teacher("nan").complete
 
@@ -172,7 +162,7 @@ def test_refuses_a_teacher_returning_nan_mid_run(tmp_path, make_data, make_teach
 def test_refuses_a_teacher_returning_the_wrong_shape(tmp_path, make_data, make_teachers, odd_teachers, mode):
     toml = make_teachers([{"name": "bent", "factory": "mtkd_test_teachers:odd", "kwargs": {"mode": mode}}])
     result = invoke("infer", "--teachers", toml, "--data", make_data(20), "--out", tmp_path / "s.zarr")
-    _refused(result, "teacher 'bent'", "expected (20, ")
+    refused(result, "teacher 'bent'", "expected (20, ")
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -190,7 +180,7 @@ def test_refuses_malformed_toml(tmp_path, store_of, text, culprit):
     before = snapshot(store_of)
     (tmp_path / "bad.toml").write_text(text)
     result = invoke("infer", "--teachers", tmp_path / "bad.toml", "--data", tmp_path / "data.npz", "--out", store_of)
-    _refused(result, "bad.toml", culprit)
+    refused(result, "bad.toml", culprit)
     assert snapshot(store_of) == before
 
 
@@ -198,7 +188,7 @@ def test_refuses_malformed_toml(tmp_path, store_of, text, culprit):
 def test_refuses_a_bad_shard(tmp_path, store_of, shard):
     before = snapshot(store_of)
     result = invoke("infer", "--teachers", tmp_path / "teachers.toml", "--data", tmp_path / "data.npz", "--out", store_of, "--shard", shard)
-    _refused(result, f"--shard {shard!r}")
+    refused(result, f"--shard {shard!r}")
     assert snapshot(store_of) == before
 
 
@@ -207,7 +197,7 @@ def test_refuses_a_resume_with_another_dtype(tmp_path, make_data, make_teachers)
     run_infer(toml, str(data), tmp_path / "s.zarr", chunk_rows=16, shard="0/2", device="cpu")  # half done
     before = snapshot(tmp_path / "s.zarr")
     result = invoke("infer", "--teachers", toml, "--data", data, "--out", tmp_path / "s.zarr", "--dtype", "float32")
-    _refused(result, "teacher 'a'", "float16", "float32")
+    refused(result, "teacher 'a'", "float16", "float32")
     assert snapshot(tmp_path / "s.zarr") == before
 
 
@@ -215,20 +205,20 @@ def test_refuses_an_out_that_is_not_a_store(tmp_path, make_data, make_teachers):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     result = invoke("infer", "--teachers", make_teachers([{"name": "a"}]), "--data", make_data(10), "--out", tmp_path / "notes")
-    _refused(result, "notes", "not an mtkd store")
+    refused(result, "notes", "not an mtkd store")
     assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["todo.txt"]
 
 
 def test_refuses_bad_data_spec(tmp_path, make_teachers):
     result = invoke("infer", "--teachers", make_teachers([{"name": "a"}]), "--data", tmp_path / "none.npz", "--out", tmp_path / "s.zarr")
-    _refused(result, "none.npz")
+    refused(result, "none.npz")
     assert not (tmp_path / "s.zarr").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refusal only without CUDA")
 def test_refuses_cuda_without_a_gpu(tmp_path, make_data, make_teachers):
     result = invoke("infer", "--teachers", make_teachers([{"name": "a"}]), "--data", make_data(10), "--out", tmp_path / "s.zarr", "--device", "cuda")
-    _refused(result, "--device cuda")
+    refused(result, "--device cuda")
     assert not (tmp_path / "s.zarr").exists()
 
 

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from mtkd.pipeline.cli import app
-from tests.pipeline.conftest import snapshot, write_store
+from tests.pipeline.conftest import refused, snapshot, write_store
 
 runner = CliRunner()
 
@@ -25,16 +25,6 @@ def invoke(*args):
 def train_args(kd_world, out, *extra, data="labelled", store="labelled"):
     return ["train", "--student", kd_world.student, "--data", kd_world.data[data], "--store", kd_world.store[store],
             "--out", out, "--epochs", "2", "--batch-size", "64", "--quiet", *extra]
-
-
-def refused(result, *culprits):
-    """Exit 2 with a one-line message naming every culprit."""
-    assert result.exit_code == 2, result.output
-    message = result.stderr.strip()
-    assert message.startswith("error: ") and "\n" not in message, message
-    for culprit in culprits:
-        assert str(culprit) in message, message
-    return message
 
 
 def test_json_is_the_last_stdout_line(kd_world, tmp_path):
