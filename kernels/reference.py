@@ -126,17 +126,23 @@ def check_kd_arguments(
                 "weights must be finite and non-negative with a positive sum per row",
             )
     if labels is not None:
-        if not isinstance(labels, Tensor) or not is_integer_dtype(labels.dtype):
-            raise TypeError("labels must be an integer tensor of shape (N,)")
-        if tuple(labels.shape) != (N,):
-            raise ValueError(f"labels must have shape ({N},), got {tuple(labels.shape)}")
-        if labels.device != s.device:
-            raise ValueError(f"labels is on {labels.device}, student_logits on {s.device}")
-        if N > 0:
-            check_value(
-                ((labels == ignore_index) | ((labels >= 0) & (labels < V))).all(),
-                f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}",
-            )
+        check_labels(labels, s, "student_logits", ignore_index)
+
+
+def check_labels(labels: Tensor, logits: Tensor, logits_name: str, ignore_index: int) -> None:
+    """labels: an integer (N,) tensor beside `logits` (..., N, V), each in [0, V) or ignore_index."""
+    N, V = logits.shape[-2:]
+    if not isinstance(labels, Tensor) or not is_integer_dtype(labels.dtype):
+        raise TypeError("labels must be an integer tensor of shape (N,)")
+    if tuple(labels.shape) != (N,):
+        raise ValueError(f"labels must have shape ({N},), got {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels is on {labels.device}, {logits_name} on {logits.device}")
+    if N > 0:
+        check_value(
+            ((labels == ignore_index) | ((labels >= 0) & (labels < V))).all(),
+            f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}",
+        )
 
 
 def normalised_log_weights(

@@ -14,12 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtkd.kernels.reference import (
-    FLOAT_DTYPES,
-    accumulation_dtype,
-    check_value,
-    is_integer_dtype,
-)
+from mtkd.kernels.reference import FLOAT_DTYPES, accumulation_dtype, check_labels
 
 
 @torch.no_grad()
@@ -33,19 +28,10 @@ def confidence_weights(teacher_logits: Tensor, labels: Tensor, ignore_index: int
     if not isinstance(z, Tensor) or z.dtype not in FLOAT_DTYPES or z.dim() != 3 or z.shape[0] < 1:
         raise TypeError("teacher_logits must be a float tensor of shape (K, N, V) with K >= 1")
     K, N, V = z.shape
-    if not isinstance(labels, Tensor) or not is_integer_dtype(labels.dtype):
-        raise TypeError("labels must be an integer tensor of shape (N,)")
-    if tuple(labels.shape) != (N,):
-        raise ValueError(f"labels must have shape ({N},), got {tuple(labels.shape)}")
-    if labels.device != z.device:
-        raise ValueError(f"labels is on {labels.device}, teacher_logits on {z.device}")
+    check_labels(labels, z, "teacher_logits", ignore_index)
     acc = accumulation_dtype(z)
     if N == 0:
         return torch.empty(0, K, dtype=acc, device=z.device)
-    check_value(
-        ((labels == ignore_index) | ((labels >= 0) & (labels < V))).all(),
-        f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}",
-    )
     counted = labels != ignore_index
     y = torch.where(counted, labels, 0).long()[:, None]  # (N, 1)
     log_conf = torch.empty(N, K, dtype=acc, device=z.device)
