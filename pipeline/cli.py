@@ -40,6 +40,9 @@ from mtkd.pipeline.commands import infer, inspect  # noqa: E402
 
 app.command("infer")(infer.infer)
 app.command("inspect")(inspect.inspect)
+from mtkd.pipeline.commands import verify  # noqa: E402
+
+app.command("verify")(verify.verify)
 from mtkd.pipeline.commands import eval, train  # noqa: E402
 
 app.command("train")(train.train)

@@ -35,6 +35,10 @@ class IncompleteStoreError(BadInputError):
     """A store whose chosen teachers have rows not yet written."""
 
 
+class CorruptStoreError(BadInputError):
+    """A store whose stored data is damaged: a checksum mismatch, NaN/inf, a record without its chunk."""
+
+
 class TeacherOutputError(BadInputError):
     """A teacher that returns NaN/inf, the wrong shape, or a class count unlike the others."""
 

@@ -342,6 +342,21 @@ class LogitStore:
 
         _retry_if_vanished(write_attrs)
 
+    def drop_block(self, name: str, block: int) -> None:
+        """Forget a (damaged) block: its record first, then its chunks, so `mtkd infer` recomputes it."""
+        self._require_writable()
+        self.block_range(block)
+        folder = self.path / "teachers" / name
+        (folder / "done" / self._array(f"teachers/{name}/done").metadata.encode_chunk_key((block,))).unlink(missing_ok=True)
+        array = self._array(f"teachers/{name}/logits")
+        (folder / "logits" / array.metadata.encode_chunk_key((block, 0))).unlink(missing_ok=True)
+
+    def mark_incomplete(self, name: str) -> None:
+        """Clear `complete` and the stats (they described data now dropped), as a new teacher has them."""
+        self._require_writable()
+        self._require_teacher(name)
+        zarr.open_group(self.path / "teachers" / name, mode="r+").attrs.update({"complete": False, "stats": {}})
+
     # -- internals ----------------------------------------------------------------------------------
 
     def _array(self, key: str) -> zarr.Array:
