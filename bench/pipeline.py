@@ -37,6 +37,7 @@ from mtkd.pipeline.demo import DemoConfig, toml_table
 from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.infer import forward_throughput, load_teacher, run_infer
 from mtkd.pipeline.specs import import_object, load_data, load_teacher_specs
+from mtkd.pipeline.config import TrainConfig
 from mtkd.pipeline.train import run_train
 
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="mtkd-bench-"))
     try:
         teachers, student, data = _setup(work, args.rows)
-        common = {"device": args.device, "quiet": True}
+        common = {"device": args.device}
 
         # infer_vs_forward: interleaved, so that both see the same machine; one unmeasured forward
         # pass first, so that neither side pays for first-call allocations.
@@ -123,8 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         offline, online = [], []
         for i in range(max(1, args.repeats - 1)):
             started = time.perf_counter()
-            run_train(student, str(data), work / f"offline{i}", store=store, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=lr, temperature=temperature, seed=seed, **common)
+            run_train(TrainConfig(student, str(data), work / f"offline{i}", store=store, epochs=args.epochs,
+                                  batch_size=args.batch_size, lr=lr, temperature=temperature, seed=seed, **common))
             offline.append(infer_wall[i] + time.perf_counter() - started)
             online.append(_online_kd(teachers, data, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                                      temperature=temperature, device=device, seed=seed))
@@ -134,8 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
         for i in range(max(1, args.repeats - 1)):
             for mode, sink in ((True, stream), (False, memory)):
                 run = work / f"{'stream' if mode else 'memory'}{i}"
-                run_train(student, str(data), run, store=store, epochs=args.stream_epochs, batch_size=args.batch_size,
-                          lr=lr, temperature=temperature, seed=seed, stream=mode, **common)
+                run_train(TrainConfig(student, str(data), run, store=store, epochs=args.stream_epochs,
+                                      batch_size=args.batch_size, lr=lr, temperature=temperature, seed=seed, stream=mode,
+                                      **common))
                 sink.append(_epoch_seconds(run))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -31,6 +31,7 @@ from mtkd.pipeline.infer import run_infer
 from mtkd.pipeline.report import inspect_store
 from mtkd.pipeline.specs import IGNORE_LABEL, load_data
 from mtkd.pipeline.store import open_store
+from mtkd.pipeline.config import TrainConfig
 from mtkd.pipeline.train import run_train
 
 MODELS = "mtkd.pipeline.models"
@@ -101,7 +102,7 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, quiet: bool 
     for sub in ("data", "models", "runs", "stores"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     wall: dict[str, float] = {}
-    common = {"seed": config.seed, "device": config.device, "quiet": quiet}
+    common = {"seed": config.seed, "device": config.device}
 
     # -- data: the standard labelled splits, and the transfer set ------------------------------------
     t0 = time.perf_counter()
@@ -127,8 +128,8 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, quiet: bool 
             f"--out ../runs/teacher-{recipe.name}\n"
             + toml_table("[student]", {"name": recipe.name, "factory": recipe.factory, "kwargs": recipe.kwargs})
         )
-        run_train(spec, train, out / "runs" / f"teacher-{recipe.name}", epochs=recipe.epochs, lr=recipe.lr,
-                  batch_size=config.batch_size, **common)
+        run_train(TrainConfig(spec, train, out / "runs" / f"teacher-{recipe.name}", epochs=recipe.epochs, lr=recipe.lr,
+                              batch_size=config.batch_size, **common), quiet=quiet)
         teacher_tables.append(
             toml_table("[[teachers]]", {"name": recipe.name, "factory": recipe.factory, "kwargs": recipe.kwargs,
                                          "checkpoint": f"../runs/teacher-{recipe.name}/student.pt"})
@@ -156,14 +157,14 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, quiet: bool 
         + toml_table("[student]", {"name": "mlp", "factory": f"{MODELS}:mlp", "kwargs": config.student_kwargs})
     )
     t0 = time.perf_counter()
-    run_train(student, str(transfer), out / "runs" / "distilled", store=transfer_store, fusion=config.fusion,
-              temperature=config.temperature, alpha=config.alpha, epochs=config.distil_epochs,
-              lr=config.distil_lr, batch_size=config.distil_batch_size, **common)
+    run_train(TrainConfig(student, str(transfer), out / "runs" / "distilled", store=transfer_store, fusion=config.fusion,
+                          temperature=config.temperature, alpha=config.alpha, epochs=config.distil_epochs,
+                          lr=config.distil_lr, batch_size=config.distil_batch_size, **common), quiet=quiet)
     wall["distil"] = time.perf_counter() - t0
     log(f"distil: {wall['distil']:.1f} s")
     t0 = time.perf_counter()
-    run_train(student, train, out / "runs" / "baseline", epochs=config.baseline_epochs, lr=config.baseline_lr,
-              batch_size=config.batch_size, **common)
+    run_train(TrainConfig(student, train, out / "runs" / "baseline", epochs=config.baseline_epochs, lr=config.baseline_lr,
+                          batch_size=config.batch_size, **common), quiet=quiet)
     wall["baseline"] = time.perf_counter() - t0
     log(f"baseline: {wall['baseline']:.1f} s")
 

@@ -1,11 +1,11 @@
-"""Stage two: train a student on hard labels, or distil it from a store of teacher logits.
+"""Stage two: train a student on hard labels, or distil it from a store of teacher outputs.
 
-    run_train("student.toml", "mnist1d:unlabeled", "runs/mlp", store="stores/unlabeled", temperature=2.0)
+    run_train(TrainConfig("student.toml", "mnist1d:unlabeled", "runs/mlp", store="stores/unlabeled", temperature=2.0))
 
-Reads top to bottom: (1) resolve and validate every input, writing nothing; (2) create the run
-directory, or resume it from its checkpoint (rank 0 writes, every rank reads); (3) train, one
-batch at a time from the loader to the loss, checkpointing atomically at the end of every epoch
-and every `checkpoint_every` batches; (4) write the student.
+A Trainer reads top to bottom, like torchtune's recipes: `setup` resolves and checks every input
+(writing nothing), then creates the run directory or resumes it from its checkpoint; `train` runs
+one loop over every remaining batch, from the loader to the loss, checkpointing atomically at the
+end of every epoch and every `checkpoint_every` batches; `cleanup` leaves the process group.
 
 The loss of one batch of B rows (per-row terms as the SPEC's `fused_kd_loss` defines them):
 
@@ -22,10 +22,17 @@ The fused target p_n:
     confidence  p = sum_k w_nk softmax(z_k / T),  w_nk = mtkd.kernels.confidence_weights per batch
     vote        p_v = fraction of teachers whose argmax is v; fed to the kernel as one pseudo-teacher
                 with logits T * log(p) (-inf where p = 0), since softmax(T log p / T) = p exactly.
-Without a store: L = mean over labelled rows of CE_n (AdamW, same schedules).
+Without a store: L = mean over labelled rows of CE_n.
+
+Optimisation: AdamW; one optimizer step every `grad_accum` batches (the group's batch losses
+averaged; an epoch's last group may be shorter); the learning rate per optimizer step, a linear
+warm-up over `warmup_steps` then cosine to 0 (or inverse decay). `max_steps` ends the run after
+that many optimizer steps, inside an epoch if need be. On CUDA the student's forward runs under
+bf16 autocast (the kernels take any float dtype and compute in fp32).
 
 The run directory:
-    config.json     everything resolved (data and store fingerprints, teachers, student spec, ...)
+    config.json     everything resolved: the TrainConfig (config.py) and what setup measured
+                    (data and store fingerprints, teachers, student spec, loader mode, sizes)
     metrics.jsonl   one line per finished epoch: loss, train accuracy, lr, rows/s, val metrics
     checkpoint.pt   model, optimizer, RNG states, epoch and batch position, metrics so far
     student.pt      the student's state_dict: the final one, or with --val-data the best by
@@ -42,15 +49,14 @@ rows, `batch_size` is per process, and rank 0 alone writes the run directory.
 
 from __future__ import annotations
 
-import enum
+import contextlib
 import json
 import math
 import os
 import random
-import shlex
 import time
-from collections.abc import Mapping, Sequence
-from contextlib import closing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,516 +67,333 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtkd.kernels import confidence_weights, fused_kd_loss
+from mtkd.pipeline.config import Fusion, Loss, Schedule, TrainConfig, differences, identity
+from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.errors import BadInputError, CheckpointError, MtkdError, RunMismatchError, SpecError
 from mtkd.pipeline.evaluate import predict_log_probs
-from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.loader import BatchLoader, as_tensor
 from mtkd.pipeline.metrics import classification_metrics
 from mtkd.pipeline.progress import progress_bar
-from mtkd.pipeline.specs import IGNORE_LABEL, ArrayData, load_data, load_student_spec
+from mtkd.pipeline.specs import IGNORE_LABEL, ArrayData, ModelSpec, load_data, load_student_spec
 from mtkd.pipeline.store import LogitStore, open_store
 
-
-class Fusion(str, enum.Enum):
-    MEAN = "mean"
-    WEIGHTED = "weighted"
-    CONFIDENCE = "confidence"
-    VOTE = "vote"
-
-
-class Loss(str, enum.Enum):
-    KL = "kl"
-    MSE = "mse"
-
-
-class Schedule(str, enum.Enum):
-    COSINE = "cosine"
-    INVERSE = "inverse"
-
-
 CHECKPOINT_FORMAT = 1
-CHECKPOINT_EVERY = 1000  # batches; plus the end of every epoch
-# Keys of config.json that may differ on --resume: where things are, not what is trained.
-RESUMABLE_DIFFERENCES = ("command", "device", "checkpoint_every", "versions", "paths")
-
-DEFAULTS: dict[str, Any] = {
-    "fusion": "mean",
-    "temperature": 2.0,
-    "alpha": 1.0,
-    "loss": "kl",
-    "epochs": 30,
-    "batch_size": 128,
-    "lr": 3e-3,
-    "weight_decay": 0.01,
-    "schedule": "cosine",
-    "decay_rate": 1.0,
-    "seed": 0,
-}
 
 
-def run_train(
-    student: str | Path,
-    data: str,
-    out: str | Path,
-    *,
-    store: str | Path | None = None,
-    teachers: Sequence[str] | None = None,
-    fusion: str = DEFAULTS["fusion"],
-    teacher_weights: Mapping[str, float] | None = None,
-    temperature: float = DEFAULTS["temperature"],
-    alpha: float = DEFAULTS["alpha"],
-    loss: str = DEFAULTS["loss"],
-    epochs: int = DEFAULTS["epochs"],
-    batch_size: int = DEFAULTS["batch_size"],
-    lr: float = DEFAULTS["lr"],
-    weight_decay: float = DEFAULTS["weight_decay"],
-    schedule: str = DEFAULTS["schedule"],
-    decay_rate: float = DEFAULTS["decay_rate"],
-    seed: int = DEFAULTS["seed"],
-    device: str = "auto",
-    val_data: str | None = None,
-    resume: bool = False,
-    stream: bool | None = None,
-    checkpoint_every: int = CHECKPOINT_EVERY,
-    quiet: bool = True,
-) -> dict[str, Any]:
-    """Train `student` (a TOML with a [student] table) on `data`, distilling from `store` if given.
+def run_train(config: TrainConfig, *, quiet: bool = True) -> dict[str, Any]:
+    """Train `config.student` on `config.data`, distilling from `config.store` if given.
 
-    Writes the run directory `out` (see the module docstring) and returns a summary: run, student
-    (path), student_pt ("final" | "best"), epochs, steps, last (the last epoch's metrics), best,
-    seconds, resumed_from, rank, world_size, loader. `stream` forces the loader's mode (None: by
-    memory, see loader.py). Raises BadInputError subclasses, before writing anything, for bad input.
+    Writes the run directory `config.out` (see the module docstring) and returns a summary: run,
+    student (path), student_pt ("final" | "best"), epochs, steps, last (the last epoch's metrics),
+    best, seconds, resumed_from, rank, world_size, loader, mode. Raises BadInputError subclasses,
+    before writing anything, for bad input.
     """
     started = time.perf_counter()
-    fusion, loss, schedule = str(_value(fusion)), str(_value(loss)), str(_value(schedule))
-    rank, world_size, local_rank = _distributed_env()
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-    owns_group = world_size > 1 and not dist.is_initialized()  # a caller's own group is left to the caller
-    if owns_group:
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")  # env://, as torchrun sets it
+    trainer = Trainer(config, quiet=quiet)
     try:
-        # -- 1. resolve and validate everything; nothing is written ---------------------------------
-        setup = _agree(
-            world_size,
-            dev,
-            lambda: _setup(
-                student=student, data=data, out=Path(out), store=store, teachers=teachers, fusion=fusion,
-                teacher_weights=teacher_weights, temperature=temperature, alpha=alpha, loss=loss, epochs=epochs,
-                batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule, decay_rate=decay_rate,
-                seed=seed, device=dev, val_data=val_data, resume=resume, stream=stream,
-                checkpoint_every=checkpoint_every, rank=rank, world_size=world_size,
-            ),
-        )
-        # -- 2. the run directory ---------------------------------------------------------------------
-        run = Path(out)
-        if rank == 0 and setup["checkpoint"] is None:
-            run.mkdir(parents=True, exist_ok=True)
-            _write_atomic(run / "config.json", json.dumps(setup["config"], indent=2) + "\n")
-        # -- 3. train -----------------------------------------------------------------------------------
-        summary = _train(setup, run, rank=rank, world_size=world_size, device=dev, quiet=quiet)
-        if world_size > 1:
-            dist.barrier()
+        trainer.setup()
+        summary = trainer.train()
     finally:
-        if owns_group:
-            dist.destroy_process_group()
+        trainer.cleanup()
     summary["seconds"] = time.perf_counter() - started
     return summary
 
 
-# ---------------------------------------------------------------------------------------------------
-# 1. Setup: every input resolved and checked before anything is written
-# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """What setup resolved, for train to use: the resolved config and its config.json record, the
+    student, the data, the loader, and the checkpoint to resume from (None: a fresh run)."""
+
+    config: TrainConfig
+    record: dict[str, Any]
+    spec: ModelSpec
+    model: torch.nn.Module
+    data: ArrayData
+    val: ArrayData | None
+    store: LogitStore | None
+    loader: BatchLoader
+    plan: Plan
+    checkpoint: dict[str, Any] | None
 
 
-def _setup(
-    *, student, data, out: Path, store, teachers, fusion, teacher_weights, temperature, alpha, loss, epochs,
-    batch_size, lr, weight_decay, schedule, decay_rate, seed, device, val_data, resume, stream,
-    checkpoint_every, rank, world_size,
-) -> dict[str, Any]:
-    _check_options(
-        fusion=fusion, loss=loss, schedule=schedule, temperature=temperature, alpha=alpha, epochs=epochs,
-        batch_size=batch_size, lr=lr, weight_decay=weight_decay, decay_rate=decay_rate, seed=seed,
-        checkpoint_every=checkpoint_every,
-    )
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out {str(out)!r} is a file, not a run directory")
-    distil = store is not None
-    if not distil:
-        if teachers:
-            raise BadInputError("--teachers needs --store")
-        if teacher_weights:
-            raise BadInputError("--teacher-weights needs --store")
-        if stream:
-            raise BadInputError("streaming needs --store (there are no logits to stream)")
+@dataclass(frozen=True)
+class Plan:
+    """How many batches and optimizer steps the run takes (one rank's view; every rank agrees)."""
 
-    spec = load_student_spec(student)
-    if spec.torchscript is not None:
-        raise SpecError(f"student {spec.name!r}: a TorchScript student cannot be trained; give factory = \"MODULE:CALLABLE\"")
-    dataset = load_data(data)
-    labelled = int((dataset.labels != IGNORE_LABEL).sum())
+    batches_per_epoch: int
+    grad_accum: int
+    total_steps: int
 
-    logit_store: LogitStore | None = None
-    chosen: list[str] = []
-    weights: dict[str, float] | None = None
-    if distil:
-        logit_store = open_store(store)
-        chosen = _choose_teachers(logit_store, teachers)
-        weights = _resolve_weights(fusion, teacher_weights, chosen)
-        logit_store.require_complete(chosen)
-        logit_store.check_data(dataset)
-        num_classes = logit_store.num_classes
-    elif labelled == 0:
-        raise BadInputError(f"data {data!r} has no labels: hard-label training needs them (or distil with --store)")
-    if len(dataset) < world_size:
-        raise BadInputError(f"data {data!r} has {len(dataset)} rows, fewer than the {world_size} processes")
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.batches_per_epoch / self.grad_accum)
 
-    # The student, built from the seed, and one forward to learn its output width.
-    torch.manual_seed(seed)
-    model = spec.build()
-    width = _output_width(model, dataset, spec.name)
-    if distil and width != num_classes:
-        raise BadInputError(
-            f"student {spec.name!r} outputs {width} classes but store {str(store)!r} holds {num_classes}"
-        )
-    num_classes = width
-    top = int(dataset.labels.max())
-    if top >= num_classes:
-        raise BadInputError(f"data {data!r} has label {top} but student {spec.name!r} outputs {num_classes} classes")
-    val = None
-    if val_data is not None:
-        val = load_data(val_data)
-        if val.y is None or not (val.y != IGNORE_LABEL).any():
-            raise BadInputError(f"--val-data {val_data!r} has no labels")
-        if int(val.y.max()) >= num_classes:
-            raise BadInputError(f"--val-data {val_data!r} has label {int(val.y.max())}; student outputs {num_classes} classes")
-        _output_width(model, val, spec.name)
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
 
-    loader = BatchLoader(
-        dataset.x, dataset.labels, batch_size=batch_size, seed=seed, store=logit_store, teachers=chosen,
-        rank=rank, world_size=world_size, device=device, stream=stream,
-    )
-    config = {
-        "command": None,  # filled below, from the resolved values
-        "mode": "distil" if distil else "hard-label",
-        "student": spec.to_dict(),
-        "num_classes": num_classes,
-        "data": {"fingerprint": dataset.fingerprint, "rows": len(dataset), "labelled_rows": labelled},
-        "val_data": None if val is None else {"fingerprint": val.fingerprint, "rows": len(val)},
-        "store": None if logit_store is None else {
-            "fingerprint": logit_store.fingerprint, "rows": logit_store.num_rows, "chunk_rows": logit_store.chunk_rows,
-        },
-        "teachers": [
-            {"name": t, "checkpoint_sha256": info.checkpoint_sha256, "dtype": info.dtype}
-            for t, info in ((t, logit_store.teacher(t)) for t in chosen)
-        ],
-        "fusion": fusion if distil else None,
-        "teacher_weights": weights,
-        "temperature": float(temperature) if distil else None,
-        "alpha": float(alpha) if distil else None,
-        "loss": loss if distil else "ce",
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "world_size": world_size,
-        "optimizer": {"name": "AdamW", "lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999]},
-        "schedule": {"name": schedule, "decay_rate": decay_rate if schedule == "inverse" else None,
-                     "unit": "optimizer step"},
-        "seed": seed,
-        "loader": loader.mode,
-        "batches_per_epoch": loader.batches_per_epoch,
-        "student_pt": "best" if val is not None else "final",
-        "checkpoint_every": checkpoint_every,
-        "device": device.type,
-        "paths": {
-            "student": str(spec.source), "data": data, "store": None if store is None else str(Path(store).resolve()),
-            "val_data": val_data,
-        },
-        "versions": {"torch": torch.__version__},
-    }
+    def group(self, b: int) -> tuple[int, int]:
+        """The batches [first, end) of epoch batch b's accumulation group."""
+        first = b - b % self.grad_accum
+        return first, min(first + self.grad_accum, self.batches_per_epoch)
 
-    # The run directory: fresh, or resumable with the same configuration.
-    checkpoint = None
-    existing = _read_run(out)
-    if existing is not None and not resume:
-        state = "finished" if existing["finished"] else "unfinished"
-        raise RunMismatchError(
-            f"--out {str(out)!r} already holds an {state} run; pass --resume to continue it, or choose another directory"
-        )
-    if existing is None and out.is_dir() and any(out.iterdir()) and not _only_leftovers(out):
-        raise RunMismatchError(f"--out {str(out)!r} is not empty and holds no run")
-    if existing is not None:
-        old = existing["config"]
-        if stream is None and old.get("loader") in ("memory", "stream") and old.get("loader") != loader.mode:
-            # Keep the recorded mode: the two modes order rows differently.
-            loader = BatchLoader(
-                dataset.x, dataset.labels, batch_size=batch_size, seed=seed, store=logit_store, teachers=chosen,
-                rank=rank, world_size=world_size, device=device, stream=old["loader"] == "stream",
+
+class Trainer:
+    """One run: setup -> train -> cleanup (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, *, quiet: bool = True):
+        self.config = config
+        self.quiet = quiet
+        self.rank, self.world_size, local_rank = _distributed_env()
+        device = resolve_device(config.device)
+        self.device = torch.device("cuda", local_rank) if device.type == "cuda" else device
+        # A caller's own process group is left to the caller.
+        self.owns_group = self.world_size > 1 and not dist.is_initialized()
+        if self.owns_group:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")  # env://, as torchrun sets it
+        self.s: Setup | None = None
+
+    # -- setup ----------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Resolve and check everything on every rank (nothing written), then create the run directory."""
+        self.s = _agree(self.world_size, self.device, self._resolve)
+        if self.rank == 0 and self.s.checkpoint is None:
+            self.config.out.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.config.out / "config.json", json.dumps(self.s.record, indent=2) + "\n")
+
+    def _resolve(self) -> Setup:
+        config = self.config
+        if config.out.exists() and not config.out.is_dir():
+            raise BadInputError(f"--out {str(config.out)!r} is a file, not a run directory")
+        spec = load_student_spec(config.student)
+        if spec.torchscript is not None:
+            raise SpecError(f"student {spec.name!r}: a TorchScript student cannot be trained; give factory = \"MODULE:CALLABLE\"")
+        dataset = load_data(config.data)
+        labelled = int((dataset.labels != IGNORE_LABEL).sum())
+
+        store: LogitStore | None = None
+        if config.distil:
+            store = open_store(config.store)
+            config = config.resolved(_choose_teachers(store, config.teachers))
+            store.require_complete(list(config.teachers))
+            store.check_data(dataset)
+        elif labelled == 0:
+            raise BadInputError(f"data {config.data!r} has no labels: hard-label training needs them (or distil with --store)")
+        if len(dataset) < self.world_size:
+            raise BadInputError(f"data {config.data!r} has {len(dataset)} rows, fewer than the {self.world_size} processes")
+
+        # The student, built from the seed, and one forward to learn its output width.
+        torch.manual_seed(config.seed)
+        model = spec.build()
+        num_classes = _output_width(model, dataset, spec.name)
+        if store is not None and num_classes != store.num_classes:
+            raise BadInputError(
+                f"student {spec.name!r} outputs {num_classes} classes but store {str(config.store)!r} holds {store.num_classes}"
             )
-            config["loader"] = loader.mode
-        _require_same(old, config, out)
-        checkpoint = existing["checkpoint"]
-    config["command"] = _command_line(config, student, data, out, store, val_data)
-    return {
-        "config": config, "spec": spec, "model": model, "data": dataset, "val": val, "loader": loader,
-        "checkpoint": checkpoint, "store": logit_store, "teachers": chosen, "weights": weights,
-        "fusion": fusion, "loss": loss, "temperature": float(temperature), "alpha": float(alpha),
-        "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "schedule": schedule, "decay_rate": decay_rate,
-        "seed": seed, "checkpoint_every": checkpoint_every,
-    }
+        top = int(dataset.labels.max())
+        if top >= num_classes:
+            raise BadInputError(f"data {config.data!r} has label {top} but student {spec.name!r} outputs {num_classes} classes")
+        val = None
+        if config.val_data is not None:
+            val = load_data(config.val_data)
+            if val.y is None or not (val.y != IGNORE_LABEL).any():
+                raise BadInputError(f"--val-data {config.val_data!r} has no labels")
+            if int(val.y.max()) >= num_classes:
+                raise BadInputError(f"--val-data {config.val_data!r} has label {int(val.y.max())}; student outputs {num_classes} classes")
+            _output_width(model, val, spec.name)
 
+        # The run directory: fresh, or resumable with the same configuration.
+        existing = _read_run(config.out)
+        if existing is not None and not config.resume:
+            state = "finished" if existing["finished"] else "unfinished"
+            raise RunMismatchError(
+                f"--out {str(config.out)!r} already holds an {state} run; pass --resume to continue it, or choose another directory"
+            )
+        if existing is None and config.out.is_dir() and any(config.out.iterdir()) and not _only_leftovers(config.out):
+            raise RunMismatchError(f"--out {str(config.out)!r} is not empty and holds no run")
+        stream = config.stream
+        if existing is not None and stream is None and existing["config"].get("loader") in ("memory", "stream"):
+            stream = existing["config"]["loader"] == "stream"  # keep the recorded mode: the modes order rows differently
 
-def _check_options(*, fusion, loss, schedule, temperature, alpha, epochs, batch_size, lr, weight_decay, decay_rate,
-                   seed, checkpoint_every) -> None:
-    for flag, value, choices in (("--fusion", fusion, Fusion), ("--loss", loss, Loss), ("--schedule", schedule, Schedule)):
-        if value not in {c.value for c in choices}:
-            raise BadInputError(f"{flag} must be one of {', '.join(c.value for c in choices)}, got {value!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise BadInputError(f"--temperature must be > 0, got {temperature}")
-    if not 0.0 <= alpha <= 1.0:
-        raise BadInputError(f"--alpha must lie in [0, 1], got {alpha}")
-    if epochs < 1:
-        raise BadInputError(f"--epochs must be >= 1, got {epochs}")
-    if batch_size < 1:
-        raise BadInputError(f"--batch-size must be >= 1, got {batch_size}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise BadInputError(f"--lr must be > 0, got {lr}")
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise BadInputError(f"--weight-decay must be >= 0, got {weight_decay}")
-    if not (math.isfinite(decay_rate) and decay_rate >= 0):
-        raise BadInputError(f"--decay-rate must be >= 0, got {decay_rate}")
-    if seed < 0:
-        raise BadInputError(f"--seed must be >= 0, got {seed}")
-    if checkpoint_every < 0:
-        raise BadInputError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
-
-
-def _choose_teachers(store: LogitStore, teachers: Sequence[str] | None) -> list[str]:
-    available = store.teachers
-    if not available:
-        raise BadInputError(f"store {str(store.path)!r} holds no teachers yet")
-    if not teachers:
-        return available
-    chosen = list(dict.fromkeys(teachers))
-    for name in chosen:
-        if name not in available:
-            raise BadInputError(f"--teachers: store {str(store.path)!r} has no teacher {name!r} (it has: {', '.join(available)})")
-    return chosen
-
-
-def _resolve_weights(fusion: str, given: Mapping[str, float] | None, chosen: list[str]) -> dict[str, float] | None:
-    if fusion != Fusion.WEIGHTED.value:
-        if given:
-            raise BadInputError(f"--teacher-weights needs --fusion weighted (got --fusion {fusion})")
-        return None
-    if not given:
-        raise BadInputError("--fusion weighted needs --teacher-weights, e.g. cnn=2,gru=1")
-    for name, w in given.items():
-        if name not in chosen:
-            raise BadInputError(f"--teacher-weights names {name!r}, which is not a chosen teacher ({', '.join(chosen)})")
-        if not (math.isfinite(w) and w >= 0):
-            raise BadInputError(f"--teacher-weights: weight of {name!r} must be finite and >= 0, got {w}")
-    missing = [t for t in chosen if t not in given]
-    if missing:
-        raise BadInputError(f"--teacher-weights gives no weight for teacher(s) {', '.join(missing)}")
-    if sum(given.values()) <= 0:
-        raise BadInputError("--teacher-weights are all zero")
-    return {t: float(given[t]) for t in chosen}
-
-
-def _output_width(model: torch.nn.Module, data: ArrayData, name: str) -> int:
-    """One forward on two rows (eval mode, no grad) to learn and check the student's output width."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(as_tensor(data.x[:2]))
-    except Exception as e:
-        raise SpecError(
-            f"student {name!r} fails on inputs of shape {tuple(data.x.shape[1:])} from {data.spec!r}: {type(e).__name__}: {e}"
-        ) from e
-    finally:
-        model.train(was_training)
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != min(2, len(data)):
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise SpecError(f"student {name!r} must return (batch, classes) logits, got {shape}")
-    return int(out.shape[1])
-
-
-def _read_run(out: Path) -> dict[str, Any] | None:
-    """An existing run at `out`: its config, its checkpoint (None if none yet) and whether it finished."""
-    config_path = out / "config.json"
-    if not config_path.is_file():
-        return None
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise RunMismatchError(f"--out {str(out)!r}: config.json is unreadable ({e})") from e
-    checkpoint = None
-    if (out / "checkpoint.pt").is_file():
-        try:
-            checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"--out {str(out)!r}: checkpoint.pt does not load ({type(e).__name__}: {e})") from e
-    finished = checkpoint is not None and checkpoint["epoch"] >= config.get("epochs", math.inf)
-    return {"config": config, "checkpoint": checkpoint, "finished": finished}
-
-
-def _only_leftovers(out: Path) -> bool:
-    # Temporary files of a run killed before it wrote config.json.
-    return all(p.name.startswith(".tmp-") for p in out.iterdir())
-
-
-def _identity(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in RESUMABLE_DIFFERENCES}
-
-
-def _require_same(old: Mapping[str, Any], new: Mapping[str, Any], out: Path) -> None:
-    a, b = _identity(old), _identity(new)
-    differ = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    if differ:
-        k = differ[0]
-        more = f" (and {len(differ) - 1} more: {', '.join(differ[1:])})" if len(differ) > 1 else ""
-        raise RunMismatchError(
-            f"--resume: run {str(out)!r} was made with {k}={json.dumps(a.get(k))}, now {k}={json.dumps(b.get(k))}{more}"
+        loader = BatchLoader(
+            dataset.x, dataset.labels, batch_size=config.batch_size, seed=config.seed, store=store,
+            teachers=list(config.teachers or ()), rank=self.rank, world_size=self.world_size, device=self.device,
+            stream=stream,
         )
-
-
-def _command_line(config, student, data, out, store, val_data) -> str:
-    """The `mtkd train` command that makes this run (config.json starts with it)."""
-    args = ["mtkd", "train", "--student", str(student), "--data", data, "--out", str(out)]
-    if store is not None:
-        args += ["--store", str(store), "--teachers", ",".join(t["name"] for t in config["teachers"]),
-                 "--fusion", config["fusion"], "--temperature", str(config["temperature"]),
-                 "--alpha", str(config["alpha"]), "--loss", config["loss"]]
-        if config["teacher_weights"]:
-            args += ["--teacher-weights", ",".join(f"{k}={v:g}" for k, v in config["teacher_weights"].items())]
-    opt, sched = config["optimizer"], config["schedule"]
-    args += ["--epochs", str(config["epochs"]), "--batch-size", str(config["batch_size"]), "--lr", f"{opt['lr']:g}",
-             "--weight-decay", f"{opt['weight_decay']:g}", "--schedule", sched["name"]]
-    if sched["name"] == "inverse":
-        args += ["--decay-rate", f"{sched['decay_rate']:g}"]
-    args += ["--seed", str(config["seed"])]
-    if val_data is not None:
-        args += ["--val-data", val_data]
-    return shlex.join(args)
-
-
-# ---------------------------------------------------------------------------------------------------
-# 3. Training
-# ---------------------------------------------------------------------------------------------------
-
-
-def _train(setup: dict[str, Any], run: Path, *, rank: int, world_size: int, device: torch.device, quiet: bool) -> dict[str, Any]:
-    config, loader, epochs = setup["config"], setup["loader"], setup["epochs"]
-    model: torch.nn.Module = setup["model"].to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=setup["lr"], weight_decay=setup["weight_decay"])
-    objective = Objective.from_setup(setup, device)
-    steps_per_epoch = loader.batches_per_epoch
-    lr_at = _schedule(setup["schedule"], setup["lr"], setup["decay_rate"], steps_per_epoch, epochs * steps_per_epoch)
-
-    # State: fresh, or from the checkpoint.
-    epoch, start_batch, step = 0, 0, 0
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
-    sums = _EpochSums(device)
-    ckpt = setup["checkpoint"]
-    resumed_from = None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        epoch, start_batch, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
-        history, best = list(ckpt["history"]), ckpt["best"]
-        if rank == 0:
-            sums.load(ckpt["sums"])
-        _set_rng_state(ckpt["rng"])
-        resumed_from = {"epoch": epoch, "batch": start_batch}
-        if rank == 0:
-            _write_metrics(run, history)  # drops a line written after the checkpoint, before a kill
-    else:
-        torch.manual_seed(setup["seed"])  # the same training randomness with and without resume
-    net = model
-    if world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def save_checkpoint(at_epoch: int, at_batch: int, epoch_sums: dict[str, float]) -> None:
-        state = {
-            "format": CHECKPOINT_FORMAT, "epoch": at_epoch, "batch": at_batch, "step": step,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-            "sums": epoch_sums, "history": history, "best": best,
-        }
-        _save_atomic(run / "checkpoint.pt", state)
-
-    def end_epoch(finished: int) -> None:
-        """Metrics of epoch `finished` (all ranks), validation, the best student, a checkpoint (rank 0)."""
-        nonlocal best
-        totals = sums.reduced(world_size)
+        batches = loader.batches_per_epoch
+        steps_per_epoch = math.ceil(batches / config.grad_accum)
+        plan = Plan(batches, config.grad_accum, config.max_steps or config.epochs * steps_per_epoch)
         record = {
-            "epoch": finished + 1,
-            "loss": totals["loss"] / max(totals["rows"], 1),
-            "train_accuracy": totals["correct"] / totals["labelled"] if totals["labelled"] else None,
-            "lr": lr_at(step - 1),
-            "rows": int(totals["rows"]),
-            "seconds": totals["seconds"],
-            "rows_per_s": totals["rows"] / totals["seconds"] if totals["seconds"] > 0 else None,
+            **config.to_json(),
+            "mode": "distil" if config.distil else "hard-label",
+            "student": spec.to_dict(),
+            "num_classes": num_classes,
+            "data": {"fingerprint": dataset.fingerprint, "rows": len(dataset), "labelled_rows": labelled},
+            "val_data": None if val is None else {"fingerprint": val.fingerprint, "rows": len(val)},
+            "store": None if store is None else {
+                "fingerprint": store.fingerprint, "rows": store.num_rows, "chunk_rows": store.chunk_rows,
+            },
+            "teachers": [
+                {"name": t, "checkpoint_sha256": info.checkpoint_sha256, "dtype": info.dtype}
+                for t, info in ((t, store.teacher(t)) for t in config.teachers or ())
+            ],
+            "epochs": plan.epochs,
+            "total_steps": plan.total_steps,
+            "world_size": self.world_size,
+            "loader": loader.mode,
+            "batches_per_epoch": batches,
+            "autocast": "bfloat16" if self.device.type == "cuda" else None,
+            "student_pt": "best" if val is not None else "final",
+            "device": self.device.type,
+            "versions": {"torch": torch.__version__},
         }
-        if rank != 0:
-            return
-        if setup["val"] is not None:
-            val = setup["val"]
-            metrics = classification_metrics(predict_log_probs(model, val.x, device=device), as_tensor(val.labels))
-            record.update({f"val_{k}": v for k, v in metrics.items() if k != "n"})
-            if best is None or metrics["accuracy"] > best["val_accuracy"]:
-                best = {"epoch": record["epoch"], "val_accuracy": metrics["accuracy"]}
-                _save_atomic(run / "student.pt", model.state_dict())  # before the checkpoint that records it
-        history.append(record)
-        save_checkpoint(finished + 1, 0, _EpochSums(device).as_dict())
-        _write_metrics(run, history)
+        checkpoint = None
+        if existing is not None:
+            _require_same(existing["config"], record, config.out)
+            checkpoint = existing["checkpoint"]
+        return Setup(config, record, spec, model, dataset, val, store, loader, plan, checkpoint)
 
-    every = setup["checkpoint_every"]
-    with progress_bar(quiet or rank != 0) as bar, closing(loader.batches(epoch, epochs, start_batch)) as batches:
-        task = bar.add_task("train", total=epochs * steps_per_epoch, completed=epoch * steps_per_epoch + start_batch)
-        net.train()
-        tick = time.perf_counter()
-        # One loop over every remaining batch of every epoch: the loader reads ahead across epoch ends.
-        for epoch, b, batch in batches:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            student_logits = net(batch.x)  # (B, V)
-            batch_loss = objective(student_logits, batch)
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss.backward()
-            optimizer.step()
-            step += 1
-            sums.add(batch_loss.detach(), student_logits.detach(), batch.labels)
-            bar.advance(task)
-            if b + 1 == steps_per_epoch:
-                sums.seconds += time.perf_counter() - tick
-                end_epoch(epoch)
-                sums = _EpochSums(device)
-                tick = time.perf_counter()
-            elif every and (b + 1) % every == 0:
-                epoch_sums = sums.reduced(world_size)  # a collective: every rank takes part
-                if rank == 0:
-                    save_checkpoint(epoch, b + 1, {**epoch_sums, "seconds": sums.seconds + time.perf_counter() - tick})
-    if rank == 0 and setup["val"] is None:
-        _save_atomic(run / "student.pt", model.state_dict())  # (with --val-data: the best, saved on the way)
-    return {
-        "run": str(run),
-        "student": str(run / "student.pt"),
-        "student_pt": config["student_pt"],
-        "epochs": epochs,
-        "steps": step,
-        "last": history[-1] if history else None,
-        "best": best,
-        "resumed_from": resumed_from,
-        "rank": rank,
-        "world_size": world_size,
-        "loader": loader.mode,
-        "mode": config["mode"],
-    }
+    # -- train ------------------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        s, rank, world_size, device = self.s, self.rank, self.world_size, self.device
+        config, plan, loader, run = s.config, s.plan, s.loader, s.config.out
+        model = s.model.to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        objective = Objective.from_config(config, s.data, device)
+        lr_at = _schedule(config, plan)
+
+        # State: fresh, or from the checkpoint.
+        epoch, start_batch, step = 0, 0, 0
+        history: list[dict[str, Any]] = []
+        best: dict[str, Any] | None = None
+        sums = _EpochSums(device)
+        resumed_from = None
+        if s.checkpoint is not None:
+            ckpt = s.checkpoint
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            epoch, start_batch, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
+            history, best = list(ckpt["history"]), ckpt["best"]
+            if rank == 0:
+                sums.load(ckpt["sums"])
+            _set_rng_state(ckpt["rng"])
+            resumed_from = {"epoch": epoch, "batch": start_batch}
+            if rank == 0:
+                _write_metrics(run, history)  # drops a line written after the checkpoint, before a kill
+        else:
+            torch.manual_seed(config.seed)  # the same training randomness with and without resume
+        net = model
+        if world_size > 1:
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+        def save_checkpoint(at_epoch: int, at_batch: int, epoch_sums: dict[str, float]) -> None:
+            state = {
+                "format": CHECKPOINT_FORMAT, "epoch": at_epoch, "batch": at_batch, "step": step,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+                "sums": epoch_sums, "history": history, "best": best,
+            }
+            _save_atomic(run / "checkpoint.pt", state)
+
+        def end_epoch(finished: int) -> None:
+            """Metrics of epoch `finished` (all ranks), validation, the best student, a checkpoint (rank 0)."""
+            nonlocal best
+            totals = sums.reduced(world_size)
+            record = {
+                "epoch": finished + 1,
+                "loss": totals["loss"] / max(totals["rows"], 1),
+                "train_accuracy": totals["correct"] / totals["labelled"] if totals["labelled"] else None,
+                "lr": lr_at(step - 1),
+                "rows": int(totals["rows"]),
+                "seconds": totals["seconds"],
+                "rows_per_s": totals["rows"] / totals["seconds"] if totals["seconds"] > 0 else None,
+            }
+            if rank != 0:
+                return
+            if s.val is not None:
+                metrics = classification_metrics(predict_log_probs(model, s.val.x, device=device), as_tensor(s.val.labels))
+                record.update({f"val_{k}": v for k, v in metrics.items() if k != "n"})
+                if best is None or metrics["accuracy"] > best["val_accuracy"]:
+                    best = {"epoch": record["epoch"], "val_accuracy": metrics["accuracy"]}
+                    _save_atomic(run / "student.pt", model.state_dict())  # before the checkpoint that records it
+            history.append(record)
+            save_checkpoint(finished + 1, 0, _EpochSums(device).as_dict())
+            _write_metrics(run, history)
+
+        every = config.checkpoint_every
+        nb = plan.batches_per_epoch
+        with progress_bar(self.quiet or rank != 0) as bar, \
+                contextlib.closing(loader.batches(epoch, plan.epochs, start_batch)) as batches:
+            task = bar.add_task(f"train {s.spec.name}", total=plan.total_steps, completed=step)
+            net.train()
+            tick = time.perf_counter()
+            # One loop over every remaining batch of every epoch: the loader reads ahead across epoch ends.
+            for epoch, b, batch in batches:
+                first, end = plan.group(b)
+                last_of_group = b + 1 == end
+                # DDP: reduce gradients once per optimizer step, on the group's last batch.
+                sync = net.no_sync() if world_size > 1 and not last_of_group else contextlib.nullcontext()
+                with sync:
+                    with autocast:
+                        student_logits = net(batch.x)  # (B, V)
+                    batch_loss = objective(student_logits, batch)
+                    (batch_loss / (end - first) if end - first > 1 else batch_loss).backward()
+                sums.add(batch_loss.detach(), student_logits.detach(), batch.labels)
+                if not last_of_group:
+                    continue
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.advance(task)
+                if b + 1 == nb or step == plan.total_steps:
+                    sums.seconds += time.perf_counter() - tick
+                    end_epoch(epoch)
+                    sums = _EpochSums(device)
+                    tick = time.perf_counter()
+                    if step == plan.total_steps:
+                        break
+                elif every and (b + 1) // every > first // every:  # a multiple of `every` fell in this group
+                    epoch_sums = sums.reduced(world_size)  # a collective: every rank takes part
+                    if rank == 0:
+                        save_checkpoint(epoch, b + 1, {**epoch_sums, "seconds": sums.seconds + time.perf_counter() - tick})
+        if rank == 0 and s.val is None:
+            _save_atomic(run / "student.pt", model.state_dict())  # (with --val-data: the best, saved on the way)
+        return {
+            "run": str(run),
+            "student": str(run / "student.pt"),
+            "student_pt": s.record["student_pt"],
+            "epochs": plan.epochs,
+            "steps": step,
+            "last": history[-1] if history else None,
+            "best": best,
+            "resumed_from": resumed_from,
+            "rank": rank,
+            "world_size": world_size,
+            "loader": loader.mode,
+            "mode": s.record["mode"],
+        }
+
+    # -- cleanup ----------------------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Wait for every rank (rank 0 writes last), then leave the process group this trainer made."""
+        try:
+            if self.world_size > 1 and self.s is not None and dist.is_initialized():
+                dist.barrier()
+        finally:
+            if self.owns_group and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loss of one batch
+# ---------------------------------------------------------------------------------------------------
 
 
 class Objective:
@@ -581,24 +404,24 @@ class Objective:
         labels: str,
     ):
         self.distil = distil
-        self.fusion = fusion
+        self.fusion = Fusion(fusion)
         self.weights = weights  # (K,) for --fusion weighted
         self.temperature = temperature
         self.alpha = alpha
-        self.loss = loss
+        self.loss = Loss(loss)
         self.labels = labels  # "all" | "none" | "some": which rows of the data have labels
 
     @classmethod
-    def from_setup(cls, setup: dict[str, Any], device: torch.device) -> Objective:
-        labels = setup["data"].labels != IGNORE_LABEL
-        weights = setup["weights"]
+    def from_config(cls, config: TrainConfig, data: ArrayData, device: torch.device) -> Objective:
+        labels = data.labels != IGNORE_LABEL
+        weights = config.teacher_weights
         return cls(
-            distil=setup["store"] is not None,
-            fusion=setup["fusion"],
-            weights=None if weights is None else torch.tensor(list(weights.values()), dtype=torch.float32, device=device),
-            temperature=setup["temperature"],
-            alpha=setup["alpha"],
-            loss=setup["loss"],
+            distil=config.distil,
+            fusion=config.fusion,
+            weights=None if not weights else torch.tensor(list(weights.values()), dtype=torch.float32, device=device),
+            temperature=config.temperature,
+            alpha=config.alpha,
+            loss=config.loss,
             labels="all" if labels.all() else "none" if not labels.any() else "some",
         )
 
@@ -607,9 +430,9 @@ class Objective:
         if not self.distil:
             # Hard labels: mean cross-entropy over the batch's labelled rows (0 when none are).
             known = (y != IGNORE_LABEL).sum().clamp(min=1)
-            return F.cross_entropy(s, y, ignore_index=IGNORE_LABEL, reduction="sum") / known
+            return F.cross_entropy(s.float(), y, ignore_index=IGNORE_LABEL, reduction="sum") / known
         z, w = self.target(batch.logits, y)  # (K', B, V) logits to fuse with weights w (None | (K,) | (B, K))
-        if self.loss == Loss.MSE.value:
+        if self.loss is Loss.MSE:
             return self._mse(s, z, w, y)
         # One kernel call when the batch's rows are all labelled or all unlabelled (the data says
         # so up front: no per-batch look at the labels, which would wait for the GPU).
@@ -624,11 +447,11 @@ class Objective:
 
     def target(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
         """The teachers as the kernel sees them: (K, B, V) logits and their fusion weights."""
-        if self.fusion == Fusion.MEAN.value:
+        if self.fusion is Fusion.MEAN:
             return logits, None
-        if self.fusion == Fusion.WEIGHTED.value:
+        if self.fusion is Fusion.WEIGHTED:
             return logits, self.weights
-        if self.fusion == Fusion.CONFIDENCE.value:
+        if self.fusion is Fusion.CONFIDENCE:
             return logits, confidence_weights(logits, labels, ignore_index=IGNORE_LABEL)  # (B, K)
         # vote: one pseudo-teacher whose tempered softmax is exactly the vote fractions.
         k, _, v = logits.shape
@@ -692,11 +515,85 @@ class _EpochSums:
         self.seconds = float(saved["seconds"])
 
 
-def _schedule(name: str, lr: float, decay_rate: float, steps_per_epoch: int, total_steps: int):
-    """lr at optimizer step t (0-based): cosine to 0 over the run, or lr / (1 + a * t / steps_per_epoch)."""
-    if name == Schedule.COSINE.value:
-        return lambda t: lr * 0.5 * (1.0 + math.cos(math.pi * t / total_steps))
-    return lambda t: lr / (1.0 + decay_rate * t / steps_per_epoch)
+def _schedule(config: TrainConfig, plan: Plan) -> Callable[[int], float]:
+    """lr at optimizer step t (0-based): linear warm-up over `warmup_steps`, then cosine to 0 over the
+    rest of the run, or lr / (1 + a * t / steps_per_epoch)."""
+    lr, warmup, total = config.lr, config.warmup_steps, plan.total_steps
+    if config.schedule is Schedule.COSINE:
+        decay = lambda t: lr * 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / max(total - warmup, 1)))  # noqa: E731
+    else:
+        decay = lambda t: lr / (1.0 + config.decay_rate * t / plan.steps_per_epoch)  # noqa: E731
+    return lambda t: lr * (t + 1) / warmup if t < warmup else decay(t)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setup helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _choose_teachers(store: LogitStore, teachers: tuple[str, ...] | None) -> list[str]:
+    available = store.teachers
+    if not available:
+        raise BadInputError(f"store {str(store.path)!r} holds no teachers yet")
+    if not teachers:
+        return available
+    for name in teachers:
+        if name not in available:
+            raise BadInputError(f"--teachers: store {str(store.path)!r} has no teacher {name!r} (it has: {', '.join(available)})")
+    return list(teachers)
+
+
+def _output_width(model: torch.nn.Module, data: ArrayData, name: str) -> int:
+    """One forward on two rows (eval mode, no grad) to learn and check the student's output width."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(as_tensor(data.x[:2]))
+    except Exception as e:
+        raise SpecError(
+            f"student {name!r} fails on inputs of shape {tuple(data.x.shape[1:])} from {data.spec!r}: {type(e).__name__}: {e}"
+        ) from e
+    finally:
+        model.train(was_training)
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != min(2, len(data)):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise SpecError(f"student {name!r} must return (batch, classes) logits, got {shape}")
+    return int(out.shape[1])
+
+
+def _read_run(out: Path) -> dict[str, Any] | None:
+    """An existing run at `out`: its config, its checkpoint (None if none yet) and whether it finished."""
+    config_path = out / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise RunMismatchError(f"--out {str(out)!r}: config.json is unreadable ({e})") from e
+    checkpoint = None
+    if (out / "checkpoint.pt").is_file():
+        try:
+            checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"--out {str(out)!r}: checkpoint.pt does not load ({type(e).__name__}: {e})") from e
+    finished = checkpoint is not None and checkpoint["step"] >= config.get("total_steps", math.inf)
+    return {"config": config, "checkpoint": checkpoint, "finished": finished}
+
+
+def _only_leftovers(out: Path) -> bool:
+    # Temporary files of a run killed before it wrote config.json.
+    return all(p.name.startswith(".tmp-") for p in out.iterdir())
+
+
+def _require_same(old: Mapping[str, Any], new: Mapping[str, Any], out: Path) -> None:
+    differ = differences(old, new)
+    if differ:
+        a, b, k = identity(old), identity(new), differ[0]
+        more = f" (and {len(differ) - 1} more: {', '.join(differ[1:])})" if len(differ) > 1 else ""
+        raise RunMismatchError(
+            f"--resume: run {str(out)!r} was made with {k}={json.dumps(a.get(k))}, now {k}={json.dumps(b.get(k))}{more}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -729,10 +626,6 @@ def _agree(world_size: int, device: torch.device, setup):
     if int(failed):
         raise MtkdError("another process refused the run (see its message)")
     return result
-
-
-def _value(choice: Any) -> Any:
-    return choice.value if isinstance(choice, enum.Enum) else choice
 
 
 def _rng_state() -> dict[str, Any]:

@@ -13,7 +13,9 @@ import typer
 from mtkd.pipeline.device import Device
 from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
 from mtkd.pipeline.errors import BadInputError
-from mtkd.pipeline.train import CHECKPOINT_EVERY, DEFAULTS, Fusion, Loss, Schedule, run_train
+from mtkd.pipeline.config import CHECKPOINT_EVERY, DEFAULTS, Fusion, Loss, Schedule, TrainConfig
+from mtkd.pipeline.train import run_train
+
 
 
 class LoaderMode(str, Enum):
@@ -43,7 +45,7 @@ def train(
         Fusion,
         typer.Option("--fusion", help="How teachers combine: mean of probabilities, weighted (--teacher-weights), "
                      "confidence (per row, by the probability each gives the label), vote (fraction of argmaxes)."),
-    ] = Fusion(DEFAULTS["fusion"]),
+    ] = DEFAULTS["fusion"],
     teacher_weights: Annotated[
         str | None, typer.Option("--teacher-weights", help="NAME=WEIGHT pairs for --fusion weighted, e.g. cnn=2,gru=1.")
     ] = None,
@@ -55,19 +57,28 @@ def train(
     ] = DEFAULTS["alpha"],
     loss: Annotated[
         Loss, typer.Option("--loss", help="KD term: kl (T^2 KL divergence) or mse (squared error of probabilities at T).")
-    ] = Loss(DEFAULTS["loss"]),
+    ] = DEFAULTS["loss"],
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the data.")] = DEFAULTS["epochs"],
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps (instead of --epochs).")
+    ] = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Rows per optimizer step and process (under torchrun: per rank).")
     ] = DEFAULTS["batch_size"],
+    grad_accum: Annotated[
+        int, typer.Option("--grad-accum", min=1, help="Batches per optimizer step (gradients accumulated).")
+    ] = DEFAULTS["grad_accum"],
     lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate.")] = DEFAULTS["lr"],
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = DEFAULTS["weight_decay"],
     schedule: Annotated[
         Schedule, typer.Option("--schedule", help="Learning-rate decay per step: cosine to 0, or inverse lr / (1 + a * epochs).")
-    ] = Schedule(DEFAULTS["schedule"]),
+    ] = DEFAULTS["schedule"],
     decay_rate: Annotated[
         float, typer.Option("--decay-rate", help="a of --schedule inverse, per epoch.")
     ] = DEFAULTS["decay_rate"],
+    warmup_steps: Annotated[
+        int, typer.Option("--warmup-steps", min=0, help="Linear learning-rate warm-up over this many optimizer steps.")
+    ] = DEFAULTS["warmup_steps"],
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seeds the student's initialisation and the data order.")] = DEFAULTS["seed"],
     device: Annotated[Device, typer.Option("--device", help="auto: cuda when available.")] = Device.auto,
     val_data: Annotated[
@@ -96,31 +107,17 @@ def train(
       mtkd train --student mlp.toml --data mnist1d:unlabeled --store unlabeled.zarr --out runs/kd -T 2 --val-data mnist1d:test
       torchrun --nproc_per_node 4 -m mtkd.pipeline.cli train --student mlp.toml --data x.npz --store x.zarr --out runs/kd --resume
     """
-    result = run_train(
-        student,
-        data,
-        out,
-        store=store,
-        teachers=_names(teachers),
-        fusion=fusion.value,
-        teacher_weights=_weights(teacher_weights),
-        temperature=temperature,
-        alpha=alpha,
-        loss=loss.value,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        schedule=schedule.value,
-        decay_rate=decay_rate,
-        seed=seed,
-        device=device.value,
-        val_data=val_data,
-        resume=resume,
-        stream=None if loader is LoaderMode.auto else loader is LoaderMode.stream,
+    if max_steps is not None and epochs != DEFAULTS["epochs"]:
+        raise BadInputError("give --epochs or --max-steps, not both")
+    config = TrainConfig(
+        student=student, data=data, out=out, store=store, teachers=_names(teachers), fusion=fusion,
+        teacher_weights=_weights(teacher_weights), temperature=temperature, alpha=alpha, loss=loss, epochs=epochs,
+        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
+        schedule=schedule, decay_rate=decay_rate, warmup_steps=warmup_steps, seed=seed, device=device.value,
+        val_data=val_data, resume=resume, stream=None if loader is LoaderMode.auto else loader is LoaderMode.stream,
         checkpoint_every=checkpoint_every,
-        quiet=quiet,
     )
+    result = run_train(config, quiet=quiet)
     if result["rank"] == 0:  # one report per run, not one per torchrun process
         emit(result, as_json, _render)
 

@@ -10,6 +10,7 @@ from mtkd.pipeline.errors import BadInputError, CheckpointError
 from mtkd.pipeline.evaluate import run_eval
 from mtkd.pipeline.metrics import classification_metrics
 from mtkd.pipeline.specs import load_student_spec
+from mtkd.pipeline.config import TrainConfig
 from mtkd.pipeline.train import run_train
 
 METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "nll", "ece")
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def trained(kd_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "run"
-    run_train(kd_world.student, str(kd_world.data["labelled"]), out, store=kd_world.store["labelled"], epochs=10,
-              batch_size=32, lr=1e-2)
+    run_train(TrainConfig(kd_world.student, str(kd_world.data["labelled"]), out, store=kd_world.store["labelled"],
+                          epochs=10, batch_size=32, lr=1e-2))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from mtkd.kernels import confidence_weights, kd_loss_ref
 from mtkd.pipeline.specs import load_student_spec
+from mtkd.pipeline.config import TrainConfig
 from mtkd.pipeline.train import Objective, run_train
 
 from .conftest import KD_CLASSES, KD_TEACHERS
@@ -59,7 +61,7 @@ def mean_target(kd_world, split, temperature, weights=None):
 
 def train(kd_world, out, split="labelled", **options):
     defaults = dict(store=kd_world.store[split], epochs=25, batch_size=32, lr=1e-2, temperature=1.0)
-    return run_train(kd_world.student, str(kd_world.data[split]), out, **{**defaults, **options})
+    return run_train(TrainConfig(kd_world.student, str(kd_world.data[split]), out, **{**defaults, **options}))
 
 
 # -- the loss of one batch ------------------------------------------------------------------------
@@ -106,10 +108,18 @@ def test_vote_target_is_the_fraction_of_teacher_argmaxes():
     torch.testing.assert_close(torch.softmax(pseudo[0] / 3.0, -1), torch.tensor([[2 / 3, 1 / 3, 0]]))
 
 
-def test_confidence_weights_come_per_row_from_the_kernels_package():
+def test_confidence_weights_come_per_row_from_each_teachers_label_probability():
+    torch.manual_seed(4)
     z, y = torch.randn(3, 6, 4), torch.tensor([0, 1, 2, 3, -100, 1])
     _, weights = objective(fusion="confidence").target(z, y)
-    torch.testing.assert_close(weights, confidence_weights(z, y))
+    # Computed here, independently: teacher k's weight on row n is proportional to the probability
+    # it gives row n's label (mtkd.kernels.weights' CA-MKD form); uniform where there is no label.
+    p_label = torch.stack([torch.softmax(z[k].double(), -1)[torch.arange(6), y.clamp(min=0)] for k in range(3)], 1)
+    expected = p_label / p_label.sum(1, keepdim=True)
+    expected[4] = 1 / 3
+    assert weights.shape == (6, 3)
+    torch.testing.assert_close(weights.double(), expected)
+    assert not torch.allclose(weights[0], weights[1])  # per row, not one weight per teacher
 
 
 def test_mse_is_squared_error_of_fused_and_student_probabilities_at_t():
@@ -129,7 +139,7 @@ def test_mse_is_squared_error_of_fused_and_student_probabilities_at_t():
 
 def test_hard_label_training_writes_a_run(kd_world, tmp_path):
     out = tmp_path / "run"
-    result = run_train(kd_world.student, str(kd_world.data["labelled"]), out, epochs=15, batch_size=32, lr=1e-2)
+    result = run_train(TrainConfig(kd_world.student, str(kd_world.data["labelled"]), out, epochs=15, batch_size=32, lr=1e-2))
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "student.pt"]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == list(range(1, 16))
@@ -194,8 +204,47 @@ def test_val_data_keeps_the_best_epoch(kd_world, tmp_path):
 
 def test_streamed_logits_train_too(kd_world, tmp_path):
     out = tmp_path / "run"
-    result = train(kd_world, out, epochs=3, stream=True)
+    result = train(kd_world, out, epochs=10, stream=True)
     assert result["loader"] == "stream" and json.loads((out / "config.json").read_text())["loader"] == "stream"
+    # The student learns from the streamed logits: it moves most of the way to the fused teachers.
+    target = mean_target(kd_world, "labelled", 1.0)
+    before = kl(target, initial_log_probs(kd_world, "labelled"))
+    after = kl(target, student_log_probs(out, kd_world, "labelled"))
+    assert after < 0.3 * before, (before, after)
+
+
+# -- optimisation: steps, accumulation, schedule ------------------------------------------------------
+
+
+def test_max_steps_ends_the_run_inside_an_epoch(kd_world, tmp_path):
+    out = tmp_path / "run"
+    result = train(kd_world, out, max_steps=30)  # 12 batches per epoch: two epochs and 6 batches of a third
+    assert result["steps"] == 30 and result["epochs"] == 3
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3] and [r["rows"] for r in lines] == [384, 384, 6 * 32]
+    assert lines[-1]["lr"] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 29 / 30)))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert train(kd_world, out, max_steps=30, resume=True)["resumed_from"] == {"epoch": 3, "batch": 0}
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_accumulating_two_half_batches_takes_the_step_of_one_whole_batch(kd_world, tmp_path):
+    whole = train(kd_world, tmp_path / "whole", epochs=2, batch_size=32)
+    halves = train(kd_world, tmp_path / "halves", epochs=2, batch_size=16, grad_accum=2)
+    assert whole["steps"] == halves["steps"] == 2 * 12
+    a = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)
+    b = torch.load(tmp_path / "halves" / "student.pt", weights_only=True)
+    for k in a:  # the same rows per step (the order does not depend on the batch size), in other sums
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_warmup_rises_linearly_then_decays_by_cosine():
+    from mtkd.pipeline.train import Plan, _schedule
+
+    c = TrainConfig("s.toml", "d.npz", "out", lr=1.0, warmup_steps=4)
+    lr_at = _schedule(c, Plan(batches_per_epoch=10, grad_accum=1, total_steps=20))
+    assert [lr_at(t) for t in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4) == 1.0 and lr_at(12) == pytest.approx(0.5) and lr_at(19) < 0.02
 
 
 # -- resume ----------------------------------------------------------------------------------------

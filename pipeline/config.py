@@ -1,0 +1,231 @@
+"""The resolved, typed configuration of one `mtkd train` run: built once, handed down, written once.
+
+    config = TrainConfig(student="mlp.toml", data="mnist1d:unlabeled", out="runs/kd", store="kd.zarr", temperature=2.0)
+    run_train(config)
+
+`mtkd train` builds a TrainConfig from its options; a library caller builds one directly. Its
+constructor validates every option on its own (a bad value raises a BadInputError naming the
+flag); what needs the store (which teachers there are) is checked by the trainer's setup, which
+then fills in `teachers` and `teacher_weights` with `resolved(...)`: the config written to
+RUN/config.json and compared by `--resume` is that resolved one, never a second copy of the options.
+
+config.json is `to_json()` (the options, paths under "paths") merged with the facts the setup
+measured (fingerprints, sizes, loader mode; see train.py). `--resume` compares everything except
+`RESUMABLE_KEYS`: where things are and how often to checkpoint, not what is trained.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import shlex
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from mtkd.pipeline.errors import BadInputError
+
+
+class Fusion(str, enum.Enum):
+    MEAN = "mean"
+    WEIGHTED = "weighted"
+    CONFIDENCE = "confidence"
+    VOTE = "vote"
+
+
+class Loss(str, enum.Enum):
+    KL = "kl"
+    MSE = "mse"
+
+
+class Schedule(str, enum.Enum):
+    COSINE = "cosine"
+    INVERSE = "inverse"
+
+
+CHECKPOINT_EVERY = 1000  # batches; plus the end of every epoch
+
+# Keys of config.json that may differ on --resume: where things are and how the run is driven,
+# not what is trained. ("loader" is compared: the two modes order rows differently.)
+RESUMABLE_KEYS = ("command", "device", "checkpoint_every", "versions", "paths")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs from its caller. Fields mirror `mtkd train`'s options (see its --help)."""
+
+    student: Path  # TOML with one [student] table
+    data: str  # data spec the student trains on
+    out: Path  # run directory
+    store: Path | None = None  # None: hard labels
+    teachers: tuple[str, ...] | None = None  # None: every teacher of the store (filled in by resolved())
+    fusion: Fusion = Fusion.MEAN
+    teacher_weights: Mapping[str, float] | None = None  # --fusion weighted only; normalised by the kernel
+    temperature: float = 2.0
+    alpha: float = 1.0  # weight of the KD term; 1 - alpha weighs the cross-entropy
+    loss: Loss = Loss.KL
+    epochs: int = 30
+    max_steps: int | None = None  # optimizer steps; when given, ends the run (the epochs it spans are derived)
+    batch_size: int = 128  # rows (rows) or sequences (tokens) per batch and process
+    grad_accum: int = 1  # batches per optimizer step
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    schedule: Schedule = Schedule.COSINE
+    decay_rate: float = 1.0  # a of the inverse schedule, per epoch
+    warmup_steps: int = 0  # linear warm-up from 0 over this many optimizer steps, then the schedule
+    seed: int = 0
+    device: str = "auto"
+    val_data: str | None = None
+    resume: bool = False
+    stream: bool | None = None  # None: by available memory (loader.py)
+    checkpoint_every: int = CHECKPOINT_EVERY
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise the given values once, here
+        set_(self, "student", Path(self.student))
+        set_(self, "out", Path(self.out))
+        set_(self, "data", str(self.data))
+        if self.store is not None:
+            set_(self, "store", Path(self.store))
+        if self.teachers is not None:
+            names = tuple(self.teachers)
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise BadInputError(f"--teachers {','.join(map(str, names))!r}: expected comma-separated names, e.g. cnn,gru")
+            set_(self, "teachers", tuple(dict.fromkeys(names)))
+        if self.teacher_weights is not None:
+            set_(self, "teacher_weights", {str(k): float(v) for k, v in self.teacher_weights.items()})
+        for name, kind, flag in (("fusion", Fusion, "--fusion"), ("loss", Loss, "--loss"), ("schedule", Schedule, "--schedule")):
+            set_(self, name, _choice(getattr(self, name), kind, flag))
+        for name in ("temperature", "alpha", "lr", "weight_decay", "decay_rate"):
+            set_(self, name, float(getattr(self, name)))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise BadInputError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise BadInputError(f"--alpha must lie in [0, 1], got {self.alpha}")
+        for flag, value, least in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
+                                   ("--grad-accum", self.grad_accum, 1), ("--seed", self.seed, 0),
+                                   ("--checkpoint-every", self.checkpoint_every, 0), ("--warmup-steps", self.warmup_steps, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise BadInputError(f"{flag} must be an integer >= {least}, got {value!r}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise BadInputError(f"--max-steps must be an integer >= 1, got {self.max_steps!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise BadInputError(f"--lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise BadInputError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.decay_rate) and self.decay_rate >= 0):
+            raise BadInputError(f"--decay-rate must be >= 0, got {self.decay_rate}")
+        if self.store is None:
+            for flag, given in (("--teachers", self.teachers), ("--teacher-weights", self.teacher_weights)):
+                if given:
+                    raise BadInputError(f"{flag} needs --store")
+            if self.stream:
+                raise BadInputError("streaming needs --store (there are no logits to stream)")
+        if self.teacher_weights:
+            if self.fusion is not Fusion.WEIGHTED:
+                raise BadInputError(f"--teacher-weights needs --fusion weighted (got --fusion {self.fusion.value})")
+            for name, w in self.teacher_weights.items():
+                if not (math.isfinite(w) and w >= 0):
+                    raise BadInputError(f"--teacher-weights: weight of {name!r} must be finite and >= 0, got {w}")
+            if sum(self.teacher_weights.values()) <= 0:
+                raise BadInputError("--teacher-weights are all zero")
+        elif self.fusion is Fusion.WEIGHTED and self.store is not None:
+            raise BadInputError("--fusion weighted needs --teacher-weights, e.g. cnn=2,gru=1")
+
+    @property
+    def distil(self) -> bool:
+        return self.store is not None
+
+    def resolved(self, teachers: list[str]) -> TrainConfig:
+        """This config with the store's chosen teachers filled in and the weights checked against them."""
+        weights = None
+        if self.teacher_weights:
+            for name in self.teacher_weights:
+                if name not in teachers:
+                    raise BadInputError(f"--teacher-weights names {name!r}, which is not a chosen teacher ({', '.join(teachers)})")
+            missing = [t for t in teachers if t not in self.teacher_weights]
+            if missing:
+                raise BadInputError(f"--teacher-weights gives no weight for teacher(s) {', '.join(missing)}")
+            weights = {t: self.teacher_weights[t] for t in teachers}
+        return replace(self, teachers=tuple(teachers), teacher_weights=weights)
+
+    def to_json(self) -> dict[str, Any]:
+        """The options as config.json holds them: what is trained at the top, where things are under "paths"."""
+        distil = self.distil
+        return {
+            "command": self.command_line(),
+            "fusion": self.fusion.value if distil else None,
+            "teacher_weights": dict(self.teacher_weights) if self.teacher_weights else None,
+            "temperature": self.temperature if distil else None,
+            "alpha": self.alpha if distil else None,
+            "loss": self.loss.value if distil else "ce",
+            "epochs": self.epochs,
+            "max_steps": self.max_steps,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "optimizer": {"name": "AdamW", "lr": self.lr, "weight_decay": self.weight_decay, "betas": [0.9, 0.999]},
+            "schedule": {"name": self.schedule.value, "decay_rate": self.decay_rate if self.schedule is Schedule.INVERSE else None,
+                         "warmup_steps": self.warmup_steps, "unit": "optimizer step"},
+            "seed": self.seed,
+            "checkpoint_every": self.checkpoint_every,
+            "paths": {
+                "student": str(self.student), "data": self.data, "out": str(self.out),
+                "store": None if self.store is None else str(self.store.resolve()), "val_data": self.val_data,
+            },
+        }
+
+    def command_line(self) -> str:
+        """The `mtkd train` command that makes this run (config.json starts with it)."""
+        args = ["mtkd", "train", "--student", str(self.student), "--data", self.data, "--out", str(self.out)]
+        if self.store is not None:
+            args += ["--store", str(self.store)]
+            if self.teachers:
+                args += ["--teachers", ",".join(self.teachers)]
+            args += ["--fusion", self.fusion.value, "--temperature", str(self.temperature), "--alpha", str(self.alpha),
+                     "--loss", self.loss.value]
+            if self.teacher_weights:
+                args += ["--teacher-weights", ",".join(f"{k}={v:g}" for k, v in self.teacher_weights.items())]
+        args += ["--max-steps", str(self.max_steps)] if self.max_steps is not None else ["--epochs", str(self.epochs)]
+        args += ["--batch-size", str(self.batch_size)]
+        if self.grad_accum != 1:
+            args += ["--grad-accum", str(self.grad_accum)]
+        args += ["--lr", f"{self.lr:g}", "--weight-decay", f"{self.weight_decay:g}", "--schedule", self.schedule.value]
+        if self.schedule is Schedule.INVERSE:
+            args += ["--decay-rate", f"{self.decay_rate:g}"]
+        if self.warmup_steps:
+            args += ["--warmup-steps", str(self.warmup_steps)]
+        args += ["--seed", str(self.seed)]
+        if self.val_data is not None:
+            args += ["--val-data", self.val_data]
+        return shlex.join(args)
+
+
+# Every option's default, by name (the CLI's defaults come from here).
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+
+
+def identity(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What `--resume` compares: a config.json without RESUMABLE_KEYS."""
+    return {k: v for k, v in record.items() if k not in RESUMABLE_KEYS}
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Keys of two config.json records whose identities differ, sorted."""
+    a, b = identity(old), identity(new)
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _choice(value: Any, kind: type[enum.Enum], flag: str) -> enum.Enum:
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value.value if isinstance(value, enum.Enum) else value)
+    except ValueError:
+        raise BadInputError(f"{flag} must be one of {', '.join(c.value for c in kind)}, got {value!r}") from None
+
+
+__all__ = ["CHECKPOINT_EVERY", "DEFAULTS", "Fusion", "Loss", "RESUMABLE_KEYS", "Schedule", "TrainConfig", "differences", "identity"]

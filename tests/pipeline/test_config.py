@@ -1,0 +1,100 @@
+"""TrainConfig: one validated, frozen configuration; what config.json holds and what --resume compares."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+
+import pytest
+
+from mtkd.pipeline.config import DEFAULTS, Fusion, Loss, Schedule, TrainConfig, differences
+from mtkd.pipeline.errors import BadInputError
+
+
+def config(**options):
+    return TrainConfig("student.toml", "data.npz", "runs/x", **options)
+
+
+def test_choices_given_as_strings_become_enums_and_the_config_is_frozen():
+    c = config(store="s.zarr", fusion="vote", loss="mse", schedule="inverse", temperature=2)
+    assert (c.fusion, c.loss, c.schedule) == (Fusion.VOTE, Loss.MSE, Schedule.INVERSE)
+    assert isinstance(c.temperature, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.lr = 1.0  # type: ignore[misc]
+
+
+def test_defaults_are_the_fields_defaults():
+    c = config()
+    assert DEFAULTS["temperature"] == c.temperature == 2.0 and DEFAULTS["grad_accum"] == 1 and c.max_steps is None
+
+
+@pytest.mark.parametrize(
+    ("options", "flag"),
+    [
+        ({"temperature": 0}, "--temperature"),
+        ({"temperature": float("nan")}, "--temperature"),
+        ({"alpha": 1.5}, "--alpha"),
+        ({"epochs": 0}, "--epochs"),
+        ({"max_steps": 0}, "--max-steps"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"grad_accum": 0}, "--grad-accum"),
+        ({"warmup_steps": -1}, "--warmup-steps"),
+        ({"lr": 0.0}, "--lr"),
+        ({"weight_decay": -1.0}, "--weight-decay"),
+        ({"decay_rate": float("inf")}, "--decay-rate"),
+        ({"seed": -1}, "--seed"),
+        ({"checkpoint_every": -1}, "--checkpoint-every"),
+        ({"fusion": "median"}, "--fusion"),
+        ({"loss": "l1"}, "--loss"),
+        ({"schedule": "step"}, "--schedule"),
+        ({"teachers": ("a",)}, "--teachers needs --store"),
+        ({"teachers": ("a", "")}, "--teachers"),
+        ({"stream": True}, "streaming needs --store"),
+        ({"store": "s.zarr", "teacher_weights": {"a": 1.0}}, "--fusion weighted"),
+        ({"store": "s.zarr", "fusion": "weighted"}, "--teacher-weights"),
+        ({"store": "s.zarr", "fusion": "weighted", "teacher_weights": {"a": -1.0}}, "'a'"),
+        ({"store": "s.zarr", "fusion": "weighted", "teacher_weights": {"a": 0.0}}, "all zero"),
+    ],
+)
+def test_each_bad_option_is_refused_naming_it(options, flag):
+    with pytest.raises(BadInputError, match=flag.replace("(", r"\(")):
+        config(**options)
+
+
+def test_resolved_fills_in_the_teachers_and_orders_the_weights_by_them():
+    c = config(store="s.zarr", fusion="weighted", teacher_weights={"b": 1, "a": 3})
+    r = c.resolved(["a", "b"])
+    assert r.teachers == ("a", "b") and list(r.teacher_weights.items()) == [("a", 3.0), ("b", 1.0)]
+    assert c.teachers is None  # a new config; the given one is unchanged
+    with pytest.raises(BadInputError, match="'b'"):
+        config(store="s.zarr", fusion="weighted", teacher_weights={"a": 1, "b": 1}).resolved(["a", "c"])
+    with pytest.raises(BadInputError, match="no weight for teacher.*c"):
+        config(store="s.zarr", fusion="weighted", teacher_weights={"a": 1}).resolved(["a", "c"])
+
+
+def test_config_json_starts_with_the_command_that_makes_the_run():
+    c = config(store="s.zarr", temperature=3.0, max_steps=50, grad_accum=2, warmup_steps=5, val_data="v.npz").resolved(["a"])
+    record = c.to_json()
+    assert list(record)[0] == "command"
+    args = shlex.split(record["command"])
+    assert args[:2] == ["mtkd", "train"]
+    pairs = dict(zip(args[2::2], args[3::2]))
+    assert pairs["--store"] == "s.zarr" and pairs["--teachers"] == "a" and pairs["--temperature"] == "3.0"
+    assert pairs["--max-steps"] == "50" and pairs["--grad-accum"] == "2" and pairs["--warmup-steps"] == "5"
+    assert "--epochs" not in pairs and pairs["--val-data"] == "v.npz"
+    assert record["schedule"]["warmup_steps"] == 5 and record["max_steps"] == 50 and record["grad_accum"] == 2
+
+
+def test_hard_label_configs_record_no_kd_options():
+    record = config().to_json()
+    assert record["loss"] == "ce" and record["fusion"] is None and record["temperature"] is None
+    assert "--store" not in record["command"]
+
+
+def test_resume_compares_what_is_trained_not_where_things_are():
+    a = config(store="s.zarr").resolved(["a"]).to_json()
+    moved = TrainConfig("elsewhere/student.toml", "data.npz", "other/x", store="t.zarr", checkpoint_every=7,
+                        device="cpu").resolved(["a"]).to_json()
+    assert differences(a, moved) == []
+    assert differences(a, config(store="s.zarr", temperature=3.0).resolved(["a"]).to_json()) == ["temperature"]
+    assert differences(a, config(store="s.zarr", grad_accum=2).resolved(["a"]).to_json()) == ["grad_accum"]
