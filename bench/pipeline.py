@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from mtkd.kernels import fused_kd_loss
-from mtkd.pipeline.demo import DemoConfig, toml_table
+from mtkd.pipeline.demos.rows import RowsDemoConfig, toml_table
 from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.infer import forward_throughput, load_teacher, run_infer
 from mtkd.pipeline.specs import import_object, load_data, load_teacher_specs
@@ -43,7 +43,7 @@ from mtkd.pipeline.train import run_train
 
 def _setup(work: Path, rows: int) -> tuple[Path, Path, Path]:
     """Teachers (random weights, saved as checkpoints), the student TOML, and the data as .npz."""
-    config = DemoConfig()
+    config = RowsDemoConfig()
     tables = []
     for recipe in config.teachers:
         model = import_object(recipe.factory, what="teacher factory")(**recipe.kwargs)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         "conditions": {
             "rows": args.rows, "epochs": args.epochs, "stream_epochs": args.stream_epochs,
             "batch_size": args.batch_size, "repeats": args.repeats,
-            "teachers": [r.name for r in DemoConfig().teachers], "student": "mlp 40-100-100-10",
+            "teachers": [r.name for r in RowsDemoConfig().teachers], "student": "mlp 40-100-100-10",
             "device": str(device), "cpu_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,

@@ -1,28 +1,79 @@
 """The `mtkd` command line: one file per command under commands/, errors become exit codes here.
 
 Exit codes (SPEC.md): 0 success, 2 bad input (a one-line message naming the culprit; nothing written),
-1 anything else.
+1 anything else. With `--json` the last line of stdout is one JSON object, also on failure:
+`{"error": {"kind": <the error's class name>, "message": <its one line>}}`.
+
+Nothing heavy is imported here or at the top of a command file (torch, zarr, the stages): `mtkd --help`
+and `mtkd CMD --help` must stay faster than `import torch` (bench/cli.py measures it). A command
+imports what it runs inside its function body.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from mtkd.pipeline.errors import MtkdError
 
+_JSON_FLAG = "--json"
+
+
+def _json_requested(args: list[str]) -> bool:
+    # Options end at a bare `--`; what follows is an argument, even if it reads `--json`.
+    return _JSON_FLAG in (args[: args.index("--")] if "--" in args else args)
+
+
+def _print_json_error(kind: str, message: str) -> None:
+    print(json.dumps({"error": {"kind": kind, "message": message}}), flush=True)
+
+
+def _untyped_flags(params: list) -> list:
+    # typer 0.29 prints `<bool>` after every flag (`--json <bool>`), as if it took a value; it takes none.
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _MtkdCommand(TyperCommand):
+    """A command whose flags show no value type in --help."""
+
+    def get_params(self, ctx):
+        return _untyped_flags(super().get_params(ctx))
+
 
 class _MtkdGroup(TyperGroup):
-    """Translates mtkd's errors into exit codes, once, for every command."""
+    """Translates errors into exit codes, once, for every command, and into JSON under --json."""
+
+    def get_params(self, ctx):
+        return _untyped_flags(super().get_params(ctx))
+
+    def parse_args(self, ctx, args):
+        ctx.meta["mtkd.json"] = _json_requested(list(args))
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
+        as_json = ctx.meta.get("mtkd.json", False)
         try:
             return super().invoke(ctx)
         except MtkdError as e:
+            if as_json:
+                _print_json_error(type(e).__name__, str(e))
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from e
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:
+            # Usage errors (click's, exit 2) and bugs (exit 1): typer still prints them on stderr as
+            # before; the JSON line only adds what a script reading stdout needs.
+            if as_json:
+                message = e.format_message() if hasattr(e, "format_message") else str(e)
+                _print_json_error(type(e).__name__, " ".join(message.split()))
+            raise
 
 
 app = typer.Typer(
@@ -35,21 +86,15 @@ app = typer.Typer(
 
 
 # One file per command; each defines a function whose typer signature is the command's interface.
-# (registered below, in the order `mtkd --help` lists them)
-from mtkd.pipeline.commands import infer, inspect  # noqa: E402
+# (registered in the order `mtkd --help` lists them)
+from mtkd.pipeline.commands import demo, eval, infer, inspect, train, verify  # noqa: E402
 
-app.command("infer")(infer.infer)
-app.command("inspect")(inspect.inspect)
-from mtkd.pipeline.commands import verify  # noqa: E402
-
-app.command("verify")(verify.verify)
-from mtkd.pipeline.commands import eval, train  # noqa: E402
-
-app.command("train")(train.train)
-app.command("eval")(eval.eval_command)
-from mtkd.pipeline.commands import demo  # noqa: E402
-
-app.command("demo")(demo.demo)
+app.command("infer", cls=_MtkdCommand)(infer.infer)
+app.command("inspect", cls=_MtkdCommand)(inspect.inspect)
+app.command("verify", cls=_MtkdCommand)(verify.verify)
+app.command("train", cls=_MtkdCommand)(train.train)
+app.command("eval", cls=_MtkdCommand)(eval.eval_command)
+app.command("demo", cls=_MtkdCommand)(demo.demo)
 
 
 def main() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from enum import Enum
-
-import torch
+from typing import TYPE_CHECKING
 
 from mtkd.pipeline.errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Device(str, Enum):
@@ -17,6 +19,8 @@ class Device(str, Enum):
 
 def resolve_device(device: str) -> torch.device:
     """auto -> cuda when available, else cpu; refuses cuda without a CUDA device."""
+    import torch  # here, not at the top: every command's signature imports Device, and --help stays light
+
     device = device.value if isinstance(device, Device) else device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,7 +12,6 @@ from rich.table import Table
 
 from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
 from mtkd.pipeline.device import Device
-from mtkd.pipeline.infer import parse_shard, run_infer
 from mtkd.pipeline.progress import progress_bar
 
 
@@ -48,15 +47,17 @@ def infer(
 ) -> None:
     """Run every teacher over the data once and store its raw logits (stage one).
 
-    Creates OUT or resumes it: blocks already complete are skipped.
-    A teacher complete with the same checkpoint is not run again;
-    a teacher new to the store is added.
-    Processes with distinct --shard I/N may write one store at once.
+    Creates OUT or resumes it: blocks already complete are skipped. A
+    teacher complete with the same weights is not run again; a teacher new
+    to the store is added. Processes with distinct --shard I/N may write one
+    store at once.
 
     Example:
       mtkd infer --teachers teachers.toml --data mnist1d:train --out train.zarr
       mtkd infer --teachers teachers.toml --data x.npz --out x.zarr --shard 3/8
     """
+    from mtkd.pipeline.infer import parse_shard, run_infer  # heavy (torch): here, so --help stays fast
+
     parsed_shard = parse_shard(shard)
     with progress_bar(quiet) as bar:
         task = bar.add_task(f"infer {out.name} [{parsed_shard}]", total=None)

@@ -12,24 +12,26 @@ from rich.table import Table
 
 from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
 from mtkd.pipeline.progress import progress_bar
-from mtkd.pipeline.report import inspect_store
-from mtkd.pipeline.store import open_store
 
 
 def inspect(
-    store: Annotated[Path, typer.Argument(help="A store written by `mtkd infer`.")],
+    store: Annotated[Path, typer.Argument(metavar="STORE", help="A store written by `mtkd infer`.")],
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Show a store's teachers, completeness, accuracy/NLL/ECE and agreement.
 
     Per teacher and for the ensemble (the mean of the complete teachers'
-    probabilities), against the labels stored with the data (-100: left out).
+    probabilities), against the labels stored with the data (-100: left
+    out).
 
     Example:
       mtkd inspect train.zarr
       mtkd inspect train.zarr --json
     """
+    from mtkd.pipeline.report import inspect_store  # heavy (torch, zarr): here, so --help stays fast
+    from mtkd.pipeline.store import open_store
+
     opened = open_store(store)
     with progress_bar(quiet) as bar:
         task = bar.add_task(f"inspect {store.name}", total=opened.num_blocks)

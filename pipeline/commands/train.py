@@ -14,8 +14,6 @@ from mtkd.pipeline.device import Device
 from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
 from mtkd.pipeline.errors import BadInputError
 from mtkd.pipeline.config import CHECKPOINT_EVERY, DEFAULTS, Fusion, Loss, Schedule, TrainConfig
-from mtkd.pipeline.train import run_train
-
 
 
 class LoaderMode(str, Enum):
@@ -97,15 +95,19 @@ def train(
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Train a student: on hard labels, or distilled from the teachers' logits in a store (stage two).
+    """Train a student on hard labels, or distil it from a store (stage two).
 
-    Writes OUT/student.pt, OUT/config.json, OUT/metrics.jsonl and OUT/checkpoint.pt.
-    Under torchrun it trains with DDP unchanged; rank 0 writes OUT.
+    Writes OUT/student.pt, OUT/config.json, OUT/metrics.jsonl and
+    OUT/checkpoint.pt. Under torchrun it trains with DDP unchanged; rank 0
+    writes OUT. With --val-data, student.pt is the best epoch on it: give a
+    validation split, never the test set you report.
 
     Example:
       mtkd train --student mlp.toml --data mnist1d:train --out runs/baseline
-      mtkd train --student mlp.toml --data mnist1d:unlabeled --store unlabeled.zarr --out runs/kd -T 2 --val-data mnist1d:test
-      torchrun --nproc_per_node 4 -m mtkd.pipeline.cli train --student mlp.toml --data x.npz --store x.zarr --out runs/kd --resume
+      mtkd train --student mlp.toml --data x.npz --store x.zarr -T 2 \\
+          --val-data val.npz --out runs/kd
+      torchrun --nproc_per_node 4 -m mtkd.pipeline.cli train \\
+          --student mlp.toml --data x.npz --store x.zarr --out runs/kd --resume
     """
     if max_steps is not None and epochs != DEFAULTS["epochs"]:
         raise BadInputError("give --epochs or --max-steps, not both")
@@ -117,6 +119,8 @@ def train(
         val_data=val_data, resume=resume, stream=None if loader is LoaderMode.auto else loader is LoaderMode.stream,
         checkpoint_every=checkpoint_every,
     )
+    from mtkd.pipeline.train import run_train  # heavy (torch): here, so --help stays fast
+
     result = run_train(config, quiet=quiet)
     if result["rank"] == 0:  # one report per run, not one per torchrun process
         emit(result, as_json, _render)
@@ -150,24 +154,27 @@ def _weights(text: str | None) -> dict[str, float] | None:
 
 
 def _render(result: dict) -> None:
+    # Short lines (each under 80 columns for the paths of a usual run), one fact per line.
     last = result["last"] or {}
+    processes = f"{result['world_size']} process{'es' if result['world_size'] > 1 else ''}"
     lines = [
-        f"run {result['run']}: {result['mode']}, {result['epochs']} epochs, {result['steps']} steps "
-        f"({result['world_size']} process{'es' if result['world_size'] > 1 else ''}, logits in {result['loader']}) "
-        f"in {result['seconds']:.1f} s"
+        f"run {result['run']}: {result['mode']}, {result['epochs']} epochs, {result['steps']} steps, "
+        f"{result['seconds']:.1f} s",
+        f"  {processes}, logits in {result['loader']}",
     ]
     if result["resumed_from"]:
-        lines.append(f"resumed from epoch {result['resumed_from']['epoch']}, batch {result['resumed_from']['batch']}")
+        lines.append(f"  resumed from epoch {result['resumed_from']['epoch']}, batch {result['resumed_from']['batch']}")
     if last:
-        acc = last.get("train_accuracy")
-        rate = last.get("rows_per_s")
-        lines.append(
-            f"last epoch: loss {last['loss']:.4f}"
-            + (f", train accuracy {acc:.4f}" if acc is not None else "")
-            + (f", {rate:.0f} rows/s" if rate else "")
-            + (f", val accuracy {last['val_accuracy']:.4f}" if last.get("val_accuracy") is not None else "")
-        )
+        facts = [f"loss {last['loss']:.4f}"]
+        if last.get("train_accuracy") is not None:
+            facts.append(f"train accuracy {last['train_accuracy']:.4f}")
+        if last.get("rows_per_s"):
+            facts.append(f"{last['rows_per_s']:.0f} rows/s")
+        lines.append("  last epoch: " + ", ".join(facts))
+        if last.get("val_accuracy") is not None:
+            lines.append(f"  last epoch: val accuracy {last['val_accuracy']:.4f}")
     best = result["best"]
-    which = f"best (epoch {best['epoch']}, val accuracy {best['val_accuracy']:.4f})" if best else "final"
-    lines.append(f"student: {result['student']} ({which})")
+    which = f"best epoch {best['epoch']}, val accuracy {best['val_accuracy']:.4f}" if best else "final"
+    lines.append(f"student: {result['student']}")
+    lines.append(f"  ({which})")
     print("\n".join(lines))

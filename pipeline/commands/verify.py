@@ -12,11 +12,10 @@ from rich.markup import escape
 
 from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
 from mtkd.pipeline.progress import progress_bar
-from mtkd.pipeline.verify import verify_store
 
 
 def verify(
-    store: Annotated[Path, typer.Argument(help="A store written by `mtkd infer`.")],
+    store: Annotated[Path, typer.Argument(metavar="STORE", help="A store written by `mtkd infer`.")],
     repair: Annotated[
         bool,
         typer.Option("--repair", help="Drop the records of damaged blocks (and `complete`), so that rerunning "
@@ -31,8 +30,10 @@ def verify(
 
     Example:
       mtkd verify train.zarr
-      mtkd verify train.zarr --repair      # then: the same `mtkd infer` recomputes the dropped blocks
+      mtkd verify train.zarr --repair   # then the same `mtkd infer` again
     """
+    from mtkd.pipeline.verify import verify_store  # heavy (torch, zarr): here, so --help stays fast
+
     with progress_bar(quiet) as bar:
         task = bar.add_task(f"verify {store.name}", total=None)
         report = verify_store(store, repair=repair, progress=lambda done, total: bar.update(task, completed=done, total=total))
