@@ -11,6 +11,7 @@ imports what it runs inside its function body.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
@@ -65,6 +66,16 @@ class _MtkdGroup(TyperGroup):
                 _print_json_error(type(e).__name__, str(e))
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from e
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Every file mtkd writes goes to a temporary name first, removed when the write fails.
+            message = (f"no space left on the device of {e.filename or 'a file being written'}; "
+                       "nothing half-written was kept: free space and rerun")
+            if as_json:
+                _print_json_error("DiskFullError", message)
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(1) from e
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:

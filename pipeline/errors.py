@@ -43,5 +43,9 @@ class TeacherOutputError(BadInputError):
     """A teacher that returns NaN/inf, the wrong shape, or a class count unlike the others."""
 
 
+class TeacherFailedError(MtkdError):
+    """A teacher that raises while stage one runs, after its first batch passed (exit 1: not the input's fault)."""
+
+
 class RunMismatchError(BadInputError):
     """A run directory that cannot be resumed with the given configuration."""

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 
 from mtkd.pipeline.device import resolve_device
-from mtkd.pipeline.errors import BadInputError, StoreMismatchError, TeacherOutputError
+from mtkd.pipeline.errors import BadInputError, StoreMismatchError, TeacherFailedError, TeacherOutputError
 from mtkd.pipeline.report import teacher_stats
-from mtkd.pipeline.specs import IGNORE_LABEL, ArrayData, ModelSpec, load_data, load_teacher_specs
+from mtkd.pipeline.specs import IGNORE_LABEL, ArrayData, ModelSpec, _brief, load_data, load_teacher_specs
 from mtkd.pipeline.store import DTYPES, STORAGE, LogitStore, create_store, open_store
 
 WRITE_QUEUE_BLOCKS = 2  # full blocks waiting for the writer; bounds host memory to a few blocks
@@ -223,7 +223,13 @@ def _forward_blocks(
                             host.copy_(reuse)  # the validation batch: these rows, these outputs
                             reused = True
                             continue
-                        out = models[name](x)
+                        try:
+                            out = models[name](x)
+                        except Exception as error:
+                            raise TeacherFailedError(
+                                f"teacher {name!r} raised on rows {s}..{e - 1} ({_brief(error)}); the blocks finished "
+                                "before it are written, valid and kept: rerun the same `mtkd infer` to continue"
+                            ) from error
                         _check_shape(name, out, s, e - s, store.num_classes)
                         # The one copy to the host; CUDA casts first (half the bytes over the bus for
                         # 16-bit stores), the CPU casts on the way.

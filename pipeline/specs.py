@@ -90,6 +90,9 @@ def make_array_data(spec: str, x: Any, y: Any = None) -> ArrayData:
         raise SpecError(f"data {spec!r}: inputs must be numeric, got dtype {x.dtype}")
     if np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32, copy=False)
+        finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)  # once, before any stage writes a byte
+        if not finite.all():
+            raise SpecError(f"data {spec!r}: row {int(np.flatnonzero(~finite)[0])} holds NaN/inf (inputs must be finite)")
     x = np.ascontiguousarray(x)
     if y is not None:
         y = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
@@ -252,6 +255,8 @@ def import_object(ref: str, *, what: str) -> Any:
 # ---------------------------------------------------------------------------------------------------
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+RESERVED_NAMES = (".", "..", "zarr.json")
+MAX_NAME = 100
 MODEL_KEYS = {"name", "factory", "kwargs", "checkpoint", "torchscript"}
 
 
@@ -347,6 +352,9 @@ def _parse_model(table: Any, source: Path, where: str) -> ModelSpec:
     name = table.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise SpecError(f"{source}: {where} needs a name of [A-Za-z0-9_.-], got {name!r}")
+    if name in RESERVED_NAMES or len(name) > MAX_NAME:
+        # A teacher's name is a folder of the store: these would be another file, or too long for one.
+        raise SpecError(f"{source}: {where}: name {name!r} is not allowed (not ., .. or zarr.json; at most {MAX_NAME} characters)")
     factory, kwargs = table.get("factory"), table.get("kwargs", {})
     checkpoint, torchscript = table.get("checkpoint"), table.get("torchscript")
     if torchscript is not None and (checkpoint is not None or factory is not None):

@@ -320,8 +320,9 @@ class LogitStore:
         logits_array, done_array = self._raw_array(f"teachers/{name}/logits"), self._raw_array(f"teachers/{name}/done")
         folder = self.path / "teachers" / name
         _write_file(folder / "logits" / logits_array.metadata.encode_chunk_key((block, 0)), memoryview(payload).cast("B"), durable=True)
-        # A lost record only means the block is computed again: no fsync needed.
-        _write_file(folder / "done" / done_array.metadata.encode_chunk_key((block,)), b"\x01", durable=False)
+        # Synced too: a record that a crash could turn into an empty file must not depend on the file
+        # system's mount options for what it says (one more fsync per block, small beside the chunk's).
+        _write_file(folder / "done" / done_array.metadata.encode_chunk_key((block,)), b"\x01", durable=True)
 
     def mark_complete(self, name: str, stats: dict[str, Any]) -> None:
         """Record that every block of `name` is written, with its stats. Idempotent: same bytes each time."""
@@ -442,6 +443,11 @@ def _write_file(path: Path, payload: bytes | memoryview, *, durable: bool) -> No
                     f.flush()
                     os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.filename is None:  # os.fsync's error names no file: name the one being written
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
