@@ -66,6 +66,10 @@ class _MtkdGroup(TyperGroup):
                 _print_json_error(type(e).__name__, str(e))
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from e
+        except typer.BadParameter as e:
+            # typer's enum check words its message as a validator's: "Value error, 'x' is not one of ..."
+            e.message = e.message.replace("Value error, ", "", 1)
+            raise
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise

@@ -47,5 +47,9 @@ class TeacherFailedError(MtkdError):
     """A teacher that raises while stage one runs, after its first batch passed (exit 1: not the input's fault)."""
 
 
+class NonFiniteLossError(MtkdError):
+    """A training loss that turned NaN/inf: the run stops, its last good checkpoint kept (exit 1)."""
+
+
 class RunMismatchError(BadInputError):
     """A run directory that cannot be resumed with the given configuration."""

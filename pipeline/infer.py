@@ -36,7 +36,7 @@ import torch
 from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.errors import BadInputError, StoreMismatchError, TeacherFailedError, TeacherOutputError
 from mtkd.pipeline.report import teacher_stats
-from mtkd.pipeline.specs import IGNORE_LABEL, ArrayData, ModelSpec, _brief, load_data, load_teacher_specs
+from mtkd.pipeline.specs import IGNORE_LABEL, ArrayData, ModelSpec, _brief, check_out_path, load_data, load_teacher_specs
 from mtkd.pipeline.store import DTYPES, STORAGE, LogitStore, create_store, open_store
 
 WRITE_QUEUE_BLOCKS = 2  # full blocks waiting for the writer; bounds host memory to a few blocks
@@ -127,6 +127,7 @@ def run_infer(
     data = load_data(data) if isinstance(data, str) else data
     dev = resolve_device(device)
     out = Path(out)
+    check_out_path(out)
 
     store = _open_existing(out)
     if store is not None:
@@ -330,9 +331,10 @@ def _already_done(store: LogitStore, spec: ModelSpec, checkpoint: str | None, dt
 def _check_same_teacher(store: LogitStore, spec: ModelSpec, checkpoint: str | None, dtype: str):
     info = store.teacher(spec.name)
     if info.checkpoint_sha256 != checkpoint:
+        stored = f"checkpoint sha256 {info.checkpoint_sha256[:12]}" if info.checkpoint_sha256 else "no checkpoint (its factory's own weights)"
+        given = f"{spec.weights_file} has sha256 {checkpoint[:12]}" if checkpoint else "this spec gives no checkpoint"
         raise StoreMismatchError(
-            f"store {str(store.path)!r} holds teacher {spec.name!r} from checkpoint sha256 "
-            f"{str(info.checkpoint_sha256)[:12]}, but {spec.weights_file} has sha256 {str(checkpoint)[:12]}; "
+            f"store {str(store.path)!r} holds teacher {spec.name!r} from {stored}, but {given}; "
             "rename the teacher or use another store"
         )
     if not info.complete and info.dtype != dtype:

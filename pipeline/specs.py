@@ -73,6 +73,15 @@ class ArrayData:
         return self.y
 
 
+def check_out_path(path: Path, option: str = "--out") -> None:
+    """Refuse an output path that cannot be created: one of its parents is a file (BadInputError)."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SpecError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+            return
+
+
 def fingerprint(x: np.ndarray) -> str:
     """sha256 over the inputs' dtype, shape and bytes: the identity of a data set."""
     x = np.ascontiguousarray(x)

@@ -42,8 +42,9 @@ import numpy as np
 import torch
 import zarr
 
-from mtkd.pipeline.errors import BadInputError, IncompleteStoreError, StoreMismatchError
+from mtkd.pipeline.errors import BadInputError, CorruptStoreError, IncompleteStoreError, StoreMismatchError
 from mtkd.pipeline.specs import ArrayData
+from mtkd.pipeline.staging import remove_stale, staging_dir
 
 FORMAT = 1
 TARGET_CHUNK_BYTES = 2 << 20  # at 2 bytes per logit: fp16/bf16 chunks of 1-2 MiB, fp32 of 2-4 MiB
@@ -250,8 +251,19 @@ class LogitStore:
         """Rows [start, stop) of a teacher's logits, (stop-start, V), in its logical dtype (bf16 bit-exact)."""
         if not 0 <= start <= stop <= self.num_rows:
             raise IndexError(f"rows [{start}, {stop}) out of range (store has {self.num_rows})")
-        dtype = self._logical_dtype(name)
-        raw = np.ascontiguousarray(self._array(f"teachers/{name}/logits")[start:stop])
+        try:
+            dtype = self._logical_dtype(name)
+            raw = np.ascontiguousarray(self._array(f"teachers/{name}/logits")[start:stop])
+        except (ValueError, OSError) as e:  # a checksum mismatch, a truncated chunk, a missing zarr.json
+            first, last = start // self.chunk_rows, max(stop - 1, start) // self.chunk_rows
+            for block in range(first, last + 1) if first < last else ():
+                self.read_logits(name, *self.block_range(block))  # raises naming the block that fails
+            blocks = f"block {first}" if first == last else f"blocks {first}..{last}"
+            detail = (str(e).strip().splitlines() or [""])[0]
+            raise CorruptStoreError(
+                f"store {str(self.path)!r}: teacher {name!r}, {blocks}: the logits do not read ({type(e).__name__}: "
+                f"{detail}); run `mtkd verify {self.path}`"
+            ) from e
         return _from_storage(raw, dtype)
 
     # -- writing (stage one) ------------------------------------------------------------------------
@@ -344,13 +356,17 @@ class LogitStore:
         _retry_if_vanished(write_attrs)
 
     def drop_block(self, name: str, block: int) -> None:
-        """Forget a (damaged) block: its record first, then its chunks, so `mtkd infer` recomputes it."""
+        """Forget a (damaged) block: its record first, then its chunk of every array, so that
+        `mtkd infer` recomputes it. Used by `mtkd verify --repair`."""
         self._require_writable()
         self.block_range(block)
         folder = self.path / "teachers" / name
         (folder / "done" / self._array(f"teachers/{name}/done").metadata.encode_chunk_key((block,))).unlink(missing_ok=True)
-        array = self._array(f"teachers/{name}/logits")
-        (folder / "logits" / array.metadata.encode_chunk_key((block, 0))).unlink(missing_ok=True)
+        for child in sorted(folder.iterdir()):
+            if child.name != "done" and (child / "zarr.json").is_file():
+                array = self._array(f"teachers/{name}/{child.name}")
+                key = array.metadata.encode_chunk_key((block,) + (0,) * (len(array.shape) - 1))
+                (child / key).unlink(missing_ok=True)
 
     def mark_incomplete(self, name: str) -> None:
         """Clear `complete` and the stats (they described data now dropped), as a new teacher has them."""
@@ -376,7 +392,15 @@ class LogitStore:
 
     def _logical_dtype(self, name: str) -> str:
         self._require_teacher(name)
-        return self._array(f"teachers/{name}/logits").attrs["logical_dtype"]
+        array = self._array(f"teachers/{name}/logits")
+        logical = array.attrs.get("logical_dtype")
+        # Bits read as another dtype of the same size would be garbage, never an error: refuse them.
+        if logical not in STORAGE or STORAGE[logical][0] != np.dtype(array.dtype):
+            raise CorruptStoreError(
+                f"store {str(self.path)!r}: teacher {name!r} says logical_dtype {logical!r} but its logits are stored as "
+                f"{np.dtype(array.dtype)}; run `mtkd verify {self.path} --repair`"
+            )
+        return logical
 
     def _require_teacher(self, name: str) -> None:
         if not (self.path / "teachers" / name / "zarr.json").is_file():
@@ -410,8 +434,9 @@ def _from_storage(raw: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 def _staging_dir(path: Path) -> Path:
-    # A hidden sibling: the same file system (so rename is atomic) and outside any Zarr hierarchy.
-    return path.parent / f".{path.name}.mtkd-staging-{uuid.uuid4().hex[:12]}"
+    # Before making a new one, remove those of creators that were killed (staging.py says how).
+    remove_stale(path)
+    return staging_dir(path)
 
 
 def _publish(tmp: Path, target: Path) -> bool:

@@ -74,10 +74,12 @@ from mtkd.pipeline.evaluate import predict_log_probs
 from mtkd.pipeline.loader import BatchLoader, as_tensor
 from mtkd.pipeline.metrics import classification_metrics
 from mtkd.pipeline.progress import progress_bar
-from mtkd.pipeline.specs import IGNORE_LABEL, ArrayData, ModelSpec, load_data, load_student_spec
+from mtkd.pipeline.guard import FiniteGuard
+from mtkd.pipeline.specs import IGNORE_LABEL, ArrayData, ModelSpec, check_out_path, load_data, load_student_spec
 from mtkd.pipeline.store import LogitStore, open_store
 
 CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = frozenset({"format", "epoch", "batch", "step", "model", "optimizer", "rng", "sums", "history", "best"})
 
 
 def run_train(config: TrainConfig, *, quiet: bool = True) -> dict[str, Any]:
@@ -93,6 +95,9 @@ def run_train(config: TrainConfig, *, quiet: bool = True) -> dict[str, Any]:
     try:
         trainer.setup()
         summary = trainer.train()
+    except BaseException:
+        trainer.discard_unstarted()
+        raise
     finally:
         trainer.cleanup()
     summary["seconds"] = time.perf_counter() - started
@@ -154,6 +159,7 @@ class Trainer:
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")  # env://, as torchrun sets it
         self.s: Setup | None = None
+        self.wrote_config = self.made_out = False  # what setup created, for discard_unstarted
 
     # -- setup ----------------------------------------------------------------------------------------
 
@@ -161,13 +167,27 @@ class Trainer:
         """Resolve and check everything on every rank (nothing written), then create the run directory."""
         self.s = _agree(self.world_size, self.device, self._resolve)
         if self.rank == 0 and self.s.checkpoint is None:
+            self.made_out = not self.config.out.exists()
             self.config.out.mkdir(parents=True, exist_ok=True)
             _write_atomic(self.config.out / "config.json", json.dumps(self.s.record, indent=2) + "\n")
+            self.wrote_config = True
+
+    def discard_unstarted(self) -> None:
+        """A run that fails before its first checkpoint (a damaged store, a full disk) leaves nothing:
+        its config.json would otherwise make the rerun ask for --resume."""
+        out = self.config.out
+        if not self.wrote_config or (out / "checkpoint.pt").exists():
+            return
+        for name in ("config.json", "metrics.jsonl", ".tmp-config.json"):
+            (out / name).unlink(missing_ok=True)
+        if self.made_out and not any(out.iterdir()):
+            out.rmdir()
 
     def _resolve(self) -> Setup:
         config = self.config
         if config.out.exists() and not config.out.is_dir():
             raise BadInputError(f"--out {str(config.out)!r} is a file, not a run directory")
+        check_out_path(config.out)
         spec = load_student_spec(config.student)
         if spec.torchscript is not None:
             raise SpecError(f"student {spec.name!r}: a TorchScript student cannot be trained; give factory = \"MODULE:CALLABLE\"")
@@ -208,9 +228,9 @@ class Trainer:
         # The run directory: fresh, or resumable with the same configuration.
         existing = _read_run(config.out)
         if existing is not None and not config.resume:
-            state = "finished" if existing["finished"] else "unfinished"
+            state = "a finished" if existing["finished"] else "an unfinished"
             raise RunMismatchError(
-                f"--out {str(config.out)!r} already holds an {state} run; pass --resume to continue it, or choose another directory"
+                f"--out {str(config.out)!r} already holds {state} run; pass --resume to continue it, or choose another directory"
             )
         if existing is None and config.out.is_dir() and any(config.out.iterdir()) and not _only_leftovers(config.out):
             raise RunMismatchError(f"--out {str(config.out)!r} is not empty and holds no run")
@@ -274,8 +294,12 @@ class Trainer:
         resumed_from = None
         if s.checkpoint is not None:
             ckpt = s.checkpoint
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            try:
+                model.load_state_dict(ckpt["model"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise CheckpointError(f"--resume: {str(run / 'checkpoint.pt')!r} does not fit student {s.spec.name!r} ({type(e).__name__}: {first})") from e
             epoch, start_batch, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
             history, best = list(ckpt["history"]), ckpt["best"]
             if rank == 0:
@@ -290,6 +314,7 @@ class Trainer:
         if world_size > 1:
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        guard = FiniteGuard(device, batches_per_epoch=plan.batches_per_epoch, store=s.store, teachers=list(config.teachers or ()))
 
         def save_checkpoint(at_epoch: int, at_batch: int, epoch_sums: dict[str, float]) -> None:
             state = {
@@ -302,6 +327,7 @@ class Trainer:
         def end_epoch(finished: int) -> None:
             """Metrics of epoch `finished` (all ranks), validation, the best student, a checkpoint (rank 0)."""
             nonlocal best
+            guard.check(world_size)  # before anything of this epoch is saved: a NaN step never reaches the disk
             totals = sums.reduced(world_size)
             record = {
                 "epoch": finished + 1,
@@ -343,6 +369,7 @@ class Trainer:
                     batch_loss = objective(student_logits, batch)
                     (batch_loss / (end - first) if end - first > 1 else batch_loss).backward()
                 sums.add(batch_loss.detach(), student_logits.detach(), batch.labels)
+                guard.add(epoch, b, batch_loss, batch.logits)
                 if not last_of_group:
                     continue
                 for group in optimizer.param_groups:
@@ -359,6 +386,7 @@ class Trainer:
                     if step == plan.total_steps:
                         break
                 elif every and (b + 1) // every > first // every:  # a multiple of `every` fell in this group
+                    guard.check(world_size)
                     epoch_sums = sums.reduced(world_size)  # a collective: every rank takes part
                     if rank == 0:
                         save_checkpoint(epoch, b + 1, {**epoch_sums, "seconds": sums.seconds + time.perf_counter() - tick})
@@ -577,6 +605,12 @@ def _read_run(out: Path) -> dict[str, Any] | None:
             checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"--out {str(out)!r}: checkpoint.pt does not load ({type(e).__name__}: {e})") from e
+        missing = CHECKPOINT_KEYS - set(checkpoint) if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
+        if missing or checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"--out {str(out)!r}: checkpoint.pt is not an mtkd checkpoint of format {CHECKPOINT_FORMAT} "
+                f"(missing {', '.join(sorted(missing)) or 'nothing'}, format {checkpoint.get('format') if isinstance(checkpoint, dict) else None!r})"
+            )
     finished = checkpoint is not None and checkpoint["step"] >= config.get("total_steps", math.inf)
     return {"config": config, "checkpoint": checkpoint, "finished": finished}
 
@@ -649,21 +683,30 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _save_atomic(path, text)
 
 
 def _save_atomic(path: Path, obj: Any) -> None:
+    """Write `obj` (text, or anything torch.save takes) to a temporary file, sync it, rename it into
+    place; a failure (a full disk) removes the temporary file: never half a file."""
     tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w" if isinstance(obj, str) else "wb") as f:
+            if isinstance(obj, str):
+                f.write(obj)
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:  # fsync's error names no file
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_metrics(run: Path, history: list[dict[str, Any]]) -> None:
