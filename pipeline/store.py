@@ -30,6 +30,7 @@ killed at any moment leaves either the old or the new file, never half of one.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
@@ -470,7 +471,7 @@ def _write_file(path: Path, payload: bytes | memoryview, *, durable: bool) -> No
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            if e.filename is None:  # os.fsync's error names no file: name the one being written
+            if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):  # os.fsync's error names no file: name the one being written
                 raise OSError(e.errno, e.strerror, str(path)) from e
             raise
         except BaseException:

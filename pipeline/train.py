@@ -50,6 +50,7 @@ rows, `batch_size` is per process, and rank 0 alone writes the run directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -701,7 +702,7 @@ def _save_atomic(path: Path, obj: Any) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        if e.filename is None:  # fsync's error names no file
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):  # fsync's error names no file
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     except BaseException:
