@@ -66,10 +66,6 @@ class _MtkdGroup(TyperGroup):
                 _print_json_error(type(e).__name__, str(e))
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from e
-        except typer.BadParameter as e:
-            # typer's enum check words its message as a validator's: "Value error, 'x' is not one of ..."
-            e.message = e.message.replace("Value error, ", "", 1)
-            raise
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -85,6 +81,8 @@ class _MtkdGroup(TyperGroup):
         except Exception as e:
             # Usage errors (click's, exit 2) and bugs (exit 1): typer still prints them on stderr as
             # before; the JSON line only adds what a script reading stdout needs.
+            if isinstance(e, typer.BadParameter):  # typer's enum check words it "Value error, 'x' is not one of"
+                e.message = e.message.replace("Value error, ", "", 1)
             if as_json:
                 message = e.format_message() if hasattr(e, "format_message") else str(e)
                 _print_json_error(type(e).__name__, " ".join(message.split()))
