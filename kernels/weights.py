@@ -3,13 +3,19 @@
 CA-MKD style (Zhang et al., "Confidence-Aware Multi-Teacher Knowledge Distillation", 2022): a
 teacher counts for a sample in proportion to how well it predicts that sample's label,
 
-    w_nk = softmax_k( -CE(z_kn, y_n) ) = softmax_k( log softmax(z_kn)[y_n] ),
+    w_nk = softmax_k( -CE_nk ) = softmax_k( log softmax(z_kn)[y_n] ),
 
-i.e. w_nk is proportional to the probability teacher k gives the true label. Rows without a label
-(y_n == ignore_index) get uniform weights 1/K. The result feeds `fused_kd_loss(weights=...)`.
+i.e. w_nk is proportional to the probability teacher k gives the true label. (SPEC version 2 writes
+the paper's w_nk = (1 - softmax_k(CE_nk)) / (K - 1) instead; this is version 1's form, kept until
+that change is asked for: stage two's tests hold it.) The dense form takes teacher logits
+(K, N, V); the sparse form takes each teacher's stored label log-probability (K, N), i.e. -CE_nk
+itself (NaN where the row has no label). Rows without a label get uniform weights 1/K, and so do
+rows where every teacher rules the label out. The result feeds `weights=` of the losses.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -18,28 +24,61 @@ from mtkd.kernels.reference import FLOAT_DTYPES, accumulation_dtype, check_label
 
 
 @torch.no_grad()
-def confidence_weights(teacher_logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """(N, K) weights, each row summing to one, from teacher logits (K, N, V) and labels (N,).
+def confidence_weights(
+    teacher_logits: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    *,
+    label_logprobs: Tensor | None = None,
+) -> Tensor:
+    """(N, K) weights, each row summing to one.
 
-    Computed in float32 (float64 for float64 logits), one teacher at a time. Label values are
+    Dense: `confidence_weights(teacher_logits (K, N, V), labels (N,))`.
+    Sparse: `confidence_weights(label_logprobs=(K, N))` (log softmax(z_kn)[y_n], NaN without a
+    label, as a sparse store keeps them), optionally with `labels` (rows equal to ignore_index are
+    then unlabelled too).
+
+    Computed in float32 (float64 for float64 inputs), one teacher at a time. Label values are
     checked eagerly for CPU tensors and with `torch._assert_async` for CUDA tensors.
     """
-    z = teacher_logits
-    if not isinstance(z, Tensor) or z.dtype not in FLOAT_DTYPES or z.dim() != 3 or z.shape[0] < 1:
-        raise TypeError("teacher_logits must be a float tensor of shape (K, N, V) with K >= 1")
-    K, N, V = z.shape
-    check_labels(labels, z, "teacher_logits", ignore_index)
-    acc = accumulation_dtype(z)
-    if N == 0:
-        return torch.empty(0, K, dtype=acc, device=z.device)
-    counted = labels != ignore_index
-    y = torch.where(counted, labels, 0).long()[:, None]  # (N, 1)
-    log_conf = torch.empty(N, K, dtype=acc, device=z.device)
-    for k in range(K):
-        # -CE of teacher k on each row: log softmax(z_k)[y]. One (N, V) temporary at a time.
-        zk = z[k].to(acc)
-        log_conf[:, k] = (zk.gather(1, y) - torch.logsumexp(zk, dim=-1, keepdim=True)).squeeze(1)
-    weights = torch.softmax(log_conf, dim=1)
-    # Uniform where there is no label, or where every teacher rules the label out (all -inf: NaN).
-    usable = counted[:, None] & ~torch.isnan(weights).any(dim=1, keepdim=True)
+    if (teacher_logits is None) == (label_logprobs is None):
+        raise TypeError("confidence_weights takes teacher_logits (dense) or label_logprobs "
+                        "(sparse), exactly one of them")
+    if teacher_logits is not None:
+        z = teacher_logits
+        if (not isinstance(z, Tensor) or z.dtype not in FLOAT_DTYPES or z.dim() != 3
+                or z.shape[0] < 1):
+            raise TypeError("teacher_logits must be a float tensor of shape (K, N, V) with K >= 1")
+        if labels is None:
+            raise TypeError("the dense form needs labels (N,)")
+        K, N, V = z.shape
+        check_labels(labels, N, V, z.device, ignore_index)
+        acc = accumulation_dtype(z)
+        labelled = labels != ignore_index
+        y = torch.where(labelled, labels, 0).long()[:, None]  # (N, 1)
+        log_conf = torch.empty(K, N, dtype=acc, device=z.device)
+        for k in range(K):
+            # log softmax(z_k)[y] per row. One (N, V) temporary at a time.
+            zk = z[k].to(acc)
+            log_conf[k] = (zk.gather(1, y) - torch.logsumexp(zk, dim=-1, keepdim=True)).squeeze(1)
+    else:
+        lp = label_logprobs
+        if (not isinstance(lp, Tensor) or lp.dtype not in FLOAT_DTYPES or lp.dim() != 2
+                or lp.shape[0] < 1):
+            raise TypeError("label_logprobs must be a float tensor of shape (K, N) with K >= 1")
+        K, N = lp.shape
+        labelled = ~lp.isnan().any(dim=0)
+        if labels is not None:
+            check_labels(labels, N, math.inf, lp.device, ignore_index)
+            labelled = labelled & (labels != ignore_index)
+        log_conf = lp.to(accumulation_dtype(lp))
+    return _weights_from_log_confidence(log_conf, labelled)
+
+
+def _weights_from_log_confidence(log_conf: Tensor, labelled: Tensor) -> Tensor:
+    """(N, K) weights softmax_k(log softmax(z_kn)[y_n]) from those log-probabilities (K, N);
+    uniform where unlabelled, or where every teacher gives the label probability 0 (NaN)."""
+    K = log_conf.shape[0]
+    weights = torch.softmax(log_conf.T, dim=1)
+    usable = labelled[:, None] & ~torch.isnan(weights).any(dim=1, keepdim=True)
     return torch.where(usable, weights, torch.full_like(weights, 1.0 / K))

@@ -13,22 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mtkd.kernels import fused_kd_loss, kd_loss_ref
-from mtkd.kernels.kd_loss import _kd_loss_kernel, _scale_grad_kernel, kd_loss_forward
-
-# How far the kernel may be from the float64 reference, by the dtype of the result: twice the
-# largest error PyTorch itself makes in that dtype (kd_loss_ref on the same inputs), plus rtol
-# times each element's magnitude, plus atol times the size of the terms the result is made of
-# (T^2 for losses, alpha * T for gradients, at least 1): the kernel computes in float32, so a
-# probability near 1 may be off by an ulp or two even where the exact gradient is 0. Losses are
-# float32 whatever the inputs. bf16's rtol is one bf16 ulp because under the interpreter fp32 ->
-# bf16 rounds toward zero (compiled kernels round to nearest even: half that).
-TOLERANCES = {
-    torch.float64: dict(atol=1e-12, rtol=1e-6),  # 1 / T reaches the kernel as a float32 argument
-    torch.float32: dict(atol=5e-7, rtol=1e-6),
-    torch.float16: dict(atol=5e-7, rtol=2**-11),
-    torch.bfloat16: dict(atol=5e-7, rtol=2**-7),
-}
-
+from mtkd.kernels.kd_loss import _kd_loss_kernel, kd_loss_forward
+from mtkd.kernels.launch import _scale_grad_kernel
+from tests.kernels.checks import assert_close, compile_for_sm90, loss_and_grad
 
 @pytest.fixture(autouse=True)
 def kernel_backend(request):
@@ -37,56 +24,19 @@ def kernel_backend(request):
         request.getfixturevalue("triton_interpreter")
 
 
-def assert_close(name, actual, expected, baseline, dtype, size=1.0, roundings=1):
-    """`actual` (the kernel) within TOLERANCES[dtype] of `expected` (float64 reference).
-
-    `baseline` is PyTorch's answer in `dtype`; `size` scales atol (see TOLERANCES); `roundings`
-    counts the kernel's roundings to `dtype` (rtol each). Non-finite reference entries must be
-    matched exactly. On failure, says how many elements differ and where.
-    """
-    tol = TOLERANCES[dtype]
-    atol = tol["atol"] * max(size, 1.0)
-    rtol = tol["rtol"] * roundings
-    actual, expected, baseline = (t.detach().double().cpu() for t in (actual, expected, baseline))
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    finite = torch.isfinite(expected)
-    pytorch_error = 0.0
-    if finite.any():
-        pytorch_error = (baseline - expected)[finite].abs().nan_to_num(math.inf).max().item()
-    bound = 2 * pytorch_error + atol + rtol * expected.abs()
-    error = (actual - expected).abs()
-    bad = torch.where(finite, ~(error <= bound), actual != expected)  # a NaN error counts as bad
-    if bad.any():
-        where = [tuple(i) for i in bad.nonzero().tolist()[:5]]
-        detail = ", ".join(f"{i}: {actual[i].item():.6g} vs {expected[i].item():.6g}"
-                           for i in where)
-        raise AssertionError(
-            f"{name}: {int(bad.sum())} of {bad.numel()} elements differ by more than 2 x PyTorch's "
-            f"error {pytorch_error:.3g} + atol {atol:g} + rtol {rtol:g} x |reference|; "
-            f"first at {detail}"
-        )
-
-
-def loss_and_grad(fn, s, z, grad_out=None, **kwargs):
-    """fn's loss and its gradient with respect to s (grad_out: the incoming gradient)."""
-    s = s.detach().clone().requires_grad_()
-    loss = fn(s, z, **kwargs)
-    g = torch.ones_like(loss) if grad_out is None else grad_out.to(loss)
-    (grad,) = torch.autograd.grad(loss, s, g)
-    return loss.detach(), grad
-
-
 def check_kernel(s, z, grad_out=None, weights=None, **kwargs):
     """fused_kd_loss's loss and gradient against the float64 reference; returns the kernel's.
 
     A grad_out other than 1 is applied by the backward to the forward's gradient, already rounded
     to the student's dtype: a second rounding, which the tolerance allows for.
     """
-    loss, grad = loss_and_grad(fused_kd_loss, s, z, grad_out, weights=weights, **kwargs)
+    loss, grad = loss_and_grad(fused_kd_loss, s, z, grad_out=grad_out, weights=weights, **kwargs)
     w64 = None if weights is None else weights.double()
-    ref_loss, ref_grad = loss_and_grad(kd_loss_ref, s.double(), z.double(), grad_out, weights=w64,
+    ref_loss, ref_grad = loss_and_grad(kd_loss_ref, s.double(), z.double(), grad_out=grad_out,
+                                       weights=w64,
                                        **kwargs)
-    pt_loss, pt_grad = loss_and_grad(kd_loss_ref, s, z, grad_out, weights=weights, **kwargs)
+    pt_loss, pt_grad = loss_and_grad(kd_loss_ref, s, z, grad_out=grad_out, weights=weights,
+                                     **kwargs)
     assert grad.dtype == s.dtype
     dtypes = {s.dtype, z.dtype, None if weights is None else weights.dtype}
     wide = torch.float64 in dtypes
@@ -117,6 +67,13 @@ def make_inputs(K, N, V, dtype=torch.float32, z_dtype=None, scale=3.0, weights=N
     return s, z, w, y
 
 
+def some_rows_masked(N, device="cpu"):
+    """A mask with row 0 (and row 3, when there is one) left out."""
+    mask = torch.ones(N, dtype=torch.bool, device=device)
+    mask[::3] = False
+    return mask
+
+
 def matrix():
     """Every V with every dtype and fusion; K, T, alpha, weights, reduction and labels vary by a
     seeded draw, so that each value of each shows up across the cases."""
@@ -131,6 +88,7 @@ def matrix():
                     temperature=draw.choice((0.05, 0.5, 1.0, 2.0, 10.0)), alpha=alpha,
                     weights=draw.choice((None, "K", "NK")),
                     reduction=draw.choice(("mean", "sum", "none")),
+                    mask=draw.choice((None, "some")),
                     # alpha = 0 without labels is all zeros, tested on its own below
                     labels="some" if alpha == 0 else draw.choice((None, "some")),
                 ))
@@ -144,7 +102,8 @@ def test_matches_reference(case):
     s, z, w, y = make_inputs(case["K"], N, case["V"], case["dtype"], weights=case["weights"],
                              labels=case["labels"])
     check_kernel(s, z, weights=w, labels=y, temperature=case["temperature"], alpha=case["alpha"],
-                 fusion=case["fusion"], reduction=case["reduction"])
+                 fusion=case["fusion"], reduction=case["reduction"],
+                 mask=None if case["mask"] is None else some_rows_masked(N, s.device))
 
 
 @pytest.mark.parametrize("fusion", ["prob", "logit"])
@@ -183,8 +142,9 @@ def test_online_path_matches_reference(V, block_v, first_block_masked, fusion):
         y[0] = V - 1
     kwargs = dict(temperature=T, alpha=alpha, fusion=fusion, ignore_index=-100, need_grad=True)
     for reduction in ("none", "mean"):
-        rows, grad = kd_loss_forward(s, z, w, y, reduction=reduction, block_v=block_v, **kwargs)
-        whole_rows, whole_grad = kd_loss_forward(s, z, w, y, reduction=reduction, **kwargs)
+        rows, grad, _ = kd_loss_forward(s, z, w, y, reduction=reduction, block_v=block_v,
+                                        **kwargs)
+        _, whole_grad, _ = kd_loss_forward(s, z, w, y, reduction=reduction, **kwargs)
         ref, ref_grad = loss_and_grad(kd_loss_ref, s.double(), z.double(), weights=w.double(),
                                       labels=y, temperature=T, alpha=alpha, fusion=fusion,
                                       reduction=reduction)
@@ -208,7 +168,7 @@ def test_minus_inf_teacher_logits_are_exact_zeros(fusion, block_v):
     loss, grad = check_kernel(s, z, labels=y, temperature=2.0, alpha=0.3, fusion=fusion,
                               reduction="none")
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    rows, grad = kd_loss_forward(s, z, None, None, temperature=1.0, alpha=1.0, fusion=fusion,
+    rows, grad, _ = kd_loss_forward(s, z, None, None, temperature=1.0, alpha=1.0, fusion=fusion,
                                  reduction="none", ignore_index=-100, need_grad=True,
                                  block_v=block_v)
     # p = 0 where every teacher says -inf: the gradient there is exactly q (T = 1, alpha = 1).
@@ -245,14 +205,54 @@ def test_extreme_logits(temperature, dtype):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_labels_ignored_is_exactly_zero(reduction, alpha):
-    s, z, _, y = make_inputs(3, 4, 37, labels="all")
-    s[0, :5] = -math.inf  # would give inf (and NaN through inf * 0) were the row computed
+@pytest.mark.parametrize("loss_fn", [fused_kd_loss, kd_loss_ref], ids=["fused", "reference"])
+def test_all_rows_masked_is_exactly_zero(loss_fn, reduction, alpha):
+    """Masked rows are never looked at: garbage there (NaN, +inf, all -inf, zero weights, labels
+    out of range) gives a zero loss and a zero gradient, not an error."""
+    s, z, _, y = make_inputs(3, 4, 37)
+    s[0, :5] = -math.inf
+    z[0, 1] = math.nan
+    z[1, 2] = math.inf
+    z[:, 3] = -math.inf
+    y[2] = 99
+    w = torch.rand(4, 3)
+    w[1] = 0.0
+    mask = torch.zeros(4, dtype=torch.bool)
     s = s.requires_grad_()
-    loss = fused_kd_loss(s, z, labels=y, alpha=alpha, temperature=2.0, reduction=reduction)
+    loss = loss_fn(s, z, weights=w, labels=y, alpha=alpha, temperature=2.0, reduction=reduction,
+                   mask=mask)
     loss.sum().backward()
     assert torch.equal(loss, torch.zeros_like(loss))
     assert torch.equal(s.grad, torch.zeros_like(s))
+
+
+@pytest.mark.parametrize("fusion", ["prob", "logit"])
+def test_masked_rows_are_left_out_and_not_counted(fusion):
+    s, z, w, y = make_inputs(3, 6, 37, weights="NK")
+    mask = some_rows_masked(6)
+    kwargs = dict(weights=w, labels=y, temperature=2.0, alpha=0.3, fusion=fusion)
+    loss, grad = loss_and_grad(fused_kd_loss, s, z, mask=mask, **kwargs)
+    kept, kept_grad = loss_and_grad(fused_kd_loss, s[mask], z[:, mask], weights=w[mask],
+                                    labels=y[mask], temperature=2.0, alpha=0.3, fusion=fusion)
+    torch.testing.assert_close(loss, kept)
+    torch.testing.assert_close(grad[mask], kept_grad)
+    assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))
+
+
+@pytest.mark.parametrize("loss_fn", [fused_kd_loss, kd_loss_ref], ids=["fused", "reference"])
+def test_unlabelled_rows_still_distil(loss_fn):
+    """ignore_index drops the CE term only (SPEC version 2): a batch mixing labelled and
+    unlabelled rows is one call."""
+    s, z, _, y = make_inputs(3, 4, 37)
+    y[1] = y[3] = -100
+    kwargs = dict(temperature=2.0, reduction="none")
+    loss, grad = loss_and_grad(loss_fn, s, z, labels=y, alpha=0.3, **kwargs)
+    kd, kd_grad = loss_and_grad(loss_fn, s, z, alpha=1.0, **kwargs)
+    ce = torch.nn.functional.cross_entropy(s, y, reduction="none")  # 0 where y == -100
+    torch.testing.assert_close(loss, 0.3 * kd + 0.7 * ce)
+    unlabelled = y == -100
+    assert (loss[unlabelled] > 0).all()
+    torch.testing.assert_close(grad[unlabelled], 0.3 * kd_grad[unlabelled])
 
 
 @pytest.mark.parametrize("loss_fn", [fused_kd_loss, kd_loss_ref], ids=["fused", "reference"])
@@ -303,6 +303,53 @@ def test_zero_weight_teacher_is_left_out(fusion, left_out, loss_fn):
     torch.testing.assert_close(grad3, grad2)
 
 
+BAD_TEACHERS = {
+    # name: (fusion, how the teachers are spoilt in row 2, a word of the message)
+    "nan": ("prob", lambda z: z[1, 2, 5].fill_(math.nan), "finite"),
+    "plus-inf": ("logit", lambda z: z[0, 2, 0].fill_(math.inf), "finite"),
+    "teacher-row-all-minus-inf": ("prob", lambda z: z[1, 2].fill_(-math.inf), "no finite logit"),
+    "mix-all-minus-inf": ("logit", lambda z: (z[0, 2, ::2].fill_(-math.inf),
+                                              z[1, 2, 1::2].fill_(-math.inf)), "all -inf"),
+}
+
+
+@pytest.mark.parametrize("loss_fn", [fused_kd_loss, kd_loss_ref], ids=["fused", "reference"])
+@pytest.mark.parametrize("bad", list(BAD_TEACHERS))
+def test_non_finite_teachers_are_refused(bad, loss_fn):
+    """Such a row gave loss 0 with a NaN gradient in version 1: a student trained on it turns NaN."""
+    fusion, spoil, word = BAD_TEACHERS[bad]
+    s, z, _, y = make_inputs(2, 4, 37)
+    spoil(z)
+    with pytest.raises(ValueError, match=word):
+        loss_fn(s, z, labels=y, alpha=0.5, fusion=fusion)
+    # The same row masked out, or its teacher weighted 0, is fine.
+    loss_fn(s, z, labels=y, alpha=0.5, fusion=fusion, mask=torch.arange(4) != 2)
+    if bad in ("nan", "teacher-row-all-minus-inf"):
+        loss_fn(s, z, labels=y, alpha=0.5, fusion=fusion, weights=torch.tensor([1.0, 0.0]))
+
+
+@pytest.mark.parametrize("bad", list(BAD_TEACHERS))
+def test_online_path_reports_non_finite_teachers(bad):
+    fusion, spoil, _ = BAD_TEACHERS[bad]
+    s, z, _, y = make_inputs(2, 4, 37)
+    spoil(z)
+    _, _, report = kd_loss_forward(s, z, None, y, temperature=2.0, alpha=0.5, fusion=fusion,
+                                   reduction="mean", ignore_index=-100, need_grad=True, block_v=16)
+    expected = {"nan": 1, "plus-inf": 1, "teacher-row-all-minus-inf": 2, "mix-all-minus-inf": 3}
+    assert report.tolist() == [0, 0, expected[bad], 0]
+
+
+def test_forward_mode_ad_raises_on_the_kernel_path():
+    s, z, _, _ = make_inputs(2, 3, 10, labels=None)
+    tangent = torch.randn_like(s)
+    with pytest.raises(RuntimeError, match="forward-mode AD"):
+        torch.func.jvp(lambda s: fused_kd_loss(s, z), (s,), (tangent,))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(s, tangent)
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            fused_kd_loss(dual, z)
+
+
 def test_empty_batch():
     s, z = torch.zeros(0, 10, requires_grad=True), torch.zeros(2, 0, 10)
     for reduction in ("mean", "sum"):
@@ -343,8 +390,8 @@ def test_torch_compile_fullgraph():
         return fused_kd_loss(s, z, weights=w, labels=y, temperature=2.0, alpha=0.3)
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    loss, grad = loss_and_grad(lambda s, z, **kw: compiled(s, z, w, y), s, z, torch.tensor(3.0))
-    ref, ref_grad = loss_and_grad(lambda s, z, **kw: step(s, z, w, y), s, z, torch.tensor(3.0))
+    loss, grad = loss_and_grad(lambda s, z: compiled(s, z, w, y), s, z, grad_out=torch.tensor(3.0))
+    ref, ref_grad = loss_and_grad(lambda s, z: step(s, z, w, y), s, z, grad_out=torch.tensor(3.0))
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(grad, ref_grad)
 
@@ -411,33 +458,16 @@ def test_permuting_teachers_with_their_weights_changes_nothing(p, rnd):
 # The compiled kernel.
 
 
-def compile_for_sm90(kernel, signature, constexprs, num_warps):
-    """Compile a @triton.jit function's Python source for an H100/H200 (sm_90) without a GPU."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("triton has no NVIDIA backend here")
-    if not isinstance(triton.language.standard._sum_combine, triton.runtime.JITFunction):
-        pytest.skip("triton was imported with TRITON_INTERPRET=1: no compiled kernels this process")
-    fn = triton.runtime.JITFunction(kernel.fn)
-    signature = {**signature, **{name: "constexpr" for name in constexprs}}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "enable_fp_fusion": True})
-    return compiled.asm["cubin"]
-
-
 @pytest.mark.parametrize("flags", [
     dict(),
     dict(SINGLE_BLOCK=False, BLOCK_K=4, BLOCK_V=2048),
     dict(FUSION_PROB=False, SINGLE_BLOCK=False),
-    dict(HAS_WEIGHTS=False, HAS_LABELS=False, USE_CE=False, MEAN_OVER_COUNT=False),
+    dict(HAS_WEIGHTS=False, HAS_LABELS=False, HAS_MASK=False, USE_CE=False, MEAN_OVER_COUNT=False),
     dict(USE_KD=False, HAS_GRAD=False),
     dict(ACC_DTYPE="fp64", SINGLE_BLOCK=False),
     # A launch specialises int arguments equal to 1 into constants (K = 1, V = 1, unit strides).
-    dict(K=1, V=1, stride_sv=1, stride_zv=1, stride_wk=1, stride_y=1, mean_divisor=1, BLOCK_K=1,
+    dict(K=1, V=1, stride_sv=1, stride_zv=1, stride_wk=1, stride_y=1, stride_m=1, mean_divisor=1,
+         BLOCK_K=1,
          BLOCK_V=1, MEAN_OVER_COUNT=False),
     dict(K=1, stride_sv=1, stride_zv=1, mean_divisor=1, SINGLE_BLOCK=False, BLOCK_K=1),
 ])
@@ -447,14 +477,16 @@ def test_kernel_compiles_for_sm90_without_a_gpu(flags):
     import triton.language as tl
 
     signature = {"s_ptr": "*bf16", "z_ptr": "*bf16", "w_ptr": "*fp32", "y_ptr": "*i64",
-                 "count_ptr": "*i64", "loss_ptr": "*fp32", "grad_ptr": "*bf16"}
+                 "m_ptr": "*i1", "count_ptr": "*i64", "loss_ptr": "*fp32", "bad_ptr": "*i8",
+                 "grad_ptr": "*bf16"}
     signature.update({name: "i32" for name in (
         "stride_sn", "stride_sv", "stride_zk", "stride_zn", "stride_zv", "stride_wn", "stride_wk",
-        "stride_y", "K", "V", "mean_divisor", "ignore_index")})
+        "stride_y", "stride_m", "K", "V", "mean_divisor", "ignore_index")})
     signature.update({name: "fp32" for name in (
         "inv_temperature", "kd_loss_scale", "kd_grad_scale", "ce_scale")})
     constexprs = dict(BLOCK_K=4, BLOCK_V=1024, SINGLE_BLOCK=True, FUSION_PROB=True,
-                      HAS_WEIGHTS=True, HAS_LABELS=True, USE_KD=True, USE_CE=True, HAS_GRAD=True,
+                      HAS_WEIGHTS=True, HAS_LABELS=True, HAS_MASK=True, USE_KD=True, USE_CE=True,
+                      HAS_GRAD=True,
                       MEAN_OVER_COUNT=True, ACC_DTYPE=tl.float32)
     constexprs.update(flags)
     if constexprs["ACC_DTYPE"] == "fp64":

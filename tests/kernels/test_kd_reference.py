@@ -9,7 +9,8 @@ import torch
 from mtkd.kernels import fused_kd_loss, kd_loss_ref
 
 
-def naive_kd(s, z, *, temperature, weights, labels, alpha, fusion, reduction, ignore_index=-100):
+def naive_kd(s, z, *, temperature, weights, labels, alpha, fusion, reduction, ignore_index=-100,
+             mask=None):
     """Row by row in float64 with plain probabilities (no log-space tricks): the loss and the
     SPEC's closed-form gradient dL/ds."""
     s, z, T = s.double(), z.double(), temperature
@@ -22,7 +23,7 @@ def naive_kd(s, z, *, temperature, weights, labels, alpha, fusion, reduction, ig
     losses, grads = torch.zeros(N, dtype=torch.float64), torch.zeros(N, V, dtype=torch.float64)
     counted = 0
     for n in range(N):
-        if labels is not None and labels[n] == ignore_index:
+        if mask is not None and not mask[n]:
             continue
         counted += 1
         q = torch.softmax(s[n] / T, dim=0)
@@ -33,7 +34,7 @@ def naive_kd(s, z, *, temperature, weights, labels, alpha, fusion, reduction, ig
         kl = sum(p[v] * math.log(p[v] / q[v]) for v in range(V) if p[v] > 0)
         losses[n] = alpha * T * T * kl
         grads[n] = alpha * T * (q - p)
-        if labels is not None and alpha < 1:
+        if labels is not None and alpha < 1 and labels[n] != ignore_index:
             sm = torch.softmax(s[n], dim=0)
             losses[n] += (1 - alpha) * -math.log(sm[labels[n]])
             onehot = torch.zeros(V, dtype=torch.float64)
@@ -43,7 +44,7 @@ def naive_kd(s, z, *, temperature, weights, labels, alpha, fusion, reduction, ig
         return losses, grads
     if reduction == "sum":
         return losses.sum(), grads
-    divisor = max(counted if labels is not None else N, 1)
+    divisor = max(counted, 1)
     return losses.sum() / divisor, grads / divisor
 
 
@@ -64,8 +65,9 @@ def test_reference_matches_naive_formula(fusion, weights, alpha, reduction):
     w = {None: None, "K": torch.rand(K, dtype=torch.float64) + 0.1,
          "NK": torch.rand(N, K, dtype=torch.float64)}[weights]
     y = torch.tensor([2, -100, 0, V - 1])
+    mask = None if weights == "K" else torch.tensor([True, True, False, True])
     kwargs = dict(temperature=temperature, weights=w, labels=y, alpha=alpha, fusion=fusion,
-                  reduction=reduction)
+                  reduction=reduction, mask=mask)
     loss, grad = reference_loss_and_grad(s, z, **kwargs)
     naive_loss, naive_grad = naive_kd(s, z, **kwargs)
     torch.testing.assert_close(loss, naive_loss, atol=1e-10, rtol=1e-10)
@@ -79,7 +81,7 @@ def test_reference_with_minus_inf_teacher_logits_matches_naive_formula():
     z[:, :, 0] = -math.inf
     z[0, :, 1] = -math.inf
     kwargs = dict(temperature=2.0, weights=None, labels=None, alpha=1.0, fusion="prob",
-                  reduction="none")
+                  reduction="none", mask=None)
     loss, grad = reference_loss_and_grad(s, z, **kwargs)
     naive_loss, naive_grad = naive_kd(s, z, **kwargs)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
@@ -96,13 +98,25 @@ def test_reference_dtypes():
     assert kd_loss_ref(s.double(), z).dtype == torch.float64
 
 
-def test_reference_all_labels_ignored_is_exactly_zero():
+def test_reference_all_rows_masked_is_exactly_zero():
     s = torch.randn(3, 10, requires_grad=True)
     z = torch.randn(2, 3, 10)
     y = torch.full((3,), -100)
-    loss = kd_loss_ref(s, z, labels=y, alpha=0.5)
+    loss = kd_loss_ref(s, z, labels=y, alpha=0.5, mask=torch.zeros(3, dtype=torch.bool))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(s.grad, torch.zeros_like(s))
+
+
+@pytest.mark.parametrize("fusion", ["prob", "logit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_single_class_is_exactly_zero(dtype, fusion):
+    """V = 1: p = q = 1 whatever the logits and weights; version 1 gave -3e-8 * T^2."""
+    s = torch.randn(5, 1, dtype=dtype, requires_grad=True)
+    loss = kd_loss_ref(s, torch.randn(3, 5, 1, dtype=dtype), weights=torch.rand(5, 3),
+                       temperature=7.0, fusion=fusion, reduction="none")
+    loss.sum().backward()
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(s.grad, torch.zeros_like(s))
 
 
 # Validation: the same checks guard both implementations.
@@ -134,6 +148,10 @@ BAD_CALLS = [
     (dict(teacher_logits=torch.randn(2, 3, 11)), ValueError, "teacher_logits"),
     (dict(teacher_logits=torch.randn(3, 10)), ValueError, "teacher_logits"),
     (dict(teacher_logits=torch.randn(0, 3, 10)), ValueError, "teacher_logits"),
+    (dict(mask=torch.ones(3)), TypeError, "mask"),
+    (dict(mask=torch.ones(4, dtype=torch.bool)), ValueError, "mask"),
+    (dict(weights=torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]])), ValueError, "weights"),
+    (dict(teacher_logits=torch.full((2, 3, 10), math.nan)), ValueError, "finite"),
 ]
 
 

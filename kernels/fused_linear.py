@@ -1,0 +1,240 @@
+"""The sparse KD loss on hidden @ weight.T (+ bias), in row chunks: the (N, V) logits never exist.
+
+For hidden states h (N, H) and the student's output layer W (V, H), b (V,), the loss is
+`fused_sparse_kd_loss(h @ W.T + b, ...)` exactly. A student with a 128k vocabulary and 8k rows
+would hold 1e9 logits (2 GB in bf16) plus as much again for their gradient; here, per chunk of
+`chunk_rows` rows (Liger-Kernel's fused-linear losses do the same for one dense teacher):
+
+    logits  = h_c @ W.T + b                    (chunk_rows, V): the only matmul forward
+    rows_c, dL/dlogits                         the sparse kernel, gradient written over the logits
+    grad_h_c = dL/dlogits @ W                  (chunk_rows, H)
+    grad_W  += dL/dlogits.T @ h_c              (V, H), accumulated in W's dtype (addmm)
+    grad_b  += dL/dlogits summed over rows     (V,), accumulated in float32 (or float64)
+
+so besides the inputs and the gradients it returns, one chunk's (chunk_rows, V) logits are alive at
+a time. The gradients are computed in the forward pass (no logits are kept for a backward) and the
+backward only multiplies them by the incoming gradient, in place, skipping an exact 1 as the dense
+kernel's backward does. For reduction "none" the incoming gradient differs per row and is unknown
+in the forward, so there the forward computes only the losses and the backward recomputes each
+chunk's logits (one more matmul per chunk).
+
+The default `chunk_rows` makes a chunk's logits about as large as the hidden states (Liger's rule:
+N / ceil(V / H), rounded up to a power of two). grad_W is accumulated in W's own dtype, rounded once
+per chunk: a float32 accumulator would be another V x H x 4 bytes (2 GB at 128256 x 4096).
+
+On CUDA (or under TRITON_INTERPRET=1) each chunk runs the Triton kernel; otherwise the reference
+with autograd, in the same chunked structure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mtkd.kernels.reference import (
+    FLOAT_DTYPES,
+    accumulation_dtype,
+    check_sparse_kd_arguments,
+    kd_sparse_loss_rows_ref,
+)
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The sparse loss's scalar options, resolved once and handed down."""
+
+    temperature: float
+    alpha: float
+    reduction: str
+    ignore_index: int
+
+
+def default_chunk_rows(N: int, V: int, H: int) -> int:
+    """Rows per chunk so that a chunk's logits (rows x V) are about the hidden states' size."""
+    rows = math.ceil(N / math.ceil(V / H))
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def _rows_of(t: Optional[Tensor], rows: slice, dim: int = 0) -> Optional[Tensor]:
+    if t is None:
+        return None
+    return t[:, rows] if dim == 1 else t[rows]
+
+
+def _chunk_loss_reference(logits, ids, logprobs, weights, labels, mask, options, divisor,
+                          need_grad):
+    """Per-row losses of one chunk (times 1 / divisor) and their gradient, through autograd."""
+    with torch.enable_grad():
+        x = logits.detach().requires_grad_(need_grad)
+        rows = kd_sparse_loss_rows_ref(
+            x, ids, logprobs, temperature=options.temperature, weights=weights, labels=labels,
+            alpha=options.alpha, ignore_index=options.ignore_index, mask=mask)
+        if divisor is not None:
+            rows = rows / divisor
+        grad = torch.autograd.grad(rows.sum(), x)[0] if need_grad else None
+    return rows.detach(), grad
+
+
+def chunk_loss(logits, ids, logprobs, weights, labels, mask, options, divisor, need_grad):
+    """(rows (n,), dL/dlogits (n, V) or None) for one chunk of logits (n, V)."""
+    return _chunk_loss_reference(logits, ids, logprobs, weights, labels, mask, options, divisor,
+                                 need_grad)
+
+
+def _bias_accumulator(bias: Tensor) -> Tensor:
+    # float32 (float64 for a float64 bias): (V,) is small, and a bf16 sum over chunks is not.
+    return torch.zeros(bias.shape, dtype=accumulation_dtype(bias), device=bias.device)
+
+
+def _scale_(t: Optional[Tensor], factor: Tensor) -> Optional[Tensor]:
+    if t is not None:
+        t.mul_(factor.to(t.dtype))
+    return t
+
+
+class _FusedLinearSparseKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, logprobs, weights, labels, mask, options,
+                chunk_rows):
+        N = hidden.shape[0]
+        need = ctx.needs_input_grad[:3]
+        grads_now = any(need) and options.reduction != "none"
+        divisor = None
+        if options.reduction == "mean":
+            divisor = max(N, 1) if mask is None else mask.sum().clamp(min=1)
+        acc = accumulation_dtype(hidden, logprobs, weights)
+        rows = torch.empty(N, dtype=acc, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if grads_now and need[0] else None
+        grad_weight = torch.zeros_like(weight) if grads_now and need[1] else None
+        grad_bias = _bias_accumulator(bias) if grads_now and need[2] else None
+        for start in range(0, N, chunk_rows):
+            part = slice(start, start + chunk_rows)
+            h = hidden[part]
+            logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)  # (n, V)
+            rows[part], grad = chunk_loss(
+                logits, ids[:, part], logprobs[:, part], _rows_of(weights, part)
+                if weights is not None and weights.dim() == 2 else weights,
+                _rows_of(labels, part), _rows_of(mask, part), options, divisor, grads_now)
+            del logits  # with the kernel, grad is the same buffer
+            if grads_now:
+                if grad_hidden is not None:
+                    torch.mm(grad, weight, out=grad_hidden[part])
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad.T, h)
+                if grad_bias is not None:
+                    grad_bias += grad.sum(dim=0, dtype=grad_bias.dtype)
+            del grad
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        ctx.options, ctx.chunk_rows, ctx.grads_now = options, chunk_rows, grads_now
+        if grads_now:
+            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, ids, logprobs, weights, labels, mask)
+        return rows if options.reduction == "none" else rows.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.grads_now:
+            grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+            # In place: the forward's buffers become the gradients. A second backward through a
+            # retained graph fails loudly (autograd sees the saved tensors changed).
+            return (_scale_(grad_hidden, grad_out), _scale_(grad_weight, grad_out),
+                    _scale_(grad_bias, grad_out)) + (None,) * 7
+        hidden, weight, bias, ids, logprobs, weights, labels, mask = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        grads = _recompute_grads(hidden, weight, bias, ids, logprobs, weights, labels, mask,
+                                 ctx.options, ctx.chunk_rows, grad_out, need)
+        return grads + (None,) * 7
+
+
+def _recompute_grads(hidden, weight, bias, ids, logprobs, weights, labels, mask, options,
+                     chunk_rows, grad_rows, need):
+    """Reduction "none": each chunk's logits again, their gradient times grad_rows, the matmuls."""
+    grad_hidden = torch.empty_like(hidden) if need[0] else None
+    grad_weight = torch.zeros_like(weight) if need[1] else None
+    grad_bias = _bias_accumulator(bias) if need[2] else None
+    for start in range(0, hidden.shape[0], chunk_rows):
+        part = slice(start, start + chunk_rows)
+        h = hidden[part]
+        logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+        _, grad = chunk_loss(
+            logits, ids[:, part], logprobs[:, part], _rows_of(weights, part)
+            if weights is not None and weights.dim() == 2 else weights,
+            _rows_of(labels, part), _rows_of(mask, part), options, None, True)
+        del logits
+        grad = grad.mul_(grad_rows[part, None].to(grad.dtype))
+        if grad_hidden is not None:
+            torch.mm(grad, weight, out=grad_hidden[part])
+        if grad_weight is not None:
+            grad_weight.addmm_(grad.T, h)
+        if grad_bias is not None:
+            grad_bias += grad.sum(dim=0, dtype=grad_bias.dtype)
+        del grad
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def fused_linear_sparse_kd_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    chunk_rows: Optional[int] = None,
+    temperature: float = 1.0,
+    weights: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    alpha: float = 1.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """`fused_sparse_kd_loss(hidden @ weight.T + bias, teacher_ids, teacher_logprobs, ...)`
+    computed in row chunks, so that no (N, V) tensor is ever alive whole.
+
+    Args:
+        hidden: (N, H) float tensor, the student's last hidden states.
+        weight: (V, H) the student's output layer, in hidden's dtype; bias: None or (V,).
+        chunk_rows: rows per chunk (default: a chunk's logits about the size of `hidden`).
+        The other arguments are `fused_sparse_kd_loss`'s.
+
+    Returns the loss (float32, float64 for float64 inputs); gradients flow to hidden, weight and
+    bias, in their dtypes.
+    """
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, Tensor) or t.dtype not in FLOAT_DTYPES or t.dim() != 2:
+            raise TypeError(f"{name} must be a 2-D float tensor")
+    N, H = hidden.shape
+    if weight.shape[1] != H or weight.shape[0] < 1:
+        raise ValueError(f"weight must be (V, {H}) with V >= 1, got {tuple(weight.shape)}")
+    V = weight.shape[0]
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden "
+                         f"({hidden.dtype}, {hidden.device})")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must be None or a ({V},) tensor")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise ValueError(f"bias ({bias.dtype}, {bias.device}) must match hidden "
+                             f"({hidden.dtype}, {hidden.device})")
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(N, V, H)
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    check_sparse_kd_arguments(
+        N, V, hidden.device, teacher_ids, teacher_logprobs, temperature=temperature,
+        weights=weights, labels=labels, alpha=alpha, reduction=reduction,
+        ignore_index=ignore_index, mask=mask,
+    )
+    options = LossOptions(float(temperature), float(alpha), reduction, int(ignore_index))
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731  teachers take no gradient
+    return _FusedLinearSparseKD.apply(
+        hidden, weight, bias, detach(teacher_ids), detach(teacher_logprobs), detach(weights),
+        labels, mask, options, chunk_rows)
