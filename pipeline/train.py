@@ -654,12 +654,16 @@ def _agree(world_size: int, device: torch.device, setup):
         result = setup()
     except Exception as e:  # any failure, not only a refusal: the other ranks must not wait forever
         error = e
-    failed = torch.tensor([0 if error is None else 1], device=device)  # NCCL reduces device tensors only
-    dist.all_reduce(failed)
+    # 0: fine, 1: failed, 2: refused bad input (exit 2 on every rank, not only on the one that saw it)
+    code = 0 if error is None else 2 if isinstance(error, BadInputError) else 1
+    failed = torch.tensor([code], device=device)  # NCCL reduces device tensors only
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if error is not None:
         raise error
+    if int(failed) == 2:
+        raise BadInputError("another process refused the run's input (see its message)")
     if int(failed):
-        raise MtkdError("another process refused the run (see its message)")
+        raise MtkdError("another process failed setting up the run (see its message)")
     return result
 
 

@@ -255,3 +255,19 @@ def test_json_reports_the_verify_result_on_damage(kd_world, tmp_path):
     result = invoke("verify", store, "--json", "--quiet")
     assert result.exit_code == 2
     assert json.loads(result.stdout.strip().splitlines()[-1])["clean"] is False
+
+
+def test_under_torchrun_every_rank_exits_2_on_bad_input(kd_world, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mtkd.pipeline.cli",
+           *map(str, train_args(kd_world, tmp_path / "run", "--teachers", "zzz", "--device", "cpu"))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1  # torchrun's own code for failed ranks ...
+    assert done.stderr.count("error: ") == 2 and "'zzz'" in done.stderr  # ... each of which said why
+    assert done.stderr.count("exitcode  : 2") + done.stderr.count("exitcode: 2") >= 1, done.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
