@@ -1,15 +1,14 @@
-"""Stage two's watch for NaN/inf: in the teachers' stored values and in the training loss.
+"""Stage two's watch for a training loss that turns NaN/inf.
 
-Each batch adds two flags on the device (a reduction the size of the batch's logits, no host sync);
-the host looks at them only where it synchronises anyway, before every checkpoint and at every
-epoch's end, so a checkpoint or a student.pt is never written from a step that saw a non-finite
-value, and the last good checkpoint stays on disk:
+Each batch updates one flag on the device (no host sync); the host looks at it only where it
+synchronises anyway, before every checkpoint and at every epoch's end, so a checkpoint or a
+student.pt is never written from a step that saw a non-finite loss, and the last good checkpoint
+stays on disk. The error (NonFiniteLossError, exit 1) names the epoch and batch where the loss
+first turned non-finite. Under DDP every rank checks at the same points and the flags are
+all-reduced, so all ranks stop together.
 
-- a teacher value: CorruptStoreError (exit 2) naming store, teacher and block, found by re-reading
-  the chosen teachers (only on this path, so its cost does not matter), pointing at `mtkd verify`;
-- a loss: NonFiniteLossError (exit 1) naming the epoch and batch where it first turned non-finite.
-
-Under DDP every rank checks at the same points and the flags are all-reduced, so all ranks stop.
+(Teacher values need no such watch: the store refuses a NaN/inf in a recorded block as it is read,
+on the host, before it reaches a device; see LogitStore.read_logits.)
 """
 
 from __future__ import annotations
@@ -18,43 +17,27 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mtkd.pipeline.errors import CorruptStoreError, NonFiniteLossError
-from mtkd.pipeline.store import LogitStore
-from mtkd.pipeline.verify import first_nonfinite
+from mtkd.pipeline.errors import NonFiniteLossError
 
 
-class FiniteGuard:
-    """Flags on the device; `check` raises on the host. `batches_per_epoch` decodes the first bad batch."""
+class LossGuard:
+    """`add` each batch's loss (on the device); `check` raises on the host if one was NaN/inf."""
 
-    def __init__(self, device: torch.device, *, batches_per_epoch: int, store: LogitStore | None, teachers: list[str]):
-        self.store, self.teachers, self.batches_per_epoch = store, teachers, batches_per_epoch
-        # [teacher values bad, first bad loss batch + 1 (0: none)] as float64 (all_reduce MAX of both)
-        self.flags = torch.zeros(2, dtype=torch.float64, device=device)
+    def __init__(self, device: torch.device, *, batches_per_epoch: int):
+        self.batches_per_epoch = batches_per_epoch
+        self.first_bad = torch.zeros((), dtype=torch.float64, device=device)  # global batch index + 1; 0: none
 
-    def add(self, epoch: int, batch: int, loss: Tensor, logits: Tensor | None) -> None:
-        """One batch: its (K, B, V) teacher logits (None without a store) and its loss, on the device."""
-        if logits is not None:
-            self.flags[0] = torch.maximum(self.flags[0], (~torch.isfinite(logits).all()).double())
+    def add(self, epoch: int, batch: int, loss: Tensor) -> None:
         index = float(epoch * self.batches_per_epoch + batch + 1)
-        first = torch.where((self.flags[1] == 0) & ~torch.isfinite(loss.detach()), index, self.flags[1])
-        self.flags[1] = first
+        self.first_bad = torch.where((self.first_bad == 0) & ~torch.isfinite(loss.detach()), index, self.first_bad)
 
     def check(self, world_size: int) -> None:
-        """Raise if any rank saw a non-finite value (call it on every rank at the same points)."""
-        flags = self.flags.clone()
+        """Raise if any rank saw a non-finite loss (every rank calls this at the same points)."""
+        first_bad = self.first_bad.clone()
         if world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # MAX: of the first bad batches, a late one if ranks differ
-        teacher_bad, first_bad_loss = flags.tolist()
-        if teacher_bad and self.store is not None:
-            found = first_nonfinite(self.store, self.teachers)
-            if found is not None:
-                raise CorruptStoreError(found.message)
-            raise CorruptStoreError(
-                f"store {str(self.store.path)!r}: teachers {', '.join(map(repr, self.teachers))} gave NaN/inf in training; "
-                f"run `mtkd verify {self.store.path}`"
-            )
-        if first_bad_loss:
-            epoch, batch = divmod(int(first_bad_loss) - 1, self.batches_per_epoch)
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)  # of the ranks' first bad batches, the latest
+        if first_bad.item():
+            epoch, batch = divmod(int(first_bad.item()) - 1, self.batches_per_epoch)
             raise NonFiniteLossError(
                 f"the training loss turned NaN/inf at epoch {epoch + 1}, batch {batch + 1}; stopped without saving "
                 "that state: the last good checkpoint is kept (lower --lr, or check the data)"

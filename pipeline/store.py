@@ -265,7 +265,22 @@ class LogitStore:
                 f"store {str(self.path)!r}: teacher {name!r}, {blocks}: the logits do not read ({type(e).__name__}: "
                 f"{detail}); run `mtkd verify {self.path}`"
             ) from e
+        self._require_finite(name, start, raw, dtype)
         return _from_storage(raw, dtype)
+
+    def _require_finite(self, name: str, start: int, raw: np.ndarray, dtype: str) -> None:
+        """Raise CorruptStoreError if a recorded block holds NaN/inf: stage one never records one, so
+        it is damage, and no reader (stage two, inspect, stats) may take it as data. On the host, as
+        read (an integer test of the exponent bits, ~0.1 ms per MB): nothing non-finite reaches a GPU.
+        Unrecorded blocks read as their NaN fill."""
+        bad = nonfinite_rows(raw, dtype)
+        if not bad.any():
+            return
+        rows = start + np.flatnonzero(bad)
+        damaged = sorted(set((rows // self.chunk_rows).tolist()) & self.done_blocks(name))
+        if damaged:
+            row = int(rows[(rows // self.chunk_rows) == damaged[0]][0])
+            raise CorruptStoreError(nonfinite_message(self.path, name, damaged[0], "logits", row))
 
     # -- writing (stage one) ------------------------------------------------------------------------
 
@@ -410,6 +425,26 @@ class LogitStore:
     def _require_writable(self) -> None:
         if self.mode != "r+":
             raise PermissionError(f"store {str(self.path)!r} is open read-only")
+
+
+# The exponent bits of each stored dtype: all ones is inf or NaN.
+_EXPONENT = {"float16": (np.uint16, 0x7C00), "bfloat16": (np.uint16, 0x7F80), "float32": (np.uint32, 0x7F800000)}
+
+
+def nonfinite_rows(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """(rows,) bool: rows of stored values (`dtype` logical) holding NaN/inf, by their exponent bits."""
+    bits, mask = _EXPONENT[dtype]
+    values = np.ascontiguousarray(raw).view(bits)
+    bad = (values & mask) == mask
+    return bad.any(axis=tuple(range(1, bad.ndim))) if bad.ndim > 1 else bad
+
+
+def nonfinite_message(path: Path, name: str, block: int, what: str, row: int) -> str:
+    """The one line every reader gives for a NaN/inf in a recorded block (`mtkd verify` repairs it)."""
+    return (
+        f"store {str(path)!r}: teacher {name!r}, block {block}: {what} hold NaN/inf (row {row}); "
+        f"run `mtkd verify {path} --repair`, then `mtkd infer` again"
+    )
 
 
 def _to_storage(logits: torch.Tensor | np.ndarray, dtype: str) -> np.ndarray:

@@ -75,7 +75,7 @@ from mtkd.pipeline.evaluate import predict_log_probs
 from mtkd.pipeline.loader import BatchLoader, as_tensor
 from mtkd.pipeline.metrics import classification_metrics
 from mtkd.pipeline.progress import progress_bar
-from mtkd.pipeline.guard import FiniteGuard
+from mtkd.pipeline.guard import LossGuard
 from mtkd.pipeline.specs import IGNORE_LABEL, ArrayData, ModelSpec, check_out_path, load_data, load_student_spec
 from mtkd.pipeline.store import LogitStore, open_store
 
@@ -315,7 +315,7 @@ class Trainer:
         if world_size > 1:
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-        guard = FiniteGuard(device, batches_per_epoch=plan.batches_per_epoch, store=s.store, teachers=list(config.teachers or ()))
+        guard = LossGuard(device, batches_per_epoch=plan.batches_per_epoch)
 
         def save_checkpoint(at_epoch: int, at_batch: int, epoch_sums: dict[str, float]) -> None:
             state = {
@@ -370,7 +370,7 @@ class Trainer:
                     batch_loss = objective(student_logits, batch)
                     (batch_loss / (end - first) if end - first > 1 else batch_loss).backward()
                 sums.add(batch_loss.detach(), student_logits.detach(), batch.labels)
-                guard.add(epoch, b, batch_loss, batch.logits)
+                guard.add(epoch, b, batch_loss)
                 if not last_of_group:
                     continue
                 for group in optimizer.param_groups:

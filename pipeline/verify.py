@@ -20,8 +20,8 @@ teacher with damage loses `complete` (and its stats, which described the damaged
 that contradicts the stored dtype is rewritten from it, and a store-level count from the arrays when
 they all agree. What cannot be repaired (arrays that disagree with one another) is said so.
 
-Readers (stage two, `mtkd inspect`) check the values they read too (`require_finite`); their error
-points here.
+Readers (stage two, `mtkd inspect`) refuse a NaN/inf in a recorded block as they read it
+(`LogitStore.read_logits`); their error points here.
 """
 
 from __future__ import annotations
@@ -33,12 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 
-from mtkd.pipeline.errors import CorruptStoreError
 from mtkd.pipeline.specs import IGNORE_LABEL
-from mtkd.pipeline.store import STORAGE, LogitStore, open_store
+from mtkd.pipeline.store import STORAGE, LogitStore, nonfinite_message, open_store
 
 CHECKSUM = "checksum"
 UNREADABLE = "unreadable"
@@ -145,27 +143,6 @@ def verify_store(
     if repair and not report.clean:
         _repair(store, report)
     return report
-
-
-def require_finite(store: LogitStore, name: str, block: int, values: np.ndarray | torch.Tensor, *, what: str = "logits") -> None:
-    """Raise CorruptStoreError if a block read from a store holds NaN/inf (readers call this)."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu()
-        values = (values.float() if values.dtype == torch.bfloat16 else values).numpy()
-    bad = _nonfinite_rows(values)
-    if bad is not None:
-        raise CorruptStoreError(_nonfinite_message(store, name, block, what, store.block_range(block)[0] + bad))
-
-
-def first_nonfinite(store: LogitStore, names: list[str]) -> Finding | None:
-    """The first block of `names` holding NaN/inf, read afresh (stage two names a bad block with it)."""
-    for name in names:
-        teacher = _Teacher.open(store, name)
-        for block in sorted(teacher.recorded):
-            for finding in teacher.block_findings(block):
-                if finding.kind in (NON_FINITE, CHECKSUM, UNREADABLE, NO_CHUNK):
-                    return finding
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -337,7 +314,7 @@ class _Teacher:
             allowed = self._unlabelled(start, stop) if a.key in NAN_WITHOUT_LABEL else None
             bad = _nonfinite_rows(_as_logical(values, a.logical), allowed_nan=allowed)
             if bad is not None:
-                found.append(Finding(NON_FINITE, _nonfinite_message(self.store, self.name, block, a.key, start + bad), self.name, block))
+                found.append(Finding(NON_FINITE, nonfinite_message(self.store.path, self.name, block, a.key, start + bad), self.name, block))
         return found
 
     def _unlabelled(self, start: int, stop: int) -> np.ndarray:
@@ -362,13 +339,6 @@ def _nonfinite_rows(values: np.ndarray, *, allowed_nan: np.ndarray | None = None
         bad &= ~(np.isnan(values) & allowed_nan.reshape((-1,) + (1,) * (values.ndim - 1)))
     rows = bad.reshape(len(values), -1).any(axis=1) if values.ndim > 1 else bad
     return int(np.flatnonzero(rows)[0]) if rows.any() else None
-
-
-def _nonfinite_message(store: LogitStore, name: str, block: int, what: str, row: int) -> str:
-    return (
-        f"store {str(store.path)!r}: teacher {name!r}, block {block}: {what} hold NaN/inf (row {row}); "
-        f"run `mtkd verify {store.path} --repair`, then `mtkd infer` again"
-    )
 
 
 def _first_line(e: BaseException) -> str:
