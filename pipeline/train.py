@@ -13,9 +13,8 @@ The loss of one batch of B rows (per-row terms as the SPEC's `fused_kd_loss` def
 
 D_n is the KD term: T^2 KL(p_n || softmax(s_n / T)) for `--loss kl`, sum_v (p_nv - q_nv)^2 with
 q = softmax(s / T) for `--loss mse`. So a row without a label (an unlabelled transfer set) trains
-on alpha * D_n alone rather than being dropped, which the kernel would do to a row whose label is
-ignore_index; the kernel is therefore called with labels only for rows that have one, and with
-labels=None for the others (one call when a batch is all one or the other, which is the usual case).
+on alpha * D_n alone rather than being dropped: the kernels' ignore_index drops the CE term only
+(SPEC version 2), so every batch is one kernel call whatever mix of labelled rows it holds.
 The fused target p_n:
     mean        p = 1/K sum_k softmax(z_k / T)
     weighted    p = sum_k w_k softmax(z_k / T),   w from --teacher-weights, normalised
@@ -284,7 +283,7 @@ class Trainer:
         config, plan, loader, run = s.config, s.plan, s.loader, s.config.out
         model = s.model.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        objective = Objective.from_config(config, s.data, device)
+        objective = Objective.from_config(config, device)
         lr_at = _schedule(config, plan)
 
         # State: fresh, or from the checkpoint.
@@ -430,7 +429,6 @@ class Objective:
 
     def __init__(
         self, *, distil: bool, fusion: str, weights: Tensor | None, temperature: float, alpha: float, loss: str,
-        labels: str,
     ):
         self.distil = distil
         self.fusion = Fusion(fusion)
@@ -438,11 +436,9 @@ class Objective:
         self.temperature = temperature
         self.alpha = alpha
         self.loss = Loss(loss)
-        self.labels = labels  # "all" | "none" | "some": which rows of the data have labels
 
     @classmethod
-    def from_config(cls, config: TrainConfig, data: ArrayData, device: torch.device) -> Objective:
-        labels = data.labels != IGNORE_LABEL
+    def from_config(cls, config: TrainConfig, device: torch.device) -> Objective:
         weights = config.teacher_weights
         return cls(
             distil=config.distil,
@@ -451,7 +447,6 @@ class Objective:
             temperature=config.temperature,
             alpha=config.alpha,
             loss=config.loss,
-            labels="all" if labels.all() else "none" if not labels.any() else "some",
         )
 
     def __call__(self, student_logits: Tensor, batch: Any) -> Tensor:
@@ -463,16 +458,11 @@ class Objective:
         z, w = self.target(batch.logits, y)  # (K', B, V) logits to fuse with weights w (None | (K,) | (B, K))
         if self.loss is Loss.MSE:
             return self._mse(s, z, w, y)
-        # One kernel call when the batch's rows are all labelled or all unlabelled (the data says
-        # so up front: no per-batch look at the labels, which would wait for the GPU).
-        if self.alpha == 1.0 or self.labels == "none":
-            return self._kd_sum(s, z, w, None) / len(s)
-        if self.labels == "all":
-            return self._kd_sum(s, z, w, y) / len(s)
-        known = y != IGNORE_LABEL
-        total = self._kd_sum(s[known], z[:, known], _rows(w, known), y[known])
-        total = total + self._kd_sum(s[~known], z[:, ~known], _rows(w, ~known), None)
-        return total / len(s)
+        # One call: rows labelled ignore_index keep their KD term and drop the CE term only.
+        return fused_kd_loss(
+            s, z, temperature=self.temperature, weights=w, labels=y if self.alpha < 1.0 else None, alpha=self.alpha,
+            fusion="prob", reduction="mean", ignore_index=IGNORE_LABEL,
+        )
 
     def target(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
         """The teachers as the kernel sees them: (K, B, V) logits and their fusion weights."""
@@ -487,12 +477,6 @@ class Objective:
         votes = F.one_hot(logits.argmax(dim=-1), v).sum(dim=0).float() / k  # (B, V)
         return (self.temperature * votes.log()).unsqueeze(0), None  # (1, B, V); log 0 = -inf
 
-    def _kd_sum(self, s: Tensor, z: Tensor, w: Tensor | None, y: Tensor | None) -> Tensor:
-        return fused_kd_loss(
-            s, z, temperature=self.temperature, weights=w, labels=y, alpha=self.alpha, fusion="prob",
-            reduction="sum", ignore_index=IGNORE_LABEL,
-        )
-
     def _mse(self, s: Tensor, z: Tensor, w: Tensor | None, y: Tensor) -> Tensor:
         t = self.temperature
         k = z.shape[0]
@@ -505,10 +489,6 @@ class Objective:
             ce = F.cross_entropy(s.float(), y, ignore_index=IGNORE_LABEL, reduction="none")  # 0 where unknown
             rows = rows + (1.0 - self.alpha) * ce
         return rows.mean()
-
-
-def _rows(w: Tensor | None, keep: Tensor) -> Tensor | None:
-    return w[keep] if w is not None and w.dim() == 2 else w
 
 
 class _EpochSums:
