@@ -69,7 +69,7 @@ from torch import Tensor
 from mtkd.kernels import confidence_weights, fused_kd_loss
 from mtkd.pipeline.config import Fusion, Loss, Schedule, TrainConfig, differences, identity
 from mtkd.pipeline.device import resolve_device
-from mtkd.pipeline.errors import BadInputError, CheckpointError, CorruptStoreError, MtkdError, RunMismatchError, SpecError
+from mtkd.pipeline.errors import BadInputError, CheckpointError, MtkdError, RunMismatchError, SpecError
 from mtkd.pipeline.evaluate import predict_log_probs
 from mtkd.pipeline.loader import BatchLoader, as_tensor
 from mtkd.pipeline.metrics import classification_metrics
@@ -77,7 +77,6 @@ from mtkd.pipeline.progress import progress_bar
 from mtkd.pipeline.guard import LossGuard
 from mtkd.pipeline.specs import IGNORE_LABEL, ArrayData, ModelSpec, check_out_path, load_data, load_student_spec
 from mtkd.pipeline.store import LogitStore, open_store
-from mtkd.pipeline.verify import first_nonfinite
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = frozenset({"format", "epoch", "batch", "step", "model", "optimizer", "rng", "sums", "history", "best"})
@@ -367,7 +366,7 @@ class Trainer:
                 with sync:
                     with autocast:
                         student_logits = net(batch.x)  # (B, V)
-                    batch_loss = _teachers_checked(lambda: objective(student_logits, batch), s.store, config.teachers)
+                    batch_loss = objective(student_logits, batch)
                     (batch_loss / (end - first) if end - first > 1 else batch_loss).backward()
                 sums.add(batch_loss.detach(), student_logits.detach(), batch.labels)
                 guard.add(epoch, b, batch_loss)
@@ -539,19 +538,6 @@ def _schedule(config: TrainConfig, plan: Plan) -> Callable[[int], float]:
 # ---------------------------------------------------------------------------------------------------
 # Setup helpers
 # ---------------------------------------------------------------------------------------------------
-
-
-def _teachers_checked(loss: Callable[[], Tensor], store: LogitStore | None, teachers: tuple[str, ...] | None) -> Tensor:
-    """`loss()`; the kernels refuse NaN/+inf teacher values (ValueError), which in a store is damage:
-    reported as the store's first damaged block (CorruptStoreError, exit 2), as `mtkd verify` would."""
-    try:
-        return loss()
-    except ValueError as e:
-        if store is not None and "teacher" in str(e):
-            found = first_nonfinite(store, list(teachers or ()))
-            if found is not None:
-                raise CorruptStoreError(found.message) from e
-        raise
 
 
 def _choose_teachers(store: LogitStore, teachers: tuple[str, ...] | None) -> list[str]:
