@@ -3,15 +3,16 @@
 # about 9 minutes, each step under its own timeout, every step's result in the last lines printed.
 #
 #   1. here, where PyPI is reachable: the wheels the GPU machine lacks (zarr and its codecs for
-#      stage two, mnist1d for the demo, liger-kernel for the benchmark's peer), into .whl/:
+#      stage two, mnist1d for its data, liger-kernel for the benchmark's peer), into .whl/:
 #          bash bench/gpu_check.sh wheels
 #   2. on the GPU machine (the device tool's `run`, carry [".whl"], timeout_s 600):
 #          bash bench/gpu_check.sh
 #      It runs, from the repository root:
 #        a. pytest -m gpu tests/kernels                       the kernels' CUDA tests   (TESTS_S)
 #        b. python bench/kernel.py --quick --json ...         headline shapes, < 6 min  (BENCH_S)
-#        c. mtkd demo --device cuda (small transfer set)      stage two on CUDA, if zarr and mnist1d
-#                                                             import                    (DEMO_S)
+#        c. mtkd infer + mtkd train --device cuda             stage one, then one epoch of stage
+#           (two small teachers, 2000 MNIST-1D rows)          two through the kernel on CUDA, if
+#                                                             zarr and mnist1d import   (STAGE2_S)
 #      Results go to $OUT (the device tool's folder; bench/results/ without one):
 #      kernel-<gpu>-<date>.json (written row by row: a step killed by its timeout keeps its rows),
 #      and each step's log. Copy the JSON to bench/results/ and commit it, the GPU named in its
@@ -42,7 +43,7 @@ fi
 
 TESTS_S=${TESTS_S:-150}
 BENCH_S=${BENCH_S:-330}
-DEMO_S=${DEMO_S:-75}
+STAGE2_S=${STAGE2_S:-90}
 RESULTS=${OUT:-$REPO/bench/results}
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
@@ -81,11 +82,35 @@ step() {  # step NAME SECONDS COMMAND...: run it under a timeout, log it, rememb
 step tests "$TESTS_S" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/kernels
 step bench "$BENCH_S" "$PYTHON" bench/kernel.py --quick --json "$json"
 if "$PYTHON" -c "import zarr, mnist1d" 2>/dev/null; then
-    rm -rf /tmp/mtkd-demo
-    step demo "$DEMO_S" "$PYTHON" -m mtkd.pipeline.cli demo --device cuda --transfer-size 5000 \
-        --out /tmp/mtkd-demo --quiet
+    # Two untrained teachers (their logits are what matters here, not their accuracy) and a small
+    # MLP student: stage one, then one epoch of stage two through the dense kernel on CUDA.
+    work=/tmp/mtkd-stage-two
+    rm -rf "$work" && mkdir -p "$work"
+    cat >"$work/teachers.toml" <<'EOT'
+[[teachers]]
+name = "cnn"
+factory = "mtkd.pipeline.models:cnn1d"
+kwargs = { channels = 16 }
+
+[[teachers]]
+name = "mlp"
+factory = "mtkd.pipeline.models:mlp"
+kwargs = { in_features = 40, hidden = [64], num_classes = 10 }
+EOT
+    cat >"$work/student.toml" <<'EOT'
+[student]
+name = "mlp"
+factory = "mtkd.pipeline.models:mlp"
+kwargs = { in_features = 40, hidden = [32], num_classes = 10 }
+EOT
+    data="mnist1d:train?n=2000"
+    step stage2 "$STAGE2_S" bash -c "set -e
+        $PYTHON -m mtkd.pipeline.cli infer --teachers $work/teachers.toml --data '$data' \
+            --out $work/store --device cuda --quiet
+        $PYTHON -m mtkd.pipeline.cli train --student $work/student.toml --data '$data' \
+            --store $work/store --epochs 1 --out $work/run --device cuda --quiet --json"
 else
-    summary+=("demo     SKIPPED   (zarr or mnist1d missing: bash bench/gpu_check.sh wheels, carry .whl)")
+    summary+=("stage2   SKIPPED   (zarr or mnist1d missing: bash bench/gpu_check.sh wheels, carry .whl)")
 fi
 
 echo "== summary ($json)"

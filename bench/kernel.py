@@ -44,11 +44,12 @@ must move, in the inputs' dtypes, over the median time:
            liger: its one (N, V) target instead of the K teachers
   sparse   student N*V read, teachers' ids and log-probs K*N*k read, the gradient N*V written
 `%copy` is that over a device-to-device copy measured in the same run (bytes read + written): the
-ceiling. `ach GB/s` is achieved bandwidth, for mtkd only, whose traffic is known: the bytes its
-kernel really moves, a row read twice where it takes two passes over V (`moved_bytes`).
+ceiling. `ach GB/s` is achieved bandwidth, for mtkd's dense kernel, whose traffic is known: the
+bytes it really moves, a row read twice where it takes two passes over V (`moved_bytes`); "-" for
+providers whose traffic is not known (several PyTorch kernels, a CPU path).
 TFLOP/s (fused_linear) counts 2*N*H*V per matmul. `peak MB` is the peak memory allocated during
-one call beyond what was allocated before it (inputs excluded; CUDA only). `x mtkd` is the median
-time over mtkd's on the same shape and pass. Every provider's loss value is checked against a
+one call beyond what was allocated before it (inputs excluded, the gradients it leaves in .grad
+included; CUDA only). `x mtkd` is the median time over mtkd's on the same shape and pass. Every provider's loss value is checked against a
 yardstick on the same inputs (dense, sparse: torch_eager; fused_linear: materialised) before it is
 timed; a disagreement is an error row, never a timing.
 
@@ -336,7 +337,8 @@ def min_bytes(case: Case, provider: str, pass_: str) -> Optional[int]:
 
 
 def moved_bytes(case: Case, provider: str, pass_: str) -> Optional[int]:
-    """The bytes mtkd's kernel really moves (None for providers whose traffic is not known)."""
+    """The bytes mtkd's kernel really moves (None where that traffic is not known: other
+    providers; the sparse loss, whose kernel does not state its passes yet)."""
     if provider != "mtkd" or case.loss == "fused_linear":
         return None
     e_s, N, V = element_size(case.torch_dtype), case.N, case.V
@@ -372,14 +374,15 @@ def flops(case: Case, provider: str, pass_: str) -> Optional[int]:
 def cpu_do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
     """`triton.testing.do_bench` for the CPU smoke run: the same arguments and the same result,
     summarised by triton's own `_summarize_statistics`, so the smoke run unpacks exactly what a GPU
-    run gets. On the wall clock, and cut short (one call estimates, at least 3 and at most 20
-    timed): the smoke run checks the harness, it measures nothing worth reporting."""
+    run gets. On the wall clock, and cut short (one call estimates, at most 5 warm up, at least 3
+    and at most 20 are timed): the smoke run checks the harness, it measures nothing worth
+    reporting."""
     from triton.testing import _summarize_statistics  # private: recheck on a triton upgrade
 
     start = time.perf_counter()
     fn()
     estimate_ms = max((time.perf_counter() - start) * 1e3, 1e-3)
-    for _ in range(min(max(1, int(warmup / estimate_ms)), 5)):
+    for _ in range(min(int(warmup / estimate_ms), 5)):
         fn()
     times = []
     for _ in range(min(max(3, int(rep / estimate_ms)), 20)):
