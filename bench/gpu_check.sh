@@ -110,7 +110,7 @@ EOT
         $PYTHON -m mtkd.pipeline.cli train --student $work/student.toml --data '$data' \
             --store $work/store --epochs 1 --out $work/run --device cuda --quiet --json"
 else
-    summary+=("stage2   SKIPPED   (zarr or mnist1d missing: bash bench/gpu_check.sh wheels, carry .whl)")
+    summary+=("stage2   SKIPPED   (no zarr or mnist1d: bash bench/gpu_check.sh wheels, carry .whl)")
 fi
 
 echo "== summary ($json)"

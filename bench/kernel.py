@@ -1,6 +1,6 @@
-"""Benchmark of mtkd's KD losses against PyTorch eager, torch.compile, Liger-Kernel and the matmul floor.
+"""Benchmark of mtkd's KD losses against PyTorch eager, torch.compile, Liger-Kernel, matmuls alone.
 
-    python bench/kernel.py --quick --json bench/results/kernel-h200-DATE.json   # headline shapes (GPU)
+    python bench/kernel.py --quick --json bench/results/kernel-h200-DATE.json   # headline shapes
     python bench/kernel.py --loss sparse --V 128256 --pass fwd_bwd              # one loss's matrix
     python bench/kernel.py                                                      # every shape (long)
     python bench/kernel.py --smoke --json /tmp/smoke.json   # tiny shapes on CPU: the harness only
@@ -49,9 +49,11 @@ bytes it really moves, a row read twice where it takes two passes over V (`moved
 providers whose traffic is not known (several PyTorch kernels, a CPU path).
 TFLOP/s (fused_linear) counts 2*N*H*V per matmul. `peak MB` is the peak memory allocated during
 one call beyond what was allocated before it (inputs excluded, the gradients it leaves in .grad
-included; CUDA only). `x mtkd` is the median time over mtkd's on the same shape and pass. Every provider's loss value is checked against a
-yardstick on the same inputs (dense, sparse: torch_eager; fused_linear: materialised) before it is
-timed; a disagreement is an error row, never a timing.
+included; CUDA only). `x mtkd` is the median time over mtkd's on the same shape and pass.
+
+Every provider's loss value is checked against a yardstick's on the same inputs (dense, sparse:
+torch_eager; fused_linear: materialised) before it is timed; a disagreement is an error row, never
+a timing. Not checked: matmul_floor (no loss) and Liger's fused-linear JSD (another loss).
 
 --json writes the JSON after every row (GPU name, versions, copy bandwidth, rows; "complete" turns
 true at the end), so a run that fails late keeps what it measured. A row that fails (out of memory,
@@ -182,7 +184,8 @@ def sparse_teachers(K: int, N: int, V: int, k: int, device: str):
         rows = min(step, K * N - start)
         ids[start:start + rows] = torch.rand(rows, V, device=device).topk(k, dim=-1).indices
     listed_mass = torch.empty(K, N, 1, device=device).uniform_(0.5, 0.99)
-    logprobs = torch.log_softmax(2 * torch.randn(K, N, k, device=device), dim=-1) + listed_mass.log()
+    logprobs = torch.log_softmax(2 * torch.randn(K, N, k, device=device), dim=-1)
+    logprobs = logprobs + listed_mass.log()
     return ids.view(K, N, k), logprobs.to(LOGPROBS_DTYPE)
 
 
@@ -622,7 +625,8 @@ def bench(args, device: Device) -> dict:
         "argv": sys.argv[1:] if args.argv is None else args.argv,
         "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": dict(temperature=TEMPERATURE, alpha=ALPHA, weights="uniform", labels="every row",
-                       dense_fusion="prob", ids_dtype=str(IDS_DTYPE), logprobs_dtype=str(LOGPROBS_DTYPE),
+                       dense_fusion="prob", ids_dtype=str(IDS_DTYPE),
+                       logprobs_dtype=str(LOGPROBS_DTYPE),
                        liger_jsd_beta=0.0, compile_backend=device.compile_backend,
                        quantiles=QUANTILES),
     }
@@ -682,7 +686,8 @@ def parse_args(argv=None):
     for name, kind, what in (("K", int, "numbers of teachers"), ("N", int, "rows"),
                              ("V", int, "vocabulary sizes"), ("k", int, "ids per teacher and row"),
                              ("H", int, "hidden sizes (fused_linear)")):
-        parser.add_argument(f"--{name}", type=kind, nargs="+", help=f"{what} (replace the preset's)")
+        parser.add_argument(f"--{name}", type=kind, nargs="+",
+                            help=f"{what} (replace the preset's)")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES),
                         help="student dtypes (replace the preset's)")
     parser.add_argument("--json", metavar="PATH",

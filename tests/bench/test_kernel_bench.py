@@ -87,7 +87,7 @@ def test_cpu_timer_returns_what_triton_does_bench_returns(bench):
 def test_a_disagreeing_provider_is_an_error_row_and_the_run_goes_on(bench, tmp_path, monkeypatch):
     # A yardstick one too high: the reference provider agrees with it, the kernel does not.
     reference = bench.kd_loss_ref
-    monkeypatch.setattr(bench, "kd_loss_ref", lambda *args, **kwargs: reference(*args, **kwargs) + 1)
+    monkeypatch.setattr(bench, "kd_loss_ref", lambda *args, **kw: reference(*args, **kw) + 1)
     out = tmp_path / "bench.json"
     argv = ["--smoke", "--loss", "dense", "--provider", "mtkd", "torch_eager", "--pass", "fwd",
             "--json", str(out)]
