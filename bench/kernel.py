@@ -79,7 +79,13 @@ import torch
 import triton
 import triton.testing
 
-from mtkd.kernels import fused_kd_loss, kd_loss_ref
+from mtkd.kernels import (
+    fused_kd_loss,
+    fused_linear_sparse_kd_loss,
+    fused_sparse_kd_loss,
+    kd_loss_ref,
+    kd_sparse_loss_ref,
+)
 
 LOSSES = ("dense", "sparse", "fused_linear")
 PASSES = ("fwd", "fwd_bwd")
@@ -233,8 +239,6 @@ def provider_fn(provider: str, case: Case, inputs: dict, compile_backend: str) -
         if provider == "liger":
             return liger_dense(z, inputs["labels"])
     if case.loss == "sparse":
-        from mtkd.kernels import fused_sparse_kd_loss, kd_sparse_loss_ref
-
         ids, logprobs = inputs["teacher_ids"], inputs["teacher_logprobs"]
         if provider == "mtkd":
             return lambda s: fused_sparse_kd_loss(s, ids, logprobs, **kd)
@@ -244,8 +248,6 @@ def provider_fn(provider: str, case: Case, inputs: dict, compile_backend: str) -
             compiled = fresh_compile(kd_sparse_loss_ref, compile_backend)
             return lambda s: compiled(s, ids, logprobs, **kd)
     if case.loss == "fused_linear":
-        from mtkd.kernels import fused_linear_sparse_kd_loss, fused_sparse_kd_loss
-
         ids, logprobs = inputs["teacher_ids"], inputs["teacher_logprobs"]
         if provider == "mtkd":
             return lambda h, w: fused_linear_sparse_kd_loss(
