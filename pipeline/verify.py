@@ -3,16 +3,20 @@
     report = verify_store("train.zarr")                 # report.clean, report.findings
     report = verify_store("train.zarr", repair=True)    # drops the records of damaged blocks
 
-What is checked, per teacher and row block (a block is one chunk of each of the teacher's row arrays):
+What is checked, per teacher and row block (a block is one chunk of each of the teacher's arrays:
+dense `logits`, or `topk_ids`, `topk_logprobs`, `lse`, `label_logprob`, and format 2's per-block
+`block_stats`):
 - a recorded block's chunks are all there ("record-without-chunk"), decode ("checksum": the crc32c
-  codec's mismatch, format 2; "unreadable": a truncated or resized chunk) and hold finite values
-  ("non-finite"; `label_logprob` is NaN exactly where a row has no label, by design);
+  codec's mismatch, format 2; "unreadable": a truncated or resized chunk), hold finite values
+  ("non-finite"; `label_logprob` is NaN exactly where a row has no label, by design) and top-k ids
+  inside the teacher's vocabulary ("invalid");
 - a chunk without its completion record ("chunk-without-record"): damage when the teacher says it is
   complete (its record was lost); otherwise the leftover of an interrupted write that `mtkd infer`
   recomputes, reported but not damage;
 - attributes against the arrays ("attribute"): `num_rows` and `chunk_rows` against every array's
-  shape and chunks, a dense teacher's width against `num_classes`, `logical_dtype` and the teacher's
-  `dtype` against the dtype actually stored (float16 bits read as bfloat16 would train on garbage).
+  shape and chunks, a dense teacher's width against its vocabulary, `top_k` against the ids kept,
+  `logical_dtype` and the teacher's `dtype` against the dtype actually stored (float16 bits read as
+  bfloat16 would train on garbage), a token store's sequence offsets against its rows.
 
 Repair (`--repair`) makes the store say only what is true, so that rerunning the same `mtkd infer`
 recomputes exactly the damaged blocks: a damaged block loses its record (first) and its chunks; a
@@ -20,8 +24,10 @@ teacher with damage loses `complete` (and its stats, which described the damaged
 that contradicts the stored dtype is rewritten from it, and a store-level count from the arrays when
 they all agree. What cannot be repaired (arrays that disagree with one another) is said so.
 
+What verify cannot see: a whole chunk moved to another block's place (its checksum is its own).
+
 Readers (stage two, `mtkd inspect`) refuse a NaN/inf in a recorded block as they read it
-(`LogitStore.read_logits`); their error points here.
+(`LogitStore.read_logits`); their errors point here.
 """
 
 from __future__ import annotations
@@ -44,8 +50,10 @@ NON_FINITE = "non-finite"
 NO_CHUNK = "record-without-chunk"
 NO_RECORD = "chunk-without-record"
 ATTRIBUTE = "attribute"
+INVALID = "invalid"  # top-k ids outside [0, vocab_size) in a recorded block (the -1 fill, or garbage)
 
-RECORDS = "done"  # the teacher's completion-record array; every other array of a teacher holds rows
+RECORDS = "done"  # the teacher's completion-record array (checked by listing, not reading)
+PER_BLOCK = ("block_stats",)  # format 2: one entry per block (the block's stats sums), checked like rows
 # The logical dtype each stored dtype can only be (bfloat16 is kept bit-exact as uint16).
 LOGICAL_OF_STORED = {np.dtype(stored): name for name, (stored, _, _) in STORAGE.items()}
 # Arrays whose NaN means "no label" (sparse teachers' log p(label)), finite wherever a label exists.
@@ -165,7 +173,7 @@ def _store_findings(store: LogitStore) -> Iterator[Finding]:
     rows, chunks, widths = {int(labels.shape[0])}, set(), set()
     for name in store.teachers:
         for key, array in zarr.open_group(store.path / "teachers" / name, mode="r").arrays():
-            if key == RECORDS:
+            if key == RECORDS or key in PER_BLOCK:
                 continue
             rows.add(int(array.shape[0]))
             chunks.add(int(array.metadata.chunk_grid.chunk_shape[0]))
@@ -179,6 +187,14 @@ def _store_findings(store: LogitStore) -> Iterator[Finding]:
         if seen and seen != {stated}:
             fix = {attr: next(iter(seen))} if len(seen) == 1 else None  # arrays that disagree: no fix
             yield Finding(ATTRIBUTE, f"{where}: attribute {attr} is {stated} but {what} are {sorted(seen)}", fix=fix)
+    if (store.path / "sequences" / "offsets" / "zarr.json").is_file():  # tokens: sequences tile the rows
+        try:
+            offsets = np.asarray(zarr.open_array(store.path / "sequences" / "offsets", mode="r")[...])
+        except Exception as e:  # noqa: BLE001 - a checksum mismatch or a broken chunk
+            yield Finding(ATTRIBUTE, f"{where}: sequences/offsets do not read ({type(e).__name__}: {_first_line(e)})")
+        else:
+            if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != store.num_rows or (np.diff(offsets) < 0).any():
+                yield Finding(ATTRIBUTE, f"{where}: sequences/offsets do not run from 0 to num_rows {store.num_rows} in order")
     folder = store.path / "teachers"
     for child in sorted(folder.iterdir()) if folder.is_dir() else []:
         if child.is_dir() and not (child / "zarr.json").is_file():
@@ -196,9 +212,14 @@ def _as_fixed(store: LogitStore, findings: list[Finding]) -> LogitStore:
 
 @dataclass
 class _Array:
-    key: str  # e.g. "logits", "topk_ids"
+    key: str  # e.g. "logits", "topk_ids", "block_stats"
     array: zarr.Array
     logical: str  # the dtype its values are, as implied by the stored dtype
+    per_block: bool = False  # one entry per block (block_stats), not per row
+
+    def block(self, store: LogitStore, block: int) -> np.ndarray:
+        start, stop = (block, block + 1) if self.per_block else store.block_range(block)
+        return np.asarray(self.array[start:stop])
 
     def chunk_file(self, folder: Path, block: int) -> Path:
         coords = (block,) + (0,) * (len(self.array.shape) - 1)
@@ -237,7 +258,7 @@ class _Teacher:
             stored = np.dtype(array.dtype)
             # What the values are follows from how they are stored, whatever the attribute says.
             logical = LOGICAL_OF_STORED.get(stored, stored.name) if "logical_dtype" in array.attrs else stored.name
-            arrays.append(_Array(child.name, array, logical))
+            arrays.append(_Array(child.name, array, logical, per_block=child.name in PER_BLOCK))
         if not arrays and not problems:
             problems.append(Finding(ATTRIBUTE, f"{where}: holds no arrays", teacher=name))
         return cls(store, name, attrs, arrays, problems)
@@ -249,11 +270,12 @@ class _Teacher:
         store, name, where = self.store, self.name, self.where
         for a in self.arrays:
             shape, chunks = tuple(a.array.shape), tuple(a.array.metadata.chunk_grid.chunk_shape)
-            if shape[0] != store.num_rows:
-                found.append(Finding(ATTRIBUTE, f"{where}: {a.key} has {shape[0]} rows; the store has num_rows {store.num_rows}", name))
-            if chunks[0] != store.chunk_rows or chunks[1:] != shape[1:]:
+            length, unit, what = (store.num_blocks, 1, "blocks") if a.per_block else (store.num_rows, store.chunk_rows, "rows")
+            if shape[0] != length:
+                found.append(Finding(ATTRIBUTE, f"{where}: {a.key} has {shape[0]} {what}; the store has {length}", name))
+            if chunks[0] != unit or chunks[1:] != shape[1:]:
                 found.append(Finding(
-                    ATTRIBUTE, f"{where}: {a.key} is chunked {chunks}; blocks are ({store.chunk_rows}, {', '.join(map(str, shape[1:]))})", name,
+                    ATTRIBUTE, f"{where}: {a.key} is chunked {chunks}; blocks are ({unit}, {', '.join(map(str, shape[1:]))})", name,
                 ))
             if "logical_dtype" in a.array.attrs:
                 stated = a.array.attrs["logical_dtype"]
@@ -266,17 +288,23 @@ class _Teacher:
                         f"{where}: {a.key} says logical_dtype {stated!r} but is stored as {stored} ({a.logical})",
                         name, fix={"array": a.key, "logical_dtype": a.logical},
                     ))
-        dense = {a.key: a for a in self.arrays}.get("logits")
+        by_key = {a.key: a for a in self.arrays}
+        dense = by_key.get("logits")
         if dense is not None:
             width = dense.array.shape[1] if len(dense.array.shape) > 1 else None
             expected = self.attrs.get("vocab_size") or store.num_classes
             if width != expected:
                 found.append(Finding(ATTRIBUTE, f"{where}: logits have {width} classes; the attributes say {expected}", name))
-            if dense.logical in STORAGE and self.attrs.get("dtype") != dense.logical:
-                found.append(Finding(
-                    ATTRIBUTE, f"{where}: attribute dtype is {self.attrs.get('dtype')!r} but logits are stored as {dense.logical}",
-                    name, fix={"dtype": dense.logical},
-                ))
+        ids = by_key.get("topk_ids")
+        if ids is not None and len(ids.array.shape) == 2 and ids.array.shape[1] != self.attrs.get("top_k"):
+            found.append(Finding(ATTRIBUTE, f"{where}: topk_ids keep {ids.array.shape[1]} ids; attribute top_k is {self.attrs.get('top_k')!r}", name))
+        # The teacher's dtype is that of its 16-bit-or-float32 values (dense logits, top-k log-probabilities).
+        valued = next((a for a in self.arrays if "logical_dtype" in a.array.attrs), None)
+        if valued is not None and valued.logical in STORAGE and self.attrs.get("dtype") != valued.logical:
+            found.append(Finding(
+                ATTRIBUTE, f"{where}: attribute dtype is {self.attrs.get('dtype')!r} but {valued.key} are stored as {valued.logical}",
+                name, fix={"dtype": valued.logical},
+            ))
         records = self.folder / RECORDS
         if (records / "zarr.json").is_file():
             shape = tuple(zarr.open_array(records, mode="r").shape)
@@ -305,11 +333,20 @@ class _Teacher:
         found = []
         for a in self.arrays:
             try:
-                values = np.asarray(a.array[start:stop])
+                values = a.block(self.store, block)
             except Exception as e:  # noqa: BLE001 - the codec's checksum error, or a chunk of the wrong size
                 kind = CHECKSUM if "checksum" in str(e).lower() else UNREADABLE
                 detail = "checksum mismatch" if kind == CHECKSUM else f"does not decode ({type(e).__name__}: {_first_line(e)})"
                 found.append(Finding(kind, f"{where}: {a.key} chunk {detail}", self.name, block))
+                continue
+            if a.per_block:
+                continue  # the stats sums: that they read (checksum) is what can be checked
+            if a.key == "topk_ids":
+                vocab = int(self.attrs.get("vocab_size") or self.store.num_classes)
+                rows = ((values < 0) | (values >= vocab)).any(axis=1)
+                if rows.any():
+                    row = start + int(np.flatnonzero(rows)[0])
+                    found.append(Finding(INVALID, f"{where}: topk_ids outside [0, {vocab}) at row {row}", self.name, block))
                 continue
             allowed = self._unlabelled(start, stop) if a.key in NAN_WITHOUT_LABEL else None
             bad = _nonfinite_rows(_as_logical(values, a.logical), allowed_nan=allowed)
@@ -367,7 +404,7 @@ def _repair(store: LogitStore, report: VerifyReport) -> None:
                 _update_attrs(target, fix, is_array=array is not None)
                 report.repaired.append(f"teacher {f.teacher!r}: {array or 'teacher'} attribute set to {fix}")
             continue
-        if f.block is not None and f.kind != NO_RECORD:
+        if f.block is not None and f.kind != NO_RECORD:  # checksum, unreadable, non-finite, invalid, no chunk
             store.drop_block(f.teacher, f.block)
             report.repaired.append(f"teacher {f.teacher!r}: block {f.block} dropped ({f.kind})")
         dirty.add(f.teacher)
