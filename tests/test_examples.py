@@ -1,8 +1,10 @@
 """The example configs under examples/ run as their first line says (with one epoch instead of many),
-and the cluster scripts do what they claim: sharded stage one equals one process, torchrun trains."""
+the cluster scripts do what they claim (sharded stage one equals one process, torchrun trains), and
+the bring-your-own-data example (examples/own-data) runs command by command as README shows it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -74,3 +76,49 @@ def test_examples_run_as_documented(workdir):
     subprocess.run(["bash", "examples/train.torchrun.sh"], env={**env, "EPOCHS": "1", "RUN": "runs/ddp"}, check=True,
                    capture_output=True, timeout=300)
     assert (workdir / "runs/ddp/student.pt").is_file()
+
+
+OWN_DATA = EXAMPLES / "own-data"
+
+
+def own_data_commands() -> list[str]:
+    """The commands of examples/own-data/run.sh, in order (what README's bring-your-own-data shows)."""
+    return [line for line in (OWN_DATA / "run.sh").read_text().splitlines() if line and not line.startswith(("#", "set "))]
+
+
+def test_readme_shows_every_own_data_command():
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    for command in own_data_commands():
+        assert command in readme, f"README's bring-your-own-data example lacks: {command}"
+
+
+@pytest.mark.slow
+def test_own_data_example_runs_as_documented(tmp_path, monkeypatch):
+    # Every command of run.sh from the example's folder, `mtkd` ones in process, the students with 10
+    # epochs instead of 30 (the teachers as written); data and models come from the user's `shapes`.
+    shutil.copytree(OWN_DATA, tmp_path / "own-data")
+    monkeypatch.chdir(tmp_path / "own-data")
+    monkeypatch.delitem(sys.modules, "shapes", raising=False)
+    accuracy = {}
+    for command in own_data_commands():
+        args = shlex.split(command)
+        if args[0] == "python":
+            subprocess.run([sys.executable, *args[1:]], check=True, capture_output=True, timeout=120)
+            continue
+        assert args[0] == "mtkd", command
+        args = args[1:]
+        if args[:3] == ["train", "--student", "student.toml"]:
+            args[args.index("--epochs") + 1] = "10"
+        result = CliRunner().invoke(app, [*args, "--quiet", "--json"])
+        assert result.exit_code == 0, f"{command} exited {result.exit_code}:\n{result.output}"
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        if args[0] == "eval":
+            accuracy[args[1]] = report["accuracy"]
+            assert report["n"] == 2000
+    monkeypatch.delitem(sys.modules, "shapes", raising=False)
+    store = open_store(Path("stores/transfer"))
+    assert sorted(store.teachers) == ["cnn", "pooled"] and store.num_rows == 5500
+    store.require_complete(store.teachers)
+    assert set(accuracy) == {"runs/cnn", "runs/pooled", "runs/student", "runs/baseline"}
+    # The CNN teacher is far above chance (0.25), and its student learns from it in 10 epochs.
+    assert accuracy["runs/cnn"] >= 0.8 and accuracy["runs/student"] >= 0.45, accuracy

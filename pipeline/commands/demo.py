@@ -40,7 +40,7 @@ def demo(
     an unlabelled transfer set, and trains the paper's MLP (40-100-100-10)
     on the hard labels, from each teacher alone and from all three, over 3
     seeds. Prints every model's test accuracy and each stage's wall time,
-    and draws a plot. 2 to 5 minutes on 2 CPU cores.
+    and draws a plot (README: what it measured, and how long it took).
 
     lm: teacher and student language models on the Python standard
     library's own source files.
