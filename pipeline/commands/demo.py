@@ -107,6 +107,9 @@ def _render_lm(result: dict[str, Any]) -> None:
     console.print(table)
     console.print(f"store: {result['bytes_per_token']:.0f} bytes per token")
     _print_wall(console, result["wall_s"])
+    console.print(f"data, models, stores and runs under {result['out']}")
+    if result.get("plot"):
+        console.print(f"plot: {result['plot']}")
 
 
 def _print_wall(console: Console, wall: dict[str, float]) -> None:
