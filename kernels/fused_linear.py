@@ -42,6 +42,23 @@ from mtkd.kernels.reference import (
     kd_sparse_loss_rows_ref,
 )
 
+try:
+    from mtkd.kernels.launch import check_teacher_report, refuse_forward_ad, runs_triton, \
+        scale_grad_rows
+    from mtkd.kernels.sparse_kd_loss import TEACHER_MESSAGES, sparse_kd_loss_in_place
+except ModuleNotFoundError as error:  # triton is Linux-only (pyproject): the reference path only
+    if error.name != "triton":
+        raise
+
+    def runs_triton(tensor: Tensor) -> bool:
+        return False
+
+    def refuse_forward_ad(tensor: Tensor, name: str) -> None:
+        return None
+
+    def scale_grad_rows(grad: Tensor, grad_rows: Tensor) -> None:
+        grad.mul_(grad_rows[:, None].to(grad.dtype))
+
 
 @dataclass(frozen=True)
 class LossOptions:
@@ -79,10 +96,23 @@ def _chunk_loss_reference(logits, ids, logprobs, weights, labels, mask, options,
     return rows.detach(), grad
 
 
+def _chunk_loss_kernel(logits, ids, logprobs, weights, labels, mask, options, divisor,
+                       need_grad):
+    """The same with the Triton kernel, which writes the gradient over `logits` (contiguous)."""
+    if divisor is not None and not isinstance(divisor, Tensor):
+        divisor = torch.full((), divisor, dtype=torch.int64, device=logits.device)
+    rows, report = sparse_kd_loss_in_place(
+        logits, ids, logprobs, weights, labels, mask, divisor, options.temperature,
+        options.alpha, "mean" if divisor is not None else "sum", options.ignore_index, need_grad)
+    check_teacher_report(report, TEACHER_MESSAGES)
+    return rows, logits if need_grad else None
+
+
 def chunk_loss(logits, ids, logprobs, weights, labels, mask, options, divisor, need_grad):
-    """(rows (n,), dL/dlogits (n, V) or None) for one chunk of logits (n, V)."""
-    return _chunk_loss_reference(logits, ids, logprobs, weights, labels, mask, options, divisor,
-                                 need_grad)
+    """(rows (n,) times 1 / divisor, dL/dlogits (n, V) or None) for one chunk of logits (n, V):
+    the kernel where it runs (the gradient then replaces the logits), else the reference."""
+    run = _chunk_loss_kernel if runs_triton(logits) else _chunk_loss_reference
+    return run(logits, ids, logprobs, weights, labels, mask, options, divisor, need_grad)
 
 
 def _bias_accumulator(bias: Tensor) -> Tensor:
@@ -91,8 +121,11 @@ def _bias_accumulator(bias: Tensor) -> Tensor:
 
 
 def _scale_(t: Optional[Tensor], factor: Tensor) -> Optional[Tensor]:
+    """t *= factor (a scalar tensor) in place, skipping an exact 1 without a host sync where the
+    kernels run (the rows of `t` through the dense kernel's in-place row scaling)."""
     if t is not None:
-        t.mul_(factor.to(t.dtype))
+        rows = t.view(1, -1) if t.dim() == 1 else t  # contiguous: made so in the forward
+        scale_grad_rows(rows, factor.reshape(1).expand(rows.shape[0]))
     return t
 
 
@@ -108,8 +141,9 @@ class _FusedLinearSparseKD(torch.autograd.Function):
             divisor = max(N, 1) if mask is None else mask.sum().clamp(min=1)
         acc = accumulation_dtype(hidden, logprobs, weights)
         rows = torch.empty(N, dtype=acc, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if grads_now and need[0] else None
-        grad_weight = torch.zeros_like(weight) if grads_now and need[1] else None
+        # Contiguous (not *_like, which keeps an input's strides): the backward scales rows.
+        grad_hidden = hidden.new_empty(hidden.shape) if grads_now and need[0] else None
+        grad_weight = weight.new_zeros(weight.shape) if grads_now and need[1] else None
         grad_bias = _bias_accumulator(bias) if grads_now and need[2] else None
         for start in range(0, N, chunk_rows):
             part = slice(start, start + chunk_rows)
@@ -155,8 +189,8 @@ class _FusedLinearSparseKD(torch.autograd.Function):
 def _recompute_grads(hidden, weight, bias, ids, logprobs, weights, labels, mask, options,
                      chunk_rows, grad_rows, need):
     """Reduction "none": each chunk's logits again, their gradient times grad_rows, the matmuls."""
-    grad_hidden = torch.empty_like(hidden) if need[0] else None
-    grad_weight = torch.zeros_like(weight) if need[1] else None
+    grad_hidden = hidden.new_empty(hidden.shape) if need[0] else None
+    grad_weight = weight.new_zeros(weight.shape) if need[1] else None
     grad_bias = _bias_accumulator(bias) if need[2] else None
     for start in range(0, hidden.shape[0], chunk_rows):
         part = slice(start, start + chunk_rows)
@@ -233,6 +267,9 @@ def fused_linear_sparse_kd_loss(
         weights=weights, labels=labels, alpha=alpha, reduction=reduction,
         ignore_index=ignore_index, mask=mask,
     )
+    if runs_triton(hidden):
+        refuse_forward_ad(hidden, "fused_linear_sparse_kd_loss")
+        refuse_forward_ad(weight, "fused_linear_sparse_kd_loss")
     options = LossOptions(float(temperature), float(alpha), reduction, int(ignore_index))
     detach = lambda t: None if t is None else t.detach()  # noqa: E731  teachers take no gradient
     return _FusedLinearSparseKD.apply(
