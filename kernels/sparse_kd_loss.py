@@ -34,8 +34,12 @@ same instructions (fused multiply-add contraction is switched off for this kerne
 places round alike), so they are the very same float64 numbers, and Z - sum_{S_k} e_v is the sum
 of the unlisted ones up to float64 rounding (~1e-16 Z): 1 - Q_k keeps ~1e-10 relative accuracy at
 Q_k = 1 - 1e-6. The power-of-two split keeps classes down to e^-708 below the maximum (float32
-would flush them at e^-87, which T = 0.05 reaches with logits of a few units); tails smaller than
-that count as 0. log Z itself is as precise as a max-shifted float32 logsumexp.
+would flush them at e^-87, which T = 0.05 reaches with logits of a few units). A tail below 2^-30
+of Z is beyond what the difference resolves (Z's own float64 rounding is ~1e-16 Z): for those
+teachers the tail is summed directly, in log space, over the classes each does not list, found by
+comparing every class with its ids (V * K * k comparisons for that row: a slow path for very
+confident students or small T, exact to float32 in log space). log Z itself is as precise as a
+max-shifted float32 logsumexp.
 
 Passes over the row: (0) its maximum, (1) Z in float64 (and the temperature-1 sum for CE when
 T != 1), (2) the gradient. Passes 1 and 2 re-read the row right after the previous pass, while it
@@ -128,6 +132,7 @@ def _sparse_kd_loss_kernel(
     BLOCK_K: tl.constexpr,  # next power of two >= K
     BLOCK_L: tl.constexpr,  # next power of two >= k
     BLOCK_J: tl.constexpr,  # another teacher's ids compared with the row's at once (overlap step)
+    BLOCK_F: tl.constexpr,  # classes compared with the row's ids at once (deep-tail step)
     BLOCK_V: tl.constexpr,  # classes per block (a power of two)
     HAS_WEIGHTS: tl.constexpr,  # weights given (else: uniform 1 / K)
     HAS_LABELS: tl.constexpr,  # labels given: rows labelled ignore_index have no CE term
@@ -241,6 +246,28 @@ def _sparse_kd_loss_kernel(
         z_tail = tl.maximum(z_sum - z_listed, 0.0)
         log_tail_q = (tl.log(z_tail) - tl.log(z_sum)).to(ACC_DTYPE)  # log(1 - Q_k), -inf if none
         has_tail = tl.reduce(tl.where(listed, 1, 0), 1, SUM) < V
+        # Below 2^-30 of Z the difference is no longer trustworthy (float64 rounding of Z is
+        # ~1e-16 Z): such teachers' tails are summed directly, in log space, over the classes
+        # they do not list (found by comparing each class with their ids). Rare outside very
+        # confident students or small T; costs V * K * k comparisons for the row.
+        deep = has_tail & (z_tail < z_sum * 9.313225746154785e-10)
+        if tl.reduce(tl.where(deep, 1, 0), 0, MAX) > 0:
+            t_run = tl.full([BLOCK_K], NEG_INF, ACC_DTYPE)
+            t_sum = tl.full([BLOCK_K], 0.0, ACC_DTYPE)
+            for v0 in range(0, V, BLOCK_F):
+                cols = (v0 + tl.arange(0, BLOCK_F)).to(tl.int64)
+                s = tl.load(s_row + cols * stride_sv, mask=cols < load_limit, other=0.0)
+                x = tl.where(cols < V, s.to(ACC_DTYPE) * inv_temperature - a_max, NEG_INF)
+                match = ids[:, :, None] == cols[None, None, :]  # (BLOCK_K, BLOCK_L, BLOCK_F)
+                is_listed = tl.reduce(tl.where(match, 1, 0), 1, MAX)  # (BLOCK_K, BLOCK_F)
+                x_out = tl.where(is_listed > 0, NEG_INF, x[None, :])
+                new_run = tl.maximum(t_run, tl.reduce(x_out, 1, MAX))
+                safe = tl.where(new_run == NEG_INF, 0.0, new_run)
+                t_sum = t_sum * tl.exp(t_run - safe)
+                t_sum += tl.reduce(tl.exp(x_out - safe[:, None]), 1, SUM)
+                t_run = new_run
+            direct = tl.where(t_run == NEG_INF, NEG_INF, t_run + tl.log(t_sum)) - log_z
+            log_tail_q = tl.where(deep, direct, log_tail_q)
         r = tl.where(has_tail, tl.maximum(1.0 - tl.reduce(p, 1, SUM), 0.0), 0.0)  # (BLOCK_K,)
         log_r = tl.log(tl.where(r > 0, r, 1.0))
         log_q_l = b_l - log_z
@@ -369,6 +396,7 @@ def sparse_kd_loss_forward(
     if block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     block_j = max(1, min(block_l, _PAIR_TILE // (block_k * block_l)))
+    block_f = max(1, _PAIR_TILE // (block_k * block_l))
     num_warps = 4 if block_v <= 1024 else 8
     w_strides = (0, 0) if weights is None else (
         (0, weights.stride(0)) if weights.dim() == 1 else (weights.stride(0), weights.stride(1)))
@@ -396,6 +424,7 @@ def sparse_kd_loss_forward(
             BLOCK_K=block_k,
             BLOCK_L=block_l,
             BLOCK_J=block_j,
+            BLOCK_F=block_f,
             BLOCK_V=block_v,
             HAS_WEIGHTS=weights is not None,
             HAS_LABELS=labels is not None,

@@ -141,6 +141,18 @@ def test_confident_student_keeps_its_tail():
     assert ((naive_tail - true_tail).abs() / true_tail).max() > 1e-2
 
 
+def test_tails_too_deep_for_the_difference_are_summed_directly():
+    """The student's unlisted mass ~1e-24 of its listed mass (T = 0.1): below what Z - Z_listed
+    resolves in float64, so the kernel sums that tail directly (found by hypothesis: the
+    difference gave 0, an infinite loss and NaN gradients)."""
+    s = torch.tensor([[2.529, 0.6216, 7.9678, 2.2687, -1.2661, -4.0539, 2.3495],
+                      [0.1, 0.2, 9.0, 0.3, 8.9, 0.0, -1.0]])
+    ids = torch.tensor([[[2, 20], [2, 4]]])  # teacher 0 lists the student's top class(es)
+    lp = torch.tensor([[[-7.8447e-06, -math.inf], [-0.5, -1.0]]])
+    loss, grad = check_sparse_kernel(s, ids, lp, temperature=0.1, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
 def test_ids_beyond_v_are_tail_mass_and_lists_of_one():
     s, ids, lp, w, y = make_sparse_inputs(2, 6, 12, 5, extra_classes=20, weights="K")
     assert (ids >= 12).any()
@@ -355,10 +367,10 @@ def test_an_extra_id_of_probability_zero_changes_nothing(p):
     dict(USE_KD=False, CE_AT_T=False),
     dict(HAS_GRAD=False),
     dict(ACC_DTYPE="fp64"),
-    dict(BLOCK_K=16, BLOCK_L=256, BLOCK_J=1),
+    dict(BLOCK_K=16, BLOCK_L=256, BLOCK_J=1, BLOCK_F=1),
     # A launch specialises int arguments equal to 1 into constants (K = 1, k = 1, unit strides).
     dict(K=1, L=1, stride_sv=1, stride_il=1, stride_pl=1, stride_gv=1, mean_divisor=1,
-         BLOCK_K=1, BLOCK_L=1, BLOCK_J=1, MEAN_OVER_COUNT=False),
+         BLOCK_K=1, BLOCK_L=1, BLOCK_J=1, BLOCK_F=4096, MEAN_OVER_COUNT=False),
 ])
 def test_kernel_compiles_for_sm90_without_a_gpu(flags):
     """The interpreter forgives what the compiler does not; this runs the real compiler down to a
@@ -374,7 +386,7 @@ def test_kernel_compiles_for_sm90_without_a_gpu(flags):
         "stride_gv", "K", "V", "L", "mean_divisor", "ignore_index")})
     signature.update({name: "fp32" for name in (
         "inv_temperature", "kd_loss_scale", "kd_grad_scale", "ce_scale")})
-    constexprs = dict(BLOCK_K=4, BLOCK_L=64, BLOCK_J=16, BLOCK_V=4096, HAS_WEIGHTS=True,
+    constexprs = dict(BLOCK_K=4, BLOCK_L=64, BLOCK_J=16, BLOCK_F=16, BLOCK_V=4096, HAS_WEIGHTS=True,
                       HAS_LABELS=True, HAS_MASK=True, USE_KD=True, USE_CE=True, CE_AT_T=False,
                       HAS_GRAD=True, MEAN_OVER_COUNT=True, ACC_DTYPE=tl.float32)
     constexprs.update(flags)
