@@ -36,7 +36,8 @@ from mtkd.kernels import fused_kd_loss
 from mtkd.pipeline.demos.rows import RowsDemoConfig, toml_table
 from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.infer import forward_throughput, load_teacher, run_infer
-from mtkd.pipeline.specs import import_object, load_data, load_teacher_specs
+from mtkd.pipeline.data import load_data
+from mtkd.pipeline.specs import import_object, load_teacher_specs
 from mtkd.pipeline.config import TrainConfig
 from mtkd.pipeline.train import run_train
 

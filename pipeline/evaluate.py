@@ -22,7 +22,8 @@ from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.loader import as_tensor
 from mtkd.pipeline.metrics import classification_metrics
 from mtkd.pipeline.progress import progress_bar
-from mtkd.pipeline.specs import IGNORE_LABEL, ModelSpec, load_checkpoint, load_data, load_student_spec
+from mtkd.pipeline.data import IGNORE_LABEL, load_data
+from mtkd.pipeline.specs import ModelSpec, load_checkpoint, load_student_spec
 
 EVAL_BATCH_SIZE = 1024
 

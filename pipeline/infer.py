@@ -1,23 +1,29 @@
-"""Stage one: run every teacher over the data once and write its raw logits into the store.
+"""Stage one: run every teacher over the data once and write what stage two needs into the store.
 
 `run_infer` reads top to bottom:
-1. validate: parse specs, load the data, open the store if there is one and check it is this data's,
-   decide per teacher (skip: complete with the same checkpoint; refuse: another checkpoint or dtype),
-   load every teacher that has work and check one batch of its outputs (shape, class count, finite);
+1. resolve: parse specs, load the data (rows or token sequences), open the store if there is one and
+   check it is this data's, decide per teacher (skip: complete with the same weights and layout;
+   refuse: other weights, layout, k or temperatures), load every teacher that has work and run the
+   first batch through it (shape, vocabulary, labels within it) -> one `InferConfig`;
 2. only then create the store or add teachers to it;
-3. forward: block by block of this shard; each batch of inputs is read once and goes through every
-   teacher that still misses that block:
-       rows [s, e) of x -> device -> teacher (inference mode; autocast on CUDA for 16-bit --dtype)
-       -> (B, V) logits, shape checked -> one copy into the block's host buffer, in the stored dtype
-   A full block is checked finite (as stored: float16 overflow counts) and goes to the writer thread
-   (bounded queue), which writes one chunk per teacher, flushes it, then writes the block's completion
-   record; the next block is computed meanwhile;
-4. finish: a teacher whose blocks are all recorded gets its stats and `complete`, by whichever
-   process sees the last record (the same bytes whoever writes them).
+3. forward: batch by batch over this shard's missing blocks; each batch of inputs is read once and
+   goes through every teacher that still misses a block it touches:
+       rows j*B..(j+1)*B-1, or sequences j*B..(j+1)*B-1 padded on the right with their attention mask
+       -> device -> teacher (inference mode; autocast on CUDA for 16-bit --dtype) -> logits
+       (B, V) or (B, L, V), shape checked -> the layout's `reduce` on the device in float32 (dense:
+       the logits in the stored dtype; top-k: ids, log-probabilities, normalisers, label log-prob)
+       -> the real rows' results copied into the host buffers of the blocks they belong to
+   A full block is checked finite (as stored: float16 overflow counts), its stats sums computed from
+   the rows' summaries, and it goes to the writer thread (bounded queue), which writes one chunk per
+   array, flushes them, writes the sums and then the block's completion record;
+4. finish: a teacher whose blocks are all recorded gets its stats (the recorded sums, added in block
+   order) and `complete`, by whichever process sees the last record (the same bytes whoever writes).
 
-Blocks are the unit of everything: of resume (a block without its record is computed again), of
-sharding (shard I of N takes blocks b with b % N == I) and of bit-identity (a block's rows are
-forwarded in the same batches whether one process writes the store or many, or one is killed).
+Batches and blocks are independent grids: batch j is always the same rows (or sequences) whatever the
+blocks, so a block is computed from the same batches whether one process writes the store or many, or
+one is killed and rerun (bit-identity), and the batch size is never capped by the block size. A batch
+that spans two blocks is forwarded once per process that needs it; a process reuses it for its next
+block. The (B, L, V) logits never leave the device: only the layout's per-row results do.
 """
 
 from __future__ import annotations
@@ -29,17 +35,33 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
+from mtkd.pipeline import hf
+from mtkd.pipeline.data import Data, RowData, TokenData, load_data
 from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.errors import BadInputError, StoreMismatchError, TeacherFailedError, TeacherOutputError
-from mtkd.pipeline.report import teacher_stats
-from mtkd.pipeline.specs import IGNORE_LABEL, ArrayData, ModelSpec, _brief, check_out_path, load_data, load_teacher_specs
-from mtkd.pipeline.store import DTYPES, STORAGE, LogitStore, create_store, open_store
+from mtkd.pipeline.layouts import (
+    DEFAULT_TEMPERATURES,
+    DEFAULT_TOP_K,
+    DENSE_TOKENS_MAX_VOCAB,
+    DTYPES,
+    Dense,
+    RowSummary,
+    TopK,
+    format_temperatures,
+    parse_temperatures,
+    to_storage,
+)
+from mtkd.pipeline.report import StatsSums
+from mtkd.pipeline.specs import ModelSpec, brief, check_out_path, load_teacher_specs
+from mtkd.pipeline.store import LogitStore, create_store, default_chunk_rows, open_store
 
 WRITE_QUEUE_BLOCKS = 2  # full blocks waiting for the writer; bounds host memory to a few blocks
+DEFAULT_BATCH = {"rows": 512, "tokens": 16}  # rows, or whole sequences, per forward pass
 
 
 @dataclass(frozen=True)
@@ -69,24 +91,41 @@ def parse_shard(text: str) -> Shard:
 
 @dataclass
 class InferResult:
-    """What one `run_infer` call did. `rows_per_s` is input rows through all computed teachers per
-    second of the forward-and-write loop (loading and validation excluded), comparable to
-    `forward_throughput`."""
+    """What one `run_infer` call did. `rows_per_s` is store rows (token positions, for tokens) through
+    all computed teachers per second of the forward-and-write loop (loading and validation excluded),
+    comparable to `forward_throughput`."""
 
     store: str
     shard: str
+    kind: str  # "rows" | "tokens"
     teachers: list[str]  # computed (at least partly) by this call
-    skipped_teachers: list[str]  # already complete with the same checkpoint: not even loaded
-    rows: int  # input rows forwarded
+    skipped_teachers: list[str]  # already complete with the same weights: not even loaded
+    rows: int  # store rows computed (token positions, for tokens)
     blocks_written: int
     blocks_skipped: int  # blocks of this shard already complete for every teacher
     wall_s: float  # the whole call
     loop_s: float  # the forward-and-write loop
     rows_per_s: float
     complete: dict[str, bool] = field(default_factory=dict)  # every listed teacher, after this call
+    layouts: dict[str, dict[str, Any]] = field(default_factory=dict)  # computed teachers: layout attrs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Everything one stage-one run does, resolved and checked once."""
+
+    data: Data
+    out: Path
+    batch_size: int  # rows, or sequences for token data
+    device: torch.device
+    dtype: str
+    shard: Shard
+    layouts: dict[str, Dense | TopK]  # the teachers this run computes
+    chunk_rows: int  # of a new store (an existing one keeps its own)
+    num_classes: int  # of a new store: the teachers' largest vocabulary
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,153 +135,304 @@ class InferResult:
 
 def run_infer(
     teachers: str | Path | Sequence[ModelSpec],
-    data: str | ArrayData,
+    data: str | Data,
     out: str | Path,
     *,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     device: str = "auto",
     dtype: str = "float16",
+    top_k: int | None = None,
+    temperatures: str | Sequence[float] | None = None,
     shard: str | Shard = Shard(),
     chunk_rows: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> InferResult:
-    """Create or resume the store at `out` with the logits of `teachers` on `data`.
+    """Create or resume the store at `out` with the outputs of `teachers` on `data`.
 
-    `teachers` is a TOML path or parsed specs; `data` a data spec or loaded data. `chunk_rows` only
-    applies when the store is created (default: `store.default_chunk_rows`). `progress(done, total)`
-    is called with rows after every batch. Raises BadInputError subclasses, store untouched, for
-    everything that can be checked before writing; a teacher that returns NaN/inf later stops the run
-    without recording the block it was in.
+    `teachers` is a TOML path or parsed specs; `data` a data spec or loaded data. `batch_size` counts
+    rows, or sequences for token data (default DEFAULT_BATCH). `top_k` stores each row's K most
+    probable classes (sparse); without it rows are stored dense and tokens dense only when V <= 1024
+    (else top-k DEFAULT_TOP_K). `temperatures` (sparse only, default 1,2; 1 always included) are
+    those whose exact normalisers are stored. `chunk_rows` only applies when the store is created.
+    `progress(done, total)` is called with rows after every batch. Raises BadInputError subclasses,
+    store untouched, for everything that can be checked before writing; a teacher that returns
+    NaN/inf later stops the run without recording the block it was in.
     """
     started = time.perf_counter()
-    # -- 1. validate ---------------------------------------------------------------------------------
+    # -- 1. resolve and validate ---------------------------------------------------------------------
     shard = parse_shard(shard) if isinstance(shard, str) else shard
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise BadInputError(f"--batch-size must be positive, got {batch_size}")
     if dtype not in DTYPES:
         raise BadInputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if chunk_rows is not None and chunk_rows < 1:
         raise BadInputError(f"chunk_rows must be positive, got {chunk_rows}")
+    if top_k is not None and top_k < 1:
+        raise BadInputError(f"--top-k must be at least 1, got {top_k}")
+    temps = _temperatures(temperatures)
     specs = list(teachers) if isinstance(teachers, Sequence) and not isinstance(teachers, str) else load_teacher_specs(teachers)
     data = load_data(data) if isinstance(data, str) else data
     dev = resolve_device(device)
     out = Path(out)
     check_out_path(out)
+    batch_size = batch_size or DEFAULT_BATCH[data.kind]
 
     store = _open_existing(out)
     if store is not None:
         store.check_data(data)
-    checkpoints = {spec.name: spec.weights_sha256() for spec in specs}
-    skipped = [spec.name for spec in specs if store is not None and _already_done(store, spec, checkpoints[spec.name], dtype)]
+    weights = {spec.name: spec.weights_sha256() for spec in specs}
+    skipped = []
+    for spec in specs:
+        if store is not None and spec.name in store.teachers:
+            info = _check_same_teacher(store, spec, weights[spec.name], dtype, top_k, temps)
+            if info.complete:
+                skipped.append(spec.name)
     todo = [spec for spec in specs if spec.name not in skipped]
     if not todo:
-        return _result(store, shard, [], skipped, 0, 0, 0, started, 0.0, specs)
+        return _result(store, data, shard, [], skipped, 0, 0, 0, started, 0.0, specs, {})
 
     models = {spec.name: load_teacher(spec, dev) for spec in todo}
+    grid = BatchGrid(data, batch_size)
     probe_started = time.perf_counter()
-    num_classes, first_batch = _probe(models, data, batch_size, dev, dtype)
+    first_logits = _probe(models, grid, dev, dtype)
     probe_s = time.perf_counter() - probe_started
-    if store is not None and num_classes != store.num_classes:
-        raise TeacherOutputError(
-            f"teachers {', '.join(models)} give {num_classes} classes; store {str(out)!r} holds {store.num_classes}"
-        )
-    labelled = data.labels[data.labels != IGNORE_LABEL]
-    if len(labelled) and int(labelled.max()) >= num_classes:
-        raise TeacherOutputError(
-            f"data {data.spec!r} has label {int(labelled.max())} but teachers {', '.join(map(repr, models))} give {num_classes} classes"
-        )
+    layouts = _resolve_layouts(first_logits, data, store, dtype, top_k, temps, temperatures is not None)
+    first_rows = _check_first_batch(first_logits, layouts, grid, dev, dtype)
+    del first_logits
+    largest = max(layout.row_bytes() for layout in layouts.values())
+    config = InferConfig(
+        data=data,
+        out=out,
+        batch_size=batch_size,
+        device=dev,
+        dtype=dtype,
+        shard=shard,
+        layouts=layouts,
+        chunk_rows=chunk_rows or default_chunk_rows(largest, data.num_rows),
+        num_classes=_num_classes(layouts),
+    )
 
     # -- 2. create or extend the store ---------------------------------------------------------------
     if store is None:
-        store, _ = create_store(out, data=data, num_classes=num_classes, chunk_rows=chunk_rows)
+        store, _ = create_store(out, data=data, num_classes=config.num_classes, chunk_rows=config.chunk_rows)
     for spec in todo:
-        if not store.add_teacher(spec.name, spec=spec.to_dict(), checkpoint_sha256=checkpoints[spec.name], dtype=dtype):
-            _check_same_teacher(store, spec, checkpoints[spec.name], dtype)  # made meanwhile by a racer
+        layout = layouts[spec.name]
+        added = store.add_teacher(
+            spec.name, spec=spec.to_dict(), weights_sha256=weights[spec.name], layout=layout,
+            stats_width=StatsSums.width(layout),
+        )
+        if not added:  # made meanwhile by a racer: it must be the same teacher
+            _check_same_teacher(store, spec, weights[spec.name], dtype, top_k, temps)
+            if store.layout(spec.name) != layout:
+                raise StoreMismatchError(f"store {str(out)!r} holds teacher {spec.name!r} as {store.layout(spec.name)}, not {layout}")
 
     # -- 3. forward and write ------------------------------------------------------------------------
     done = {name: store.done_blocks(name) for name in models}
-    work: list[tuple[int, list[str]]] = []  # (block, teachers missing it)
+    work: dict[int, list[str]] = {}  # block -> teachers missing it, for this shard's blocks
     skipped_blocks = 0
     for block in filter(shard.owns, range(store.num_blocks)):
         missing = [name for name in models if block not in done[name]]
         if missing:
-            work.append((block, missing))
+            work[block] = missing
         else:
             skipped_blocks += 1
-    total_rows = sum(stop - start for start, stop in (store.block_range(b) for b, _ in work))
+    total_rows = sum(stop - start for start, stop in map(store.block_range, work))
     if progress is not None:
         progress(0, total_rows)
 
     loop_started = time.perf_counter()
-    rows, reused = _forward_blocks(store, models, data, work, batch_size, dev, dtype, first_batch, total_rows, progress)
+    rows, reused = _forward(store, config, models, grid, work, first_rows, total_rows, progress)
     # The validation batch's forward counts as loop time when its outputs were stored.
     loop_s = time.perf_counter() - loop_started + (probe_s if reused else 0.0)
 
     # -- 4. finish teachers whose last block is now recorded (by this process or another) ------------
     for name in models:
         if not store.missing_blocks(name) and not store.teacher(name).complete:
-            store.mark_complete(name, teacher_stats(store, name))
-    return _result(store, shard, list(models), skipped, rows, len(work), skipped_blocks, started, loop_s, specs)
+            sums = StatsSums.total(store.block_stats(name))
+            store.mark_complete(name, StatsSums.stats(sums, layouts[name], store.kind))
+    return _result(store, data, shard, list(models), skipped, rows, len(work), skipped_blocks, started, loop_s, specs, layouts)
 
 
-def _forward_blocks(
+class Batch(NamedTuple):
+    """One batch of the grid, on the device."""
+
+    inputs: torch.Tensor  # rows: (B, ...) inputs; tokens: (B, L) input_ids, padded on the right
+    attention_mask: torch.Tensor | None  # tokens: (B, L), 1 = real token
+    labels: torch.Tensor  # (B,) or (B * L,) int64, -100 where none (padding included)
+    real: torch.Tensor | None  # tokens: (rows,) indices of the real positions in the flattened (B * L)
+
+
+class BatchGrid:
+    """Batch j: rows j*B .. (j+1)*B-1, or the rows of sequences j*B .. (j+1)*B-1 (whole sequences).
+
+    `starts[j]` is batch j's first row, `starts[-1]` the number of rows; the grid depends only on the
+    data and the batch size, never on blocks or shards.
+    """
+
+    def __init__(self, data: Data, batch_size: int):
+        self.data, self.batch_size = data, batch_size
+        if isinstance(data, TokenData):
+            firsts = data.offsets[np.arange(0, data.num_seqs, batch_size)]
+        else:
+            firsts = np.arange(0, data.num_rows, batch_size)
+        self.starts = np.append(firsts, data.num_rows).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def rows(self, j: int) -> tuple[int, int]:
+        return int(self.starts[j]), int(self.starts[j + 1])
+
+    def overlapping(self, start: int, stop: int) -> range:
+        """The batches holding any of rows [start, stop)."""
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        return range(first, int(np.searchsorted(self.starts, stop, side="left")))
+
+    def batch(self, j: int, dev: torch.device) -> Batch:
+        data, (r0, r1) = self.data, self.rows(j)
+        pin = dev.type == "cuda"
+        if isinstance(data, RowData):
+            x = torch.from_numpy(data.x[r0:r1])
+            labels = torch.from_numpy(data.labels[r0:r1])
+            if pin:
+                x, labels = x.pin_memory(), labels.pin_memory()
+            return Batch(x.to(dev, non_blocking=True), None, labels.to(dev, non_blocking=True), None)
+        seqs = range(j * self.batch_size, min((j + 1) * self.batch_size, data.num_seqs))
+        lengths = np.diff(data.offsets[seqs.start : seqs.stop + 1])
+        width = int(lengths.max())
+        ids = np.zeros((len(seqs), width), dtype=np.int64)
+        labels = np.full((len(seqs), width), -100, dtype=np.int64)
+        mask = np.arange(width)[None, :] < lengths[:, None]  # (B, L) real positions, a prefix of each row
+        ids[mask] = data.tokens[r0:r1]
+        labels[mask] = data.labels[r0:r1]
+        real = np.flatnonzero(mask.reshape(-1))  # row order: sequence by sequence, position by position
+        tensors = [torch.from_numpy(a) for a in (ids, mask.astype(np.int64), labels.reshape(-1), real)]
+        if pin:
+            tensors = [t.pin_memory() for t in tensors]
+        ids_t, mask_t, labels_t, real_t = (t.to(dev, non_blocking=True) for t in tensors)
+        return Batch(ids_t, mask_t, labels_t, real_t)
+
+
+def run_teacher(name: str, model: torch.nn.Module, batch: Batch, dev: torch.device) -> torch.Tensor:
+    """A teacher's logits for one batch, shape-checked: (B, V) for rows, (B, L, V) for tokens."""
+    inputs = batch.inputs
+    target = hf.input_device(model, dev)
+    if target != inputs.device:
+        inputs = inputs.to(target)
+    if batch.attention_mask is not None and hf.takes_attention_mask(model):
+        mask = batch.attention_mask.to(inputs.device)
+        out = hf.logits_of(model(inputs, attention_mask=mask))
+    else:
+        out = hf.logits_of(model(inputs))
+    want = tuple(inputs.shape[:2]) if batch.attention_mask is not None else (inputs.shape[0],)
+    if not isinstance(out, torch.Tensor) or out.dim() != len(want) + 1 or tuple(out.shape[:-1]) != want:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        what = f"({', '.join(map(str, want))}, V) logits" + (" for token data (B, L, V)" if batch.attention_mask is not None else "")
+        raise TeacherOutputError(f"teacher {name!r} returned {got} for a batch of shape {tuple(inputs.shape)}; expected {what}")
+    return out.to(dev) if out.device != dev else out
+
+
+def _teacher_rows(layout: Dense | TopK, logits: torch.Tensor, batch: Batch) -> tuple[dict[str, torch.Tensor], RowSummary]:
+    """A batch's logits -> the layout's arrays and summary for the batch's store rows, on the device.
+    Token batches are reduced over all (B * L) positions, then cut to the real ones in row order."""
+    arrays, summary = layout.reduce(logits.reshape(-1, logits.shape[-1]), batch.labels)
+    if batch.real is not None:
+        arrays = {k: v[batch.real] for k, v in arrays.items()}
+        summary = RowSummary(*(v[batch.real] if v is not None else None for v in summary))
+    return arrays, summary
+
+
+class _Pending:
+    """A block being filled: per teacher, host buffers of its arrays and summaries, and rows filled."""
+
+    def __init__(self, rows: int, names: list[str], layouts: dict[str, Dense | TopK], pin: bool):
+        self.rows, self.filled = rows, 0
+        self.buffers: dict[str, dict[str, torch.Tensor]] = {}
+        self.summaries: dict[str, dict[str, torch.Tensor]] = {}
+        self.names = names
+        self._layouts, self._pin = layouts, pin
+
+    def put(self, name: str, at: int, arrays: dict[str, torch.Tensor], summary: RowSummary) -> None:
+        """Copy a batch's rows (already cut to this block) into the buffers at row `at`."""
+        if name not in self.buffers:
+            self.buffers[name] = {k: self._empty(v) for k, v in arrays.items()}
+            self.summaries[name] = {k: self._empty(v) for k, v in summary._asdict().items() if v is not None}
+        n = next(iter(arrays.values())).shape[0]
+        for k, v in arrays.items():
+            self.buffers[name][k][at : at + n].copy_(v, non_blocking=True)
+        for k, v in summary._asdict().items():
+            if v is not None:
+                self.summaries[name][k][at : at + n].copy_(v, non_blocking=True)
+
+    def _empty(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty((self.rows, *like.shape[1:]), dtype=like.dtype, pin_memory=self._pin)
+
+
+def _forward(
     store: LogitStore,
+    config: InferConfig,
     models: dict[str, torch.nn.Module],
-    data: ArrayData,
-    work: list[tuple[int, list[str]]],
-    batch_size: int,
-    dev: torch.device,
-    dtype: str,
-    first_batch: dict[str, torch.Tensor],
+    grid: BatchGrid,
+    work: dict[int, list[str]],
+    first_rows: dict[str, tuple[dict[str, torch.Tensor], RowSummary]],
     total_rows: int,
     progress: Callable[[int, int], None] | None,
 ) -> tuple[int, bool]:
-    """Run the planned blocks; returns the input rows forwarded and whether `first_batch` was used."""
-    stored_dtype = STORAGE[dtype][1]
-    # On CUDA, inputs and outputs go through pinned memory with asynchronous copies, so nothing waits
-    # for the GPU until a block is done: pageable copies would synchronise the stream every batch.
-    cuda = dev.type == "cuda"
+    """Compute and write the planned blocks; returns the rows computed and whether the probe was used."""
+    dev, cuda = config.device, config.device.type == "cuda"
+    blocks = sorted(work)
+    ranges = {b: store.block_range(b) for b in blocks}
+    needed = sorted({j for b in blocks for j in grid.overlapping(*ranges[b])})
     writer = _BlockWriter(store)
+    pending: dict[int, _Pending] = {}
+    next_block = 0  # index into `blocks` of the first block not yet handed to the writer
     rows_done, reused = 0, False
     try:
-        with torch.inference_mode(), _autocast(dev, dtype):
-            for block, names in work:
-                start, stop = store.block_range(block)
-                inputs = torch.from_numpy(data.x[start:stop])
-                if cuda:
-                    inputs = inputs.pin_memory()
-                buffers = {  # (rows, V) per teacher, in the stored dtype
-                    name: torch.empty((stop - start, store.num_classes), dtype=stored_dtype, pin_memory=cuda) for name in names
-                }
-                for s in range(start, stop, batch_size):
-                    e = min(s + batch_size, stop)
-                    x = inputs[s - start : e - start].to(dev, non_blocking=True)
-                    for name in names:
-                        host = buffers[name][s - start : e - start]
-                        reuse = first_batch.get(name) if s == 0 else None
-                        if reuse is not None and len(reuse) == e - s:
-                            host.copy_(reuse)  # the validation batch: these rows, these outputs
-                            reused = True
-                            continue
+        with torch.inference_mode(), _autocast(dev, config.dtype):
+            for j in needed:
+                r0, r1 = grid.rows(j)
+                touching = [b for b in blocks[next_block:] if ranges[b][0] < r1 and ranges[b][1] > r0]
+                names = [name for name in models if any(name in work[b] for b in touching)]
+                batch = grid.batch(j, dev)
+                for name in names:
+                    if j == 0 and name in first_rows:
+                        arrays, summary = first_rows.pop(name)  # the validation batch: same rows, same outputs
+                        reused = True
+                    else:
                         try:
-                            out = models[name](x)
+                            logits = run_teacher(name, models[name], batch, dev)
+                        except TeacherOutputError:
+                            raise
                         except Exception as error:
                             raise TeacherFailedError(
-                                f"teacher {name!r} raised on rows {s}..{e - 1} ({_brief(error)}); the blocks finished "
+                                f"teacher {name!r} raised on rows {r0}..{r1 - 1} ({brief(error)}); the blocks finished "
                                 "before it are written, valid and kept: rerun the same `mtkd infer` to continue"
                             ) from error
-                        _check_shape(name, out, s, e - s, store.num_classes)
-                        # The one copy to the host; CUDA casts first (half the bytes over the bus for
-                        # 16-bit stores), the CPU casts on the way.
-                        host.copy_(out.to(stored_dtype) if cuda else out, non_blocking=True)
-                    rows_done += e - s
-                    if progress is not None:
-                        progress(rows_done, total_rows)
-                if cuda:
-                    torch.cuda.current_stream(dev).synchronize()  # the block's copies have landed
-                for name in names:
-                    _check_finite(name, buffers[name], start)
-                writer.put(block, buffers)
+                        arrays, summary = _teacher_rows(config.layouts[name], logits, batch)
+                        del logits  # (B, L, V) can be the largest tensor alive: free it before the next teacher
+                    for b in touching:
+                        if name not in work[b]:
+                            continue
+                        s, e = ranges[b]
+                        lo, hi = max(s, r0), min(e, r1)
+                        cut = {k: v[lo - r0 : hi - r0] for k, v in arrays.items()}
+                        part = RowSummary(*(v[lo - r0 : hi - r0] if v is not None else None for v in summary))
+                        pending.setdefault(b, _Pending(e - s, work[b], config.layouts, cuda)).put(name, lo - s, cut, part)
+                for b in touching:
+                    s, e = ranges[b]
+                    pending.setdefault(b, _Pending(e - s, work[b], config.layouts, cuda)).filled += min(e, r1) - max(s, r0)
+                    rows_done += min(e, r1) - max(s, r0)
+                # Blocks whose rows are all computed go to the writer, in order.
+                while next_block < len(blocks) and pending.get(blocks[next_block]) is not None and (
+                    pending[blocks[next_block]].filled == pending[blocks[next_block]].rows
+                ):
+                    block = blocks[next_block]
+                    if cuda:
+                        torch.cuda.current_stream(dev).synchronize()  # the block's copies have landed
+                    writer.put(block, _finish_block(store, config, block, pending.pop(block)))
+                    next_block += 1
+                if progress is not None:
+                    progress(rows_done, total_rows)
     except BaseException:
         writer.close(raise_error=False)  # blocks already handed over are whole and valid: keep them
         raise
@@ -250,23 +440,37 @@ def _forward_blocks(
     return rows_done, reused
 
 
-def _check_shape(name: str, out: Any, row0: int, rows: int, num_classes: int) -> None:
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (rows, num_classes):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        want = f"({rows}, {num_classes if num_classes >= 0 else 'classes'})"
-        raise TeacherOutputError(f"teacher {name!r} returned {got} for rows {row0}..{row0 + rows - 1}; expected {want}")
+def _finish_block(store: LogitStore, config: InferConfig, block: int, pending: _Pending) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray]]:
+    """A full block's arrays as stored and its stats sums, per teacher; refuses non-finite values."""
+    start, stop = store.block_range(block)
+    labels = torch.from_numpy(config.data.labels[start:stop])
+    return {
+        name: _stored(name, config.layouts[name], pending.buffers[name], RowSummary(**{k: pending.summaries[name].get(k) for k in RowSummary._fields}), labels, start)
+        for name in pending.names
+    }
 
 
-def _check_finite(name: str, logits: torch.Tensor, row0: int) -> None:
-    """Logits as stored (after the cast, so float16 overflow counts) must be finite."""
-    finite = torch.isfinite(logits).all(dim=1)
-    if not bool(finite.all()):
-        row = row0 + int((~finite).nonzero()[0, 0])
-        raise TeacherOutputError(f"teacher {name!r} returned NaN/inf at row {row} (stored as {logits.dtype}); that block is not recorded")
+def _stored(name: str, layout: Dense | TopK, arrays: dict[str, torch.Tensor], summary: RowSummary, labels: torch.Tensor, row0: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Host tensors of one block -> (the numpy arrays written, the block's stats sums)."""
+    bad = layout.bad_rows(arrays, labels)
+    if bool(bad.any()):
+        row = row0 + int(bad.nonzero()[0, 0])
+        raise TeacherOutputError(f"teacher {name!r} returned NaN/inf at row {row} (stored as {layout.dtype}); that block is not recorded")
+    dtypes = {a.name: a.dtype for a in layout.arrays()}
+    return {k: to_storage(v, dtypes[k]) for k, v in arrays.items()}, StatsSums.of_block(summary, labels, layout)
+
+
+def write_logits_block(store: LogitStore, name: str, block: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Store one whole block of a teacher from its (rows, V) logits in hand, as stage one would
+    (its layout's arrays, stats sums, record): for tests and tools that have logits already."""
+    layout = store.layout(name)
+    start, _ = store.block_range(block)
+    arrays, summary = layout.reduce(logits, labels)
+    store.write_block(name, block, *_stored(name, layout, arrays, summary, labels, start))
 
 
 class _BlockWriter:
-    """A thread that writes full blocks (one chunk per teacher, then the record) while the next is computed."""
+    """A thread that writes full blocks (every array of every teacher, then the records) while the next is computed."""
 
     def __init__(self, store: LogitStore):
         self.store = store
@@ -279,17 +483,17 @@ class _BlockWriter:
         while (item := self.queue.get()) is not None:
             if self.error is not None:
                 continue  # drain: the main thread raises the error at its next put or close
-            block, buffers = item
+            block, teachers = item
             try:
-                for name, logits in buffers.items():
-                    self.store.write_block(name, block, logits)
+                for name, (arrays, stats) in teachers.items():
+                    self.store.write_block(name, block, arrays, stats)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self.error = e
 
-    def put(self, block: int, buffers: dict[str, torch.Tensor]) -> None:
+    def put(self, block: int, teachers: dict[str, tuple[dict[str, np.ndarray], np.ndarray]]) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((block, buffers))
+        self.queue.put((block, teachers))
 
     def close(self, *, raise_error: bool) -> None:
         self.queue.put(None)
@@ -305,11 +509,22 @@ class _BlockWriter:
 
 def load_teacher(spec: ModelSpec, dev: torch.device) -> torch.nn.Module:
     """Build a teacher on `dev` in eval mode. A factory without checkpoint starts from a fixed seed, so
-    that every shard builds the same weights."""
+    that every shard builds the same weights. A model Hugging Face placed itself (`device_map`) stays
+    where it is."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = spec.build(map_location=dev)
-    return model.to(dev).eval()
+    if not hf.is_placed_by_hf(model):
+        model = model.to(dev)
+    return model.eval()
+
+
+def _temperatures(temperatures: str | Sequence[float] | None) -> tuple[float, ...]:
+    if temperatures is None:
+        return DEFAULT_TEMPERATURES
+    if isinstance(temperatures, str):
+        return parse_temperatures(temperatures)
+    return parse_temperatures(",".join(str(t) for t in temperatures))
 
 
 def _open_existing(out: Path) -> LogitStore | None:
@@ -320,62 +535,124 @@ def _open_existing(out: Path) -> LogitStore | None:
     return open_store(out, mode="r+")
 
 
-def _already_done(store: LogitStore, spec: ModelSpec, checkpoint: str | None, dtype: str) -> bool:
-    """True if `spec` is complete in the store; refuses a same-named teacher that is another one."""
-    if spec.name not in store.teachers:
-        return False
-    info = _check_same_teacher(store, spec, checkpoint, dtype)
-    return info.complete
-
-
-def _check_same_teacher(store: LogitStore, spec: ModelSpec, checkpoint: str | None, dtype: str):
-    info = store.teacher(spec.name)
-    if info.checkpoint_sha256 != checkpoint:
-        stored = f"checkpoint sha256 {info.checkpoint_sha256[:12]}" if info.checkpoint_sha256 else "no checkpoint (its factory's own weights)"
-        given = f"{spec.weights_file} has sha256 {checkpoint[:12]}" if checkpoint else "this spec gives no checkpoint"
+def _check_same_teacher(store: LogitStore, spec: ModelSpec, weights: str | None, dtype: str, top_k: int | None, temps: tuple[float, ...]):
+    """A same-named teacher in the store must be this one: same weights; and the layout asked for
+    (when asked: --top-k, --temperatures) and, to resume it, the same dtype."""
+    name = spec.name
+    info = store.teacher(name)
+    where = f"store {str(store.path)!r} holds teacher {name!r}"
+    if info.weights_sha256 != weights:
+        files = spec.weight_files()
+        source = f"checkpoint {files[0]}" if spec.checkpoint else (f"{files[0].parent}" if files else "")
+        stored = f"weights sha256 {info.weights_sha256[:12]}" if info.weights_sha256 else "no checkpoint (its factory's own weights)"
+        given = f"{source} has sha256 {weights[:12]}" if weights else "this spec gives no checkpoint"
+        raise StoreMismatchError(f"{where} from {stored}, but {given}; rename the teacher or use another store")
+    layout = info.layout
+    if top_k is not None and (not isinstance(layout, TopK) or layout.top_k != top_k):
+        stored = f"top-k {layout.top_k}" if isinstance(layout, TopK) else "dense"
+        raise StoreMismatchError(f"{where} {stored}, not --top-k {top_k}; rename the teacher or use another store")
+    if isinstance(layout, TopK) and temps != DEFAULT_TEMPERATURES and temps != layout.temperatures:
         raise StoreMismatchError(
-            f"store {str(store.path)!r} holds teacher {spec.name!r} from {stored}, but {given}; "
+            f"{where} at temperatures {format_temperatures(layout.temperatures)}, not {format_temperatures(temps)}; "
             "rename the teacher or use another store"
         )
     if not info.complete and info.dtype != dtype:
-        raise StoreMismatchError(
-            f"store {str(store.path)!r} holds teacher {spec.name!r} as {info.dtype}; resume it with --dtype {info.dtype}, not {dtype}"
-        )
+        raise StoreMismatchError(f"{where} as {info.dtype}; resume it with --dtype {info.dtype}, not {dtype}")
     return info
 
 
-def _probe(
-    models: dict[str, torch.nn.Module], data: ArrayData, batch_size: int, dev: torch.device, dtype: str
-) -> tuple[int, dict[str, torch.Tensor]]:
-    """Run the first batch through every teacher: class count, shape and finiteness, before any write.
-
-    Returns V and each teacher's stored-dtype outputs for those rows (block 0's first batch reuses them).
-    """
-    rows = min(batch_size, len(data))
-    x = torch.from_numpy(data.x[:rows]).to(dev)
+def _probe(models: dict[str, torch.nn.Module], grid: BatchGrid, dev: torch.device, dtype: str) -> dict[str, torch.Tensor]:
+    """Run batch 0 through every teacher before anything is written: it must run and give logits of
+    the right shape. Returns the logits (batch 0 of the forward reuses them)."""
+    batch = grid.batch(0, dev)
     outputs: dict[str, torch.Tensor] = {}
-    num_classes, first = -1, ""
     with torch.inference_mode(), _autocast(dev, dtype):
         for name, model in models.items():
             try:
-                out = model(x)
+                outputs[name] = run_teacher(name, model, batch, dev)
+            except TeacherOutputError:
+                raise
             except Exception as e:
                 first_line = (str(e).strip().splitlines() or [""])[0]
                 raise TeacherOutputError(f"teacher {name!r} fails on the first batch: {type(e).__name__}: {first_line}") from e
-            if isinstance(out, torch.Tensor) and out.dim() == 2 and num_classes < 0:
-                num_classes, first = out.shape[1], name
-            elif isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] != num_classes:
-                raise TeacherOutputError(f"teacher {name!r} gives {out.shape[1]} classes; teacher {first!r} gives {num_classes}")
-            _check_shape(name, out, 0, rows, num_classes)
-            outputs[name] = out.to(STORAGE[dtype][1]).cpu()
-            _check_finite(name, outputs[name], 0)
-    return num_classes, outputs
+    return outputs
+
+
+def _check_first_batch(
+    first_logits: dict[str, torch.Tensor], layouts: dict[str, Dense | TopK], grid: BatchGrid, dev: torch.device, dtype: str
+) -> dict[str, tuple[dict[str, torch.Tensor], RowSummary]]:
+    """Batch 0's stored values must be finite before the store is made; returns them for reuse."""
+    batch = grid.batch(0, dev)
+    out = {}
+    with torch.inference_mode(), _autocast(dev, dtype):
+        for name, logits in first_logits.items():
+            arrays, summary = _teacher_rows(layouts[name], logits, batch)
+            _stored(name, layouts[name], {k: v.cpu() for k, v in arrays.items()},
+                    RowSummary(*(v.cpu() if v is not None else None for v in summary)), _batch_labels(grid, 0), 0)
+            out[name] = (arrays, summary)
+    return out
+
+
+def _batch_labels(grid: BatchGrid, j: int) -> torch.Tensor:
+    r0, r1 = grid.rows(j)
+    return torch.from_numpy(grid.data.labels[r0:r1])
+
+
+def _resolve_layouts(
+    first_logits: dict[str, torch.Tensor], data: Data, store: LogitStore | None, dtype: str,
+    top_k: int | None, temps: tuple[float, ...], temps_given: bool,
+) -> dict[str, Dense | TopK]:
+    """Each teacher's layout from its vocabulary (V of its first batch) and the options; refuses what
+    the store or the data cannot hold."""
+    layouts: dict[str, Dense | TopK] = {}
+    labelled = data.labels[data.labels >= 0]
+    top_label = int(labelled.max()) if len(labelled) else -1
+    for name, logits in first_logits.items():
+        vocab = int(logits.shape[-1])
+        if store is not None and name in store.teachers:
+            layouts[name] = store.layout(name)  # resuming: the stored layout (checked against the options)
+            if layouts[name].vocab_size != vocab:
+                raise TeacherOutputError(f"teacher {name!r} gives {vocab} classes; the store holds it with {layouts[name].vocab_size}")
+            continue
+        sparse = top_k is not None or (data.kind == "tokens" and vocab > DENSE_TOKENS_MAX_VOCAB)
+        if sparse:
+            k = top_k if top_k is not None else DEFAULT_TOP_K
+            if k > vocab:
+                raise BadInputError(f"--top-k {k} exceeds teacher {name!r}'s vocabulary of {vocab}")
+            layouts[name] = TopK(dtype, vocab, k, temps)
+        else:
+            if temps_given:
+                raise BadInputError(f"--temperatures applies to top-k teachers only; teacher {name!r} is stored dense (add --top-k)")
+            layouts[name] = Dense(dtype, vocab)
+        if top_label >= vocab:
+            raise TeacherOutputError(
+                f"data {data.spec!r} has label {top_label} but teacher {name!r} gives {vocab} classes"
+            )
+    # Dense teachers in one store share one V: the store's num_classes.
+    dense = [(name, layout.vocab_size) for name, layout in layouts.items() if isinstance(layout, Dense)]
+    if store is not None:
+        dense = [(name, store.layout(name).vocab_size) for name in store.teachers if isinstance(store.layout(name), Dense)] + dense
+        dense.insert(0, (f"store {str(store.path)!r}", store.num_classes))
+    for name, vocab in dense[1:]:
+        if vocab != dense[0][1]:
+            raise TeacherOutputError(f"teacher {name!r} gives {vocab} classes; {_who(dense[0][0])} gives {dense[0][1]} (dense teachers share one V)")
+    return layouts
+
+
+def _num_classes(layouts: dict[str, Dense | TopK]) -> int:
+    """A new store's num_classes: the dense teachers' V, or else the largest top-k vocabulary."""
+    dense = [layout.vocab_size for layout in layouts.values() if isinstance(layout, Dense)]
+    return dense[0] if dense else max(layout.vocab_size for layout in layouts.values())
+
+
+def _who(name: str) -> str:
+    return name if name.startswith("store ") else f"teacher {name!r}"
 
 
 @contextlib.contextmanager
 def _autocast(dev: torch.device, dtype: str):
     # 16-bit autocast on CUDA only: on CPU it is emulated on most machines and slower than float32,
-    # so CPU teachers run in float32 and their logits are rounded to --dtype when stored.
+    # so CPU teachers run in float32 and their outputs are rounded to --dtype when stored.
     if dev.type == "cuda" and dtype == "float16":
         with torch.autocast("cuda", dtype=torch.float16):
             yield
@@ -386,10 +663,11 @@ def _autocast(dev: torch.device, dtype: str):
         yield
 
 
-def _result(store, shard, computed, skipped, rows, blocks, skipped_blocks, started, loop_s, specs) -> InferResult:
+def _result(store, data, shard, computed, skipped, rows, blocks, skipped_blocks, started, loop_s, specs, layouts) -> InferResult:
     return InferResult(
         store=str(store.path),
         shard=str(shard),
+        kind=data.kind,
         teachers=computed,
         skipped_teachers=skipped,
         rows=rows,
@@ -399,6 +677,7 @@ def _result(store, shard, computed, skipped, rows, blocks, skipped_blocks, start
         loop_s=loop_s,
         rows_per_s=rows / loop_s if loop_s > 0 else 0.0,
         complete={spec.name: store.teacher(spec.name).complete for spec in specs},
+        layouts={name: layout.attrs() for name, layout in layouts.items()},
     )
 
 
@@ -409,27 +688,28 @@ def _result(store, shard, computed, skipped, rows, blocks, skipped_blocks, start
 
 def forward_throughput(
     teachers: str | Path | Sequence[ModelSpec],
-    data: str | ArrayData,
+    data: str | Data,
     *,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     device: str = "auto",
     dtype: str = "float16",
 ) -> float:
-    """Input rows per second through every teacher, forward only: inputs already on the device (not
-    timed), same batch size and autocast as `run_infer`, outputs discarded. `run_infer(...).rows_per_s`
-    divided by this is stage one's efficiency."""
+    """Rows (token positions) per second through every teacher, forward only: the same batches as
+    `run_infer` (built and moved to the device before timing), same autocast, outputs discarded.
+    `run_infer(...).rows_per_s` divided by this is stage one's efficiency."""
     specs = list(teachers) if isinstance(teachers, Sequence) and not isinstance(teachers, str) else load_teacher_specs(teachers)
     data = load_data(data) if isinstance(data, str) else data
     dev = resolve_device(device)
-    models = [load_teacher(spec, dev) for spec in specs]
-    batches = [torch.from_numpy(data.x[s : s + batch_size]).to(dev) for s in range(0, len(data), batch_size)]
+    models = {spec.name: load_teacher(spec, dev) for spec in specs}
+    grid = BatchGrid(data, batch_size or DEFAULT_BATCH[data.kind])
+    batches = [grid.batch(j, dev) for j in range(len(grid))]
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     started = time.perf_counter()
     with torch.inference_mode(), _autocast(dev, dtype):
-        for x in batches:
-            for model in models:
-                model(x)
+        for batch in batches:
+            for name, model in models.items():
+                run_teacher(name, model, batch, dev)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    return len(data) / (time.perf_counter() - started)
+    return data.num_rows / (time.perf_counter() - started)

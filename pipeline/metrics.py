@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mtkd.pipeline.specs import IGNORE_LABEL
+from mtkd.pipeline.data import IGNORE_LABEL
 
 ECE_BINS = 15
 

@@ -1,51 +1,128 @@
-"""What `mtkd inspect` shows and what stage one records as a teacher's stats, computed from a store.
+"""What stage one records as a teacher's stats, and what `mtkd inspect` shows, computed from a store.
 
-Everything streams over the store's row blocks (one chunk per teacher at a time), so a store larger
-than memory is measured in one pass. Metrics are `metrics.RunningMetrics`, the same as
-`classification_metrics`, from running sums; rows with label -100 are left out.
+Stats (recorded per block while stage one writes, summed when the teacher completes): from each row's
+summary (layouts.RowSummary: label log-probability, top-1 class and its log-probability, and for
+top-k teachers the tail mass at each stored temperature), as float64 sums
+    [labelled rows, correct top-1, -sum log p(label), rows, ECE bins (count, confidence, correct) x 15,
+     tail mass sum per stored temperature]
+so that blocks written by any process, in any order, add up to the same stats.
+
+Inspect streams over the store's row blocks (one chunk per array per teacher at a time), so a store
+larger than memory is measured in one pass. Dense rows get the full classification metrics
+(`metrics.RunningMetrics`); top-k teachers and tokens the metrics their stored values determine
+(accuracy / next-token accuracy, NLL, perplexity, ECE) from the same sums as the stats. Rows with
+label -100 are left out of everything that needs a label.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
-from mtkd.pipeline.metrics import RunningMetrics, fuse_log_probs
-from mtkd.pipeline.specs import IGNORE_LABEL
+from mtkd.pipeline.data import IGNORE_LABEL
+from mtkd.pipeline.layouts import Dense, Layout, RowSummary, TopK, format_temperatures
+from mtkd.pipeline.metrics import ECE_BINS, RunningMetrics, fuse_log_probs
 from mtkd.pipeline.store import LogitStore
 
+_N, _CORRECT, _NLL, _ROWS = range(4)
+_BINS = 4  # the ECE bins start here: count, confidence, correct (ECE_BINS each)
+_TAIL = _BINS + 3 * ECE_BINS
 
-def teacher_stats(store: LogitStore, name: str) -> dict[str, float | int]:
-    """A complete teacher's metrics against the store's labels (what stage one records as `stats`)."""
+
+class StatsSums:
+    """The stats of a teacher as additive float64 sums over rows (layout described in the module doc)."""
+
+    @staticmethod
+    def width(layout: Layout) -> int:
+        return _TAIL + (len(layout.temperatures) if isinstance(layout, TopK) else 0)
+
+    @staticmethod
+    def of_block(summary: RowSummary, labels: torch.Tensor, layout: Layout) -> np.ndarray:
+        """The sums of one block's rows (host tensors)."""
+        sums = np.zeros(StatsSums.width(layout))
+        sums[_ROWS] = len(labels)
+        if summary.tail is not None:
+            sums[_TAIL:] = summary.tail.double().sum(dim=0).numpy()
+        keep = labels != IGNORE_LABEL
+        if bool(keep.any()):
+            correct = (summary.top1[keep] == labels[keep]).double()
+            confidence = summary.top1_logprob[keep].double().exp()
+            index = (confidence * ECE_BINS).long().clamp(max=ECE_BINS - 1)
+            sums[_N] = int(keep.sum())
+            sums[_CORRECT] = float(correct.sum())
+            sums[_NLL] = -float(summary.label_logprob[keep].double().sum())
+            sums[_BINS : _BINS + ECE_BINS] = torch.bincount(index, minlength=ECE_BINS).double().numpy()
+            sums[_BINS + ECE_BINS : _BINS + 2 * ECE_BINS] = torch.bincount(index, weights=confidence, minlength=ECE_BINS).numpy()
+            sums[_BINS + 2 * ECE_BINS : _TAIL] = torch.bincount(index, weights=correct, minlength=ECE_BINS).numpy()
+        return sums
+
+    @staticmethod
+    def total(block_sums: np.ndarray) -> np.ndarray:
+        """(num_blocks, S) recorded sums -> (S,), added in block order (the same bits whoever adds)."""
+        if not np.isfinite(block_sums).all():
+            raise ValueError("a block's stats record is missing or not finite")
+        total = np.zeros(block_sums.shape[1])
+        for row in block_sums:
+            total += row
+        return total
+
+    @staticmethod
+    def stats(sums: np.ndarray, layout: Layout, kind: str) -> dict[str, Any]:
+        """Sums -> the stats SPEC's inspect reports: n, accuracy, nll, ece (+ perplexity for tokens, tail mass for top-k)."""
+        n = int(sums[_N])
+        nan = float("nan")
+        out: dict[str, Any] = {
+            "n": n,
+            "accuracy": sums[_CORRECT] / n if n else nan,
+            "nll": sums[_NLL] / n if n else nan,
+            "ece": float(np.abs(sums[_BINS + ECE_BINS : _BINS + 2 * ECE_BINS] - sums[_BINS + 2 * ECE_BINS : _TAIL]).sum() / n) if n else nan,
+        }
+        if kind == "tokens":
+            out["perplexity"] = math.exp(out["nll"]) if n else nan
+        if isinstance(layout, TopK):
+            rows = sums[_ROWS]
+            out["tail_mass"] = {format_temperatures([t]): (sums[_TAIL + i] / rows if rows else nan) for i, t in enumerate(layout.temperatures)}
+        return out
+
+
+def teacher_stats(store: LogitStore, name: str) -> dict[str, Any]:
+    """A complete teacher's stats recomputed from its stored arrays (what stage one records)."""
     store.require_complete([name])
+    layout = store.layout(name)
     labels = torch.from_numpy(store.labels())
-    running = RunningMetrics(store.num_classes)
+    total = np.zeros(StatsSums.width(layout))
     for block in range(store.num_blocks):
         start, stop = store.block_range(block)
-        if (labels[start:stop] == IGNORE_LABEL).all():
-            continue
-        log_probs = torch.log_softmax(store.read_logits(name, start, stop).double(), dim=1)
-        running.update(log_probs, labels[start:stop])
-    return running.result()
+        arrays = _read_block(store, name, layout, block)
+        total += StatsSums.of_block(layout.summarize(arrays, labels[start:stop]), labels[start:stop], layout)
+    return StatsSums.stats(total, layout, store.kind)
 
 
 def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Teachers, completeness, per-teacher and fused-ensemble metrics, pairwise agreement.
+    """Kind, teachers (layout, dtype, vocabulary, k, temperatures), completeness, bytes per row;
+    per-teacher and fused-ensemble metrics; pairwise top-1 agreement; mean tail mass (top-k).
 
-    `progress(blocks_done, blocks)` is called after each row block. A teacher's metrics cover the rows it has written; the ensemble (mean of probabilities) covers the
-    complete teachers; agreement between two teachers covers the rows both have written.
+    `progress(blocks_done, blocks)` is called after each row block. A teacher's metrics cover the
+    rows it has written; the ensemble (mean of the teachers' probabilities) covers the complete
+    teachers; agreement between two teachers covers the rows both have written.
     """
     names = store.teachers
     infos = {name: store.teacher(name) for name in names}
+    layouts = {name: infos[name].layout for name in names}
     done = {name: store.done_blocks(name) for name in names}
     complete = [name for name in names if len(done[name]) == store.num_blocks]
     labels = torch.from_numpy(store.labels())
+    # Dense rows keep the full classification metrics; everything else what its stored values give.
+    full = store.kind == "rows" and all(isinstance(layout, Dense) for layout in layouts.values())
 
-    per_teacher = {name: RunningMetrics(store.num_classes) for name in names}
-    ensemble = RunningMetrics(store.num_classes)
+    per_teacher = {name: RunningMetrics(store.num_classes) if full else np.zeros(StatsSums.width(layouts[name])) for name in names}
+    ensemble = RunningMetrics(store.num_classes) if full else _EnsembleSums()
     pairs = list(itertools.combinations(names, 2))
     agree = {pair: [0, 0] for pair in pairs}  # (rows agreeing, rows compared)
     for block in range(store.num_blocks):
@@ -54,25 +131,35 @@ def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None
             continue
         start, stop = store.block_range(block)
         y = labels[start:stop]
-        log_probs, preds = {}, {}
+        arrays, preds = {}, {}
         for name in present:
-            logits = store.read_logits(name, start, stop)
-            log_probs[name] = torch.log_softmax(logits.double(), dim=1)  # (B, V)
-            preds[name] = log_probs[name].argmax(1)
-            per_teacher[name].update(log_probs[name], y)
+            arrays[name] = _read_block(store, name, layouts[name], block)
+            summary = layouts[name].summarize(arrays[name], y)
+            preds[name] = summary.top1
+            if full:
+                per_teacher[name].update(torch.log_softmax(arrays[name]["logits"].double(), dim=1), y)
+            else:
+                per_teacher[name] += StatsSums.of_block(summary, y, layouts[name])
         for a, b in pairs:
             if a in preds and b in preds:
                 agree[(a, b)][0] += int((preds[a] == preds[b]).sum())
                 agree[(a, b)][1] += stop - start
-        if complete:
-            stacked = torch.stack([store.read_logits(name, start, stop) for name in complete])  # (K, B, V)
-            ensemble.update(fuse_log_probs(stacked), y)
+        if complete and full:
+            ensemble.update(fuse_log_probs(torch.stack([arrays[name]["logits"] for name in complete])), y)
+        elif complete:
+            ensemble.update([arrays[name] for name in complete], [layouts[name] for name in complete], y)
         if progress is not None:
             progress(block + 1, store.num_blocks)
 
+    def metrics(name: str) -> dict[str, Any]:
+        return per_teacher[name].result() if full else StatsSums.stats(per_teacher[name], layouts[name], store.kind)
+
     return {
         "store": str(store.path),
+        "format": store.format,
+        "kind": store.kind,
         "num_rows": store.num_rows,
+        "num_sequences": len(store.offsets()) - 1 if store.kind == "tokens" else None,
         "num_classes": store.num_classes,
         "chunk_rows": store.chunk_rows,
         "num_blocks": store.num_blocks,
@@ -81,18 +168,91 @@ def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None
         "teachers": [
             {
                 "name": name,
-                "dtype": infos[name].dtype,
-                "checkpoint_sha256": infos[name].checkpoint_sha256,
+                **layouts[name].attrs(),
+                "weights_sha256": infos[name].weights_sha256,
                 "complete": name in complete,
                 "rows_complete": sum(stop - start for start, stop in map(store.block_range, done[name])),
                 "blocks_complete": len(done[name]),
-                "metrics": per_teacher[name].result(),
+                "bytes_per_row": _bytes_per_row(store, name, done[name]),
+                "metrics": metrics(name),
             }
             for name in names
         ],
-        "ensemble": {"teachers": complete, "metrics": ensemble.result()} if complete else None,
+        "ensemble": {"teachers": complete, "metrics": ensemble.result(store.kind) if not full else ensemble.result()} if complete else None,
         "agreement": [
             {"a": a, "b": b, "agreement": agree[(a, b)][0] / agree[(a, b)][1] if agree[(a, b)][1] else float("nan"), "rows": agree[(a, b)][1]}
             for a, b in pairs
         ],
     }
+
+
+def _read_block(store: LogitStore, name: str, layout: Layout, block: int) -> dict[str, torch.Tensor]:
+    """One recorded block of a teacher as tensors (the store refuses NaN/inf in it: damage, never a metric)."""
+    return layout.tensors(store.read(name, *store.block_range(block)))
+
+
+class _EnsembleSums:
+    """The fused ensemble (the mean of the teachers' probabilities) where the store holds only what
+    the teachers' stored values determine: its NLL exactly (the mean of the label probabilities),
+    its top-1 from the mean of the listed probabilities (a class a teacher does not list counts 0)."""
+
+    def __init__(self) -> None:
+        self.n, self.correct, self.nll = 0, 0.0, 0.0
+
+    def update(self, arrays: list[dict[str, torch.Tensor]], layouts: list[Layout], labels: torch.Tensor) -> None:
+        ids, probs, label_lp = [], [], []
+        for a, layout in zip(arrays, layouts):
+            summary = layout.summarize(a, labels)
+            label_lp.append(summary.label_logprob.double())
+            if isinstance(layout, TopK):
+                ids.append(a["topk_ids"].long())
+                probs.append(a["topk_logprobs"].double().exp())
+            else:
+                lp = torch.log_softmax(a["logits"].double(), dim=1)
+                ids.append(torch.arange(lp.shape[1]).expand_as(lp))
+                probs.append(lp.exp())
+        keep = labels != IGNORE_LABEL
+        if not bool(keep.any()):
+            return
+        k = len(arrays)
+        mixed_label = torch.logsumexp(torch.stack(label_lp), dim=0) - math.log(k)  # log mean p(label)
+        top1 = _top_of_mixture(torch.cat(ids, dim=1), torch.cat(probs, dim=1) / k)
+        self.n += int(keep.sum())
+        self.nll -= float(mixed_label[keep].sum())
+        self.correct += float((top1[keep] == labels[keep]).sum())
+
+    def result(self, kind: str) -> dict[str, Any]:
+        nan = float("nan")
+        nll = self.nll / self.n if self.n else nan
+        out = {"n": self.n, "accuracy": self.correct / self.n if self.n else nan, "nll": nll}
+        if kind == "tokens":
+            out["perplexity"] = math.exp(nll) if self.n else nan
+        return out
+
+
+def _top_of_mixture(ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """(n, M) class ids (repeats across teachers) and their weighted probabilities -> (n,) the class
+    with the largest summed probability. Sorted by id, each run of equal ids is one class; its sum is
+    the cumulative sum at the run's end minus that at the previous run's end."""
+    ids_sorted, order = ids.sort(dim=1)
+    cumulative = probs.gather(1, order).cumsum(dim=1)
+    ends = torch.ones_like(ids_sorted, dtype=torch.bool)
+    ends[:, :-1] = ids_sorted[:, 1:] != ids_sorted[:, :-1]
+    before = torch.zeros_like(cumulative)
+    before[:, 1:] = torch.where(ends[:, :-1], cumulative[:, :-1], torch.zeros_like(cumulative[:, :-1]))
+    before = before.cummax(dim=1).values  # probabilities are >= 0: the cumulative sum never decreases
+    sums = torch.where(ends, cumulative - before, torch.full_like(cumulative, -1.0))
+    return ids_sorted.gather(1, sums.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
+def _bytes_per_row(store: LogitStore, name: str, done: set[int]) -> float | None:
+    """Bytes on disk of the teacher's recorded chunks (its layout's arrays, checksums included) per row."""
+    rows = sum(stop - start for start, stop in map(store.block_range, done))
+    if not rows:
+        return None
+    total = 0
+    for a in store.layout(name).arrays():
+        folder = store.path / "teachers" / name / a.name / "c"
+        for root, _, files in os.walk(folder):
+            total += sum(os.path.getsize(os.path.join(root, f)) for f in files if not f.endswith(".partial"))
+    return total / rows

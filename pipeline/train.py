@@ -75,7 +75,8 @@ from mtkd.pipeline.loader import BatchLoader, as_tensor
 from mtkd.pipeline.metrics import classification_metrics
 from mtkd.pipeline.progress import progress_bar
 from mtkd.pipeline.guard import LossGuard
-from mtkd.pipeline.specs import IGNORE_LABEL, ArrayData, ModelSpec, check_out_path, load_data, load_student_spec
+from mtkd.pipeline.data import IGNORE_LABEL, RowData, load_data
+from mtkd.pipeline.specs import ModelSpec, check_out_path, load_student_spec
 from mtkd.pipeline.store import LogitStore, open_store
 
 CHECKPOINT_FORMAT = 1
@@ -113,8 +114,8 @@ class Setup:
     record: dict[str, Any]
     spec: ModelSpec
     model: torch.nn.Module
-    data: ArrayData
-    val: ArrayData | None
+    data: RowData
+    val: RowData | None
     store: LogitStore | None
     loader: BatchLoader
     plan: Plan
@@ -257,7 +258,7 @@ class Trainer:
                 "fingerprint": store.fingerprint, "rows": store.num_rows, "chunk_rows": store.chunk_rows,
             },
             "teachers": [
-                {"name": t, "checkpoint_sha256": info.checkpoint_sha256, "dtype": info.dtype}
+                {"name": t, "weights_sha256": info.weights_sha256, "dtype": info.dtype}
                 for t, info in ((t, store.teacher(t)) for t in config.teachers or ())
             ],
             "epochs": plan.epochs,
@@ -552,7 +553,7 @@ def _choose_teachers(store: LogitStore, teachers: tuple[str, ...] | None) -> lis
     return list(teachers)
 
 
-def _output_width(model: torch.nn.Module, data: ArrayData, name: str) -> int:
+def _output_width(model: torch.nn.Module, data: RowData, name: str) -> int:
     """One forward on two rows (eval mode, no grad) to learn and check the student's output width."""
     was_training = model.training
     model.eval()

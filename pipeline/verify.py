@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from mtkd.pipeline.specs import IGNORE_LABEL
-from mtkd.pipeline.store import STORAGE, LogitStore, nonfinite_message, open_store
+from mtkd.pipeline.data import IGNORE_LABEL
+from mtkd.pipeline.layouts import STORAGE
+from mtkd.pipeline.store import LogitStore, nonfinite_message, open_store
 
 CHECKSUM = "checksum"
 UNREADABLE = "unreadable"

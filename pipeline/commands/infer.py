@@ -1,4 +1,4 @@
-"""`mtkd infer`: stage one, teachers' logits into a Zarr store. Parses options, hands off to run_infer."""
+"""`mtkd infer`: stage one, teachers' outputs into a Zarr store. Parses options, hands off to run_infer."""
 
 from __future__ import annotations
 
@@ -24,18 +24,33 @@ class Dtype(str, Enum):
 def infer(
     teachers: Annotated[
         Path,
-        typer.Option("--teachers", help="Teachers TOML: name, factory, kwargs, checkpoint or torchscript per teacher.", exists=True, dir_okay=False, readable=True),
+        typer.Option("--teachers", help="Teachers TOML: name, factory, kwargs, checkpoint, torchscript or run per teacher.", exists=True, dir_okay=False, readable=True),
     ],
     data: Annotated[
-        str, typer.Option("--data", help="Data spec: PATH.npz, PATH.npy, a Zarr array, mnist1d:SPLIT or MODULE:FUNCTION.")
+        str,
+        typer.Option(
+            "--data",
+            help="Data spec. Rows: PATH.npz (x, y), PATH.npy, a Zarr array, mnist1d:SPLIT, MODULE:FUNCTION. "
+            "Tokens: PATH.npz (input_ids, attention_mask), PATH.parquet (input_ids), MODULE:FUNCTION (a list of id arrays).",
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="The store to create or resume (a Zarr v3 folder).")],
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass.")] = 512,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Rows per forward pass (default 512), or whole sequences for tokens (16).")
+    ] = None,
     device: Annotated[Device, typer.Option("--device", help="auto: cuda when available.")] = Device.auto,
     dtype: Annotated[
         Dtype,
         typer.Option("--dtype", help="Stored logit dtype; on CUDA, 16-bit dtypes also autocast the forward."),
     ] = Dtype.float16,
+    top_k: Annotated[
+        int | None,
+        typer.Option("--top-k", help="Store each row's K most probable classes (sparse). Default: dense; tokens with V > 1024: 64."),
+    ] = None,
+    temperatures: Annotated[
+        str | None,
+        typer.Option("--temperatures", help="Sparse only: temperatures whose exact normalisers are stored (default 1,2; 1 always)."),
+    ] = None,
     shard: Annotated[
         str, typer.Option("--shard", help="I/N: write the row blocks b with b % N == I; N processes may run at once.")
     ] = "0/1",
@@ -45,7 +60,7 @@ def infer(
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Run every teacher over the data once and store its raw logits (stage one).
+    """Run every teacher over the data once and store its outputs (stage one).
 
     Creates OUT or resumes it: blocks already complete are skipped. A
     teacher complete with the same weights is not run again; a teacher new
@@ -55,6 +70,7 @@ def infer(
     Example:
       mtkd infer --teachers teachers.toml --data mnist1d:train --out train.zarr
       mtkd infer --teachers teachers.toml --data x.npz --out x.zarr --shard 3/8
+      mtkd infer --teachers lm.toml --data tok.parquet --out tok.zarr --top-k 64
     """
     from mtkd.pipeline.infer import parse_shard, run_infer  # heavy (torch): here, so --help stays fast
 
@@ -68,6 +84,8 @@ def infer(
             batch_size=batch_size,
             device=device.value,
             dtype=dtype.value,
+            top_k=top_k,
+            temperatures=temperatures,
             shard=parsed_shard,
             chunk_rows=chunk_rows,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
@@ -77,14 +95,23 @@ def infer(
 
 def _render(result: dict) -> None:
     table = Table(title=f"mtkd infer -> {result['store']} (shard {result['shard']})")
-    for column in ("teacher", "this run", "complete"):
+    for column in ("teacher", "this run", "layout", "complete"):
         table.add_column(column)
     for name, complete in result["complete"].items():
         ran = "computed" if name in result["teachers"] else "skipped (already complete)"
-        table.add_row(name, ran, "yes" if complete else "no")
+        layout = result["layouts"].get(name)
+        table.add_row(name, ran, _layout(layout) if layout else "", "yes" if complete else "no")
     console = Console()
     console.print(table)
+    unit = "tokens" if result["kind"] == "tokens" else "rows"
     console.print(
-        f"{result['rows']} rows, {result['blocks_written']} blocks written, {result['blocks_skipped']} skipped, "
-        f"{result['rows_per_s']:.0f} rows/s, {result['wall_s']:.1f} s"
+        f"{result['rows']} {unit}, {result['blocks_written']} blocks written, {result['blocks_skipped']} skipped, "
+        f"{result['rows_per_s']:.0f} {unit}/s, {result['wall_s']:.1f} s"
     )
+
+
+def _layout(attrs: dict) -> str:
+    if attrs["layout"] == "topk":
+        temps = ",".join(f"{t:g}" for t in attrs["temperatures"])
+        return f"top-{attrs['top_k']} of {attrs['vocab_size']}, T={temps}, {attrs['dtype']}"
+    return f"dense {attrs['vocab_size']}, {attrs['dtype']}"

@@ -19,11 +19,13 @@ def inspect(
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Show a store's teachers, completeness, accuracy/NLL/ECE and agreement.
+    """Show a store's teachers, completeness, quality and agreement.
 
-    Per teacher and for the ensemble (the mean of the complete teachers'
-    probabilities), against the labels stored with the data (-100: left
-    out).
+    Per teacher: layout, dtype, vocabulary, k, temperatures, bytes per row
+    (per token). Rows: accuracy, NLL, ECE; tokens: perplexity and
+    next-token accuracy. The ensemble is the mean of the complete teachers'
+    probabilities. Against the stored labels (-100: left out). Top-k
+    teachers also show their mean tail mass at each stored temperature.
 
     Example:
       mtkd inspect train.zarr
@@ -45,24 +47,48 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 def _render(report: dict) -> None:
     console = Console()
+    tokens = report["kind"] == "tokens"
+    unit = "token" if tokens else "row"
+    seqs = f" in {report['num_sequences']} sequences" if tokens else ""
     console.print(
-        f"[bold]{report['store']}[/bold]: {report['num_rows']} rows ({report['labelled_rows']} labelled), "
+        f"[bold]{report['store']}[/bold] ({report['kind']}): {report['num_rows']} {unit}s{seqs} ({report['labelled_rows']} labelled), "
         f"{report['num_classes']} classes, blocks of {report['chunk_rows']} rows; data {report['dataset']['spec']}"
     )
     table = Table()
-    for column in ("model", "dtype", "rows complete", "accuracy", "NLL", "ECE"):
-        table.add_column(column, justify="left" if column in ("model", "dtype") else "right")
+    quality = ("acc", "ppl", "NLL") if tokens else ("acc", "NLL", "ECE")
+    for column in ("model", "layout", "V", "rows", f"B/{unit}", *quality):
+        table.add_column(column, justify="left" if column in ("model", "layout") else "right", no_wrap=True)
+
+    def values(m: dict) -> tuple[str, ...]:
+        if tokens:
+            return _fmt(m["accuracy"], 3), _fmt(m.get("perplexity"), 1), _fmt(m["nll"], 3)
+        return _fmt(m["accuracy"], 3), _fmt(m["nll"], 3), _fmt(m.get("ece"), 3)
+
     for t in report["teachers"]:
-        m = t["metrics"]
-        rows = f"{t['rows_complete']}/{report['num_rows']}" + ("" if t["complete"] else " (incomplete)")
-        table.add_row(t["name"], t["dtype"], rows, _fmt(m["accuracy"]), _fmt(m["nll"]), _fmt(m["ece"]))
+        rows = f"{t['rows_complete']}/{report['num_rows']}" + ("" if t["complete"] else " !")
+        kind = f"top-{t['top_k']}" if t["layout"] == "topk" else "dense"
+        size = "-" if t["bytes_per_row"] is None else f"{t['bytes_per_row']:.0f}"
+        short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}.get(t["dtype"], t["dtype"])
+        table.add_row(t["name"], f"{kind} {short}", str(t["vocab_size"]), rows, size, *values(t["metrics"]))
     if report["ensemble"] is not None:
-        m = report["ensemble"]["metrics"]
-        label = f"ensemble ({len(report['ensemble']['teachers'])} teachers)"
-        table.add_row(label, "", str(report["num_rows"]), _fmt(m["accuracy"]), _fmt(m["nll"]), _fmt(m["ece"]), style="bold")
+        label = f"ensemble ({len(report['ensemble']['teachers'])})"
+        table.add_row(label, "", "", str(report["num_rows"]), "", *values(report["ensemble"]["metrics"]), style="bold")
     console.print(table)
+    console.print(
+        f"acc: {'next-token accuracy, ppl: perplexity' if tokens else 'accuracy'}; B/{unit}: bytes stored per {unit}; "
+        "rows ... !: incomplete; ensemble (K): the mean of K complete teachers' probabilities"
+    )
+    sparse = [t for t in report["teachers"] if t["layout"] == "topk"]
+    if sparse:
+        temps = sorted({temp for t in sparse for temp in t["metrics"]["tail_mass"]}, key=float)
+        tails = Table(title="mean tail mass (probability outside the stored top-k)")
+        for column in ("teacher", *(f"T={temp}" for temp in temps)):
+            tails.add_column(column, justify="left" if column == "teacher" else "right")
+        for t in sparse:
+            tails.add_row(t["name"], *(_fmt(t["metrics"]["tail_mass"].get(temp), 3) for temp in temps))
+        console.print(tails)
     if report["agreement"]:
-        pairs = Table(title="pairwise agreement (rows both wrote)")
+        pairs = Table(title="pairwise top-1 agreement (rows both wrote)")
         for column in ("teacher", "teacher", "agreement", "rows"):
             pairs.add_column(column)
         for p in report["agreement"]:

@@ -112,7 +112,7 @@ def run_rows_demo(out: str | Path, config: RowsDemoConfig = RowsDemoConfig(), *,
     from mtkd.pipeline.evaluate import run_eval
     from mtkd.pipeline.infer import run_infer
     from mtkd.pipeline.report import inspect_store
-    from mtkd.pipeline.specs import IGNORE_LABEL, load_data
+    from mtkd.pipeline.data import IGNORE_LABEL, load_data
     from mtkd.pipeline.store import open_store
 
     out = Path(out)

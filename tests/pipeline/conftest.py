@@ -60,8 +60,36 @@ ODD_TEACHERS_SOURCE = textwrap.dedent(
 
     def odd(**kwargs):
         return Odd(**kwargs)
+
+
+    class OddLM(nn.Module):
+        """A causal LM (each position sees only its own token) that can misbehave: mode "last" returns
+        (B, V) (the last position only), "short" one position too few, "nan" NaN at token 13."""
+
+        def __init__(self, vocab_size=40, classes=None, mode="ok", sleep=0.0):
+            super().__init__()
+            self.embed = nn.Embedding(vocab_size, classes or vocab_size)  # ids < vocab_size -> logits over classes
+            self.mode, self.sleep = mode, sleep
+
+        def forward(self, input_ids):
+            if self.sleep:
+                time.sleep(self.sleep)
+            out = self.embed(input_ids) * 3.0
+            if self.mode == "last":
+                out = out[:, -1]
+            elif self.mode == "short":
+                out = out[:, :-1]
+            elif self.mode == "nan":
+                out = out.masked_fill((input_ids == 13)[..., None], float("nan"))
+            return out
+
+
+    def odd_lm(**kwargs):
+        return OddLM(**kwargs)
     '''
 )
+
+LM_VOCAB = 40  # the token data's vocabulary: ids 0..LM_VOCAB-1
 
 
 @pytest.fixture
@@ -80,6 +108,26 @@ def make_data(tmp_path: Path) -> Callable[..., Path]:
             np.savez(path, x=x, y=y)
         else:
             np.savez(path, x=x)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def make_tokens(tmp_path: Path) -> Callable[..., Path]:
+    """make_tokens(n=12, name="tokens.npz", seed=0, vocab=LM_VOCAB, lengths=(3, 11)) -> an .npz of
+    right-padded input_ids with attention_mask: n sequences of random lengths in [lengths)."""
+
+    def make(n: int = 12, *, name: str = "tokens.npz", seed: int = 0, vocab: int = LM_VOCAB, lengths=(3, 11)) -> Path:
+        rng = np.random.default_rng(seed)
+        sizes = rng.integers(lengths[0], lengths[1], n)
+        ids = np.zeros((n, int(sizes.max())), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, size in enumerate(sizes):
+            ids[i, :size] = rng.integers(0, vocab, size)
+            mask[i, :size] = 1
+        path = tmp_path / name
+        np.savez(path, input_ids=ids, attention_mask=mask)
         return path
 
     return make
@@ -110,8 +158,9 @@ def make_teachers(tmp_path: Path) -> Callable[..., Path]:
             name = entry["name"]
             factory = entry.get("factory", "mtkd.pipeline.models:mlp")
             kwargs = dict(entry.get("kwargs", {}))
-            kwargs.setdefault("num_classes", entry.get("num_classes", CLASSES))
-            kwargs.setdefault("in_features", FEATURES)
+            if factory in ("mtkd.pipeline.models:mlp", "mtkd_test_teachers:odd"):  # row teachers
+                kwargs.setdefault("num_classes", entry.get("num_classes", CLASSES))
+                kwargs.setdefault("in_features", FEATURES)
             if factory == "mtkd.pipeline.models:mlp":
                 kwargs.setdefault("hidden", [16])
             lines.append("[[teachers]]")
@@ -173,20 +222,26 @@ KD_FEATURES, KD_CLASSES, KD_TEACHERS = 8, 5, ("a", "b", "c")
 
 def write_store(path: Path, x: np.ndarray, y: np.ndarray | None, logits: dict[str, np.ndarray], *,
                 chunk_rows: int, dtype: str = "float16", spec: str | None = None, skip_blocks: tuple[int, ...] = ()) -> Path:
-    """A store of `x` holding the given (N, V) logits per teacher, written block by block through the
-    store's writer API. Teachers with `skip_blocks` stay incomplete."""
-    from mtkd.pipeline.specs import make_array_data
+    """A store of `x` holding the given (N, V) logits per teacher (dense), written block by block
+    through stage one's block writer. Teachers with `skip_blocks` stay incomplete."""
+    from mtkd.pipeline.data import make_row_data
+    from mtkd.pipeline.infer import write_logits_block
+    from mtkd.pipeline.layouts import Dense
+    from mtkd.pipeline.report import StatsSums
     from mtkd.pipeline.store import create_store
 
-    data = make_array_data(spec or str(path), x, y)
-    store, _ = create_store(path, data=data, num_classes=next(iter(logits.values())).shape[1], chunk_rows=chunk_rows)
+    data = make_row_data(spec or str(path), x, y)
+    vocab = next(iter(logits.values())).shape[1]
+    store, _ = create_store(path, data=data, num_classes=vocab, chunk_rows=chunk_rows)
+    labels = torch.from_numpy(data.labels)
+    layout = Dense(dtype, vocab)
     for name, z in logits.items():
-        store.add_teacher(name, spec={"name": name}, checkpoint_sha256=None, dtype=dtype)
+        store.add_teacher(name, spec={"name": name}, weights_sha256=None, layout=layout, stats_width=StatsSums.width(layout))
         for block in range(store.num_blocks):
             if block in skip_blocks:
                 continue
             start, stop = store.block_range(block)
-            store.write_block(name, block, torch.from_numpy(z[start:stop]).to(getattr(torch, dtype)))
+            write_logits_block(store, name, block, torch.from_numpy(z[start:stop]).to(getattr(torch, dtype)), labels[start:stop])
         if not skip_blocks:
             store.mark_complete(name, {})
     return path

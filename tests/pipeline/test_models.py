@@ -47,3 +47,26 @@ def test_rows_are_independent_in_eval_mode():
         model.eval()
         with torch.inference_mode():
             assert torch.allclose(model(x)[2:3], model(x[2:3]), atol=1e-6)
+
+
+@pytest.mark.parametrize("factory", ["gru_lm", "transformer_lm"])
+def test_language_models_expose_hidden_states_and_head_and_are_causal(factory):
+    from mtkd.pipeline import hf, models
+
+    torch.manual_seed(0)
+    model = getattr(models, factory)(vocab_size=30, **({"hidden": 8} if factory == "gru_lm" else {"d_model": 8, "heads": 2, "max_len": 12})).eval()
+    ids = torch.randint(0, 30, (3, 9))
+    with torch.inference_mode():
+        logits = model(ids)
+        hidden, head = hf.hidden_and_head(model)
+        assert logits.shape == (3, 9, 30) and isinstance(head, torch.nn.Linear) and head.weight.shape[0] == 30
+        assert torch.allclose(head(hidden(ids)), logits)
+        # causal: a position's logits do not depend on later tokens
+        assert torch.allclose(model(ids[:, :5]), logits[:, :5], atol=1e-5)
+
+
+def test_transformer_lm_refuses_sequences_beyond_max_len():
+    from mtkd.pipeline.models import transformer_lm
+
+    with pytest.raises(ValueError, match="longer than max_len 4"):
+        transformer_lm(10, d_model=8, heads=2, max_len=4)(torch.zeros(1, 5, dtype=torch.long))

@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtkd.pipeline.metrics import RunningMetrics, agreement, classification_metrics, fuse_log_probs
-from mtkd.pipeline.report import inspect_store, teacher_stats
-from mtkd.pipeline.specs import make_array_data
+from mtkd.pipeline.data import make_row_data
+from mtkd.pipeline.infer import write_logits_block
+from mtkd.pipeline.layouts import Dense
+from mtkd.pipeline.report import StatsSums, inspect_store, teacher_stats
 from mtkd.pipeline.store import create_store
 
 N, V, CHUNK = 30, 4, 8  # blocks: 0..7, 8..15, 16..23, 24..29
@@ -41,15 +43,16 @@ def _filled_store(tmp: Path, complete=("a", "b"), partial=("c",)):
     rng = np.random.default_rng(0)
     y = rng.integers(0, V, N)
     y[:3] = -100
-    store, _ = create_store(tmp / "s.zarr", data=make_array_data("d", rng.standard_normal((N, 2)), y), num_classes=V, chunk_rows=CHUNK)
+    store, _ = create_store(tmp / "s.zarr", data=make_row_data("d", rng.standard_normal((N, 2)), y), num_classes=V, chunk_rows=CHUNK)
     logits = {}
     for i, name in enumerate((*complete, *partial)):
-        store.add_teacher(name, spec={}, checkpoint_sha256=None, dtype="float32")
+        layout = Dense("float32", V)
+        store.add_teacher(name, spec={}, weights_sha256=None, layout=layout, stats_width=StatsSums.width(layout))
         logits[name] = torch.from_numpy(rng.standard_normal((N, V)).astype(np.float32) * (i + 1))
         blocks = range(store.num_blocks) if name in complete else (1, 3)
         for block in blocks:
             start, stop = store.block_range(block)
-            store.write_block(name, block, logits[name][start:stop].clone())
+            write_logits_block(store, name, block, logits[name][start:stop].clone(), torch.from_numpy(y[start:stop]))
     return store, logits, torch.from_numpy(y)
 
 
@@ -99,6 +102,6 @@ def test_teacher_stats_need_a_complete_teacher(tmp_path):
 
 def test_inspect_empty_store():
     with tempfile.TemporaryDirectory() as tmp:
-        store, _ = create_store(Path(tmp) / "s.zarr", data=make_array_data("d", np.zeros((3, 1))), num_classes=2)
+        store, _ = create_store(Path(tmp) / "s.zarr", data=make_row_data("d", np.zeros((3, 1))), num_classes=2, chunk_rows=3)
         report = inspect_store(store)
         assert report["teachers"] == [] and report["ensemble"] is None and report["labelled_rows"] == 0

@@ -8,14 +8,16 @@ import sys
 
 import numpy as np
 
-from mtkd.pipeline.specs import make_array_data
+from mtkd.pipeline.data import make_row_data
+from mtkd.pipeline.layouts import Dense
+from mtkd.pipeline.report import StatsSums
 from mtkd.pipeline.staging import MARK, _HOST, process_start, remove_stale, staging_dir
 from mtkd.pipeline.store import create_store
 
 
 def _data():
     rng = np.random.default_rng(0)
-    return make_array_data("staging", rng.standard_normal((10, 4)), rng.integers(0, 3, 10))
+    return make_row_data("staging", rng.standard_normal((10, 4)), rng.integers(0, 3, 10))
 
 
 def _folder_of(target, pid, start, host=_HOST):
@@ -46,7 +48,7 @@ def test_a_dead_creators_folder_is_removed_and_a_live_ones_kept(tmp_path):
 
         sleeper.kill()
         sleeper.wait()
-        store.add_teacher("a", spec={"name": "a"}, checkpoint_sha256=None, dtype="float16")  # extends the store
+        store.add_teacher("a", spec={"name": "a"}, weights_sha256=None, layout=Dense("float16", 3), stats_width=StatsSums.width(Dense("float16", 3)))  # extends the store
         assert not live.exists() and elsewhere.exists()
     finally:
         sleeper.kill()

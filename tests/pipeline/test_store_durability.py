@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from mtkd.pipeline.specs import make_array_data
+from mtkd.pipeline.data import make_row_data
+from mtkd.pipeline.infer import write_logits_block
+from mtkd.pipeline.layouts import Dense
+from mtkd.pipeline.report import StatsSums
 from mtkd.pipeline.store import create_store, open_store
 
 ROWS, CLASSES, CHUNK_ROWS = 12, 3, 4
@@ -41,10 +44,17 @@ sys.addaudithook(_audit)
 @pytest.fixture
 def store(tmp_path):
     rng = np.random.default_rng(0)
-    data = make_array_data("durability", rng.standard_normal((ROWS, 4)), rng.integers(0, CLASSES, ROWS))
+    data = make_row_data("durability", rng.standard_normal((ROWS, 4)), rng.integers(0, CLASSES, ROWS))
     store, _ = create_store(tmp_path / "s.zarr", data=data, num_classes=CLASSES, chunk_rows=CHUNK_ROWS)
-    store.add_teacher("a", spec={"name": "a"}, checkpoint_sha256=None, dtype="float16")
+    layout = Dense("float16", CLASSES)
+    store.add_teacher("a", spec={"name": "a"}, weights_sha256=None, layout=layout, stats_width=StatsSums.width(layout))
     return store
+
+
+def _write(store, block, logits):
+    """One block through stage one's writer: its chunk, its stats sums, then its record."""
+    start, stop = store.block_range(block)
+    write_logits_block(store, "a", block, logits[: stop - start], torch.from_numpy(store.labels()[start:stop]))
 
 
 @pytest.fixture
@@ -103,13 +113,13 @@ def _rename_index(events: list[tuple], final: Path) -> int:
 
 
 def test_chunk_and_record_are_each_synced_to_a_temporary_file_and_renamed_into_place(store, trace):
-    store.write_block("a", 1, _logits())  # (os.replace raises the audit event "os.rename")
+    _write(store, 1, _logits())  # (os.replace raises the audit event "os.rename")
     _durable_replacements(trace, _chunk(store, 1))
     _durable_replacements(trace, _record(store, 1))
 
 
 def test_the_record_is_written_only_after_the_chunk_is_in_place(store, trace):
-    store.write_block("a", 2, _logits())
+    _write(store, 2, _logits())
     chunk_in_place = _rename_index(trace, _chunk(store, 2))
     record_opened = [i for i, e in enumerate(trace) if e[0] == "open" and os.path.dirname(e[1]) == str(_record(store, 2).parent)]
     assert record_opened and min(record_opened) > chunk_in_place, "the record was started before the chunk was in place"
@@ -138,7 +148,7 @@ def _leftovers(store) -> list[str]:
 def test_a_fault_between_chunk_and_record_leaves_the_block_unrecorded_and_its_chunk_whole(store, monkeypatch):
     _fail_rename_onto(monkeypatch, _record(store, 0), _Fault(errno.EIO, "injected"))
     with pytest.raises(OSError, match="injected"):
-        store.write_block("a", 0, _logits(7))
+        _write(store, 0, _logits(7))
     monkeypatch.undo()
     reopened = open_store(store.path)
     assert reopened.missing_blocks("a") == [0, 1, 2]  # not recorded: `mtkd infer` computes it again
@@ -147,12 +157,12 @@ def test_a_fault_between_chunk_and_record_leaves_the_block_unrecorded_and_its_ch
 
 
 def test_a_fault_before_the_chunk_is_in_place_leaves_neither_chunk_nor_record(store, monkeypatch):
-    store.write_block("a", 1, _logits(1))
+    _write(store, 1, _logits(1))
     before = _chunk(store, 1).read_bytes()
     _record(store, 1).unlink()  # as if block 1 were being rewritten after a repair
     _fail_rename_onto(monkeypatch, _chunk(store, 1), _Fault(errno.EIO, "injected"))
     with pytest.raises(OSError, match="injected"):
-        store.write_block("a", 1, _logits(2))
+        _write(store, 1, _logits(2))
     monkeypatch.undo()
     assert _chunk(store, 1).read_bytes() == before  # the old file, not half of the new one
     assert not _record(store, 1).exists()  # and no record of data that never landed
@@ -169,7 +179,7 @@ def test_a_full_disk_while_syncing_leaves_nothing_half_written(store, monkeypatc
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError) as caught:
-        store.write_block("a", 2, _logits())
+        _write(store, 2, _logits())
     assert caught.value.errno == errno.ENOSPC
     monkeypatch.undo()
     assert not _chunk(store, 2).exists() and not _record(store, 2).exists()

@@ -17,6 +17,7 @@ from mtkd.pipeline.infer import run_infer
 from mtkd.pipeline.store import open_store
 from mtkd.pipeline.verify import (
     ATTRIBUTE,
+    CHECKSUM,
     NO_CHUNK,
     NO_RECORD,
     NON_FINITE,
@@ -81,7 +82,7 @@ def _edit_logical_dtype(path):
 
 DAMAGES = {
     "deleted chunk": (_delete_chunk, NO_CHUNK, "a", 2),
-    "truncated chunk": (_truncate_chunk, UNREADABLE, "b", 3),
+    "truncated chunk": (_truncate_chunk, CHECKSUM, "b", 3),  # format 2: every chunk ends in its crc32c
     "NaN values": (_nan_through_zarr, NON_FINITE, "a", 1),
     "deleted record": (_delete_record, NO_RECORD, "b", 0),
     "edited logical_dtype": (_edit_logical_dtype, ATTRIBUTE, "a", None),

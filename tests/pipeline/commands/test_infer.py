@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 from mtkd.pipeline.cli import app
 from mtkd.pipeline.infer import run_infer
 from mtkd.pipeline.store import open_store
-from tests.pipeline.conftest import refused, snapshot
+from tests.pipeline.conftest import LM_VOCAB, refused, snapshot
 
 runner = CliRunner()
 
@@ -298,3 +299,145 @@ def test_concurrent_shard_processes_equal_one_run(tmp_path, make_data, make_teac
         assert proc.returncode == 0, stderr
     assert snapshot(tmp_path / "s.zarr") == expected
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
+
+
+# -- tokens: refusals (exit 2, culprit named, store untouched) and real processes ---------------------
+
+LM = {"factory": "mtkd.pipeline.models:gru_lm", "kwargs": {"vocab_size": LM_VOCAB, "hidden": 8}}
+
+
+@pytest.fixture
+def token_store(tmp_path, make_tokens, make_teachers):
+    """A complete top-4 store of the LM teacher "lm" on tokens.npz (blocks of 16 positions)."""
+    toml = make_teachers([{"name": "lm", **LM}], filename="lm.toml")
+    result = invoke("infer", "--teachers", toml, "--data", make_tokens(8), "--out", tmp_path / "t.zarr", "--top-k", 4, "--chunk-rows", 16, "--quiet")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "t.zarr"
+
+
+def _refused_untouched(tmp_path, store, args, *culprits):
+    before = snapshot(store)
+    refused(invoke("infer", *args), *culprits)
+    assert snapshot(store) == before
+
+
+@pytest.mark.parametrize(("value", "culprit"), [("0", "'0' is not a positive"), ("-1,2", "'-1' is not a positive"), ("abc", "'abc' is not a number"), ("2,2", "2 is listed twice")])
+def test_refuses_bad_temperatures(tmp_path, token_store, value, culprit):
+    args = ("--teachers", tmp_path / "lm.toml", "--data", tmp_path / "tokens.npz", "--out", token_store, "--top-k", 4, "--temperatures", value)
+    _refused_untouched(tmp_path, token_store, args, "--temperatures", culprit)
+
+
+@pytest.mark.parametrize(("k", "culprit"), [("0", "--top-k must be at least 1"), (str(LM_VOCAB + 1), f"exceeds teacher 'lm''s vocabulary of {LM_VOCAB}")])
+def test_refuses_a_top_k_below_one_or_beyond_the_vocabulary(tmp_path, make_tokens, make_teachers, k, culprit):
+    toml = make_teachers([{"name": "lm", **LM}], filename="lm.toml")
+    refused(invoke("infer", "--teachers", toml, "--data", make_tokens(4), "--out", tmp_path / "t.zarr", "--top-k", k), culprit)
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_refuses_temperatures_for_a_dense_teacher(tmp_path, make_data, make_teachers):
+    toml = make_teachers([{"name": "a"}])
+    refused(invoke("infer", "--teachers", toml, "--data", make_data(10), "--out", tmp_path / "s.zarr", "--temperatures", "1,2"), "--temperatures", "'a'")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_refuses_token_data_into_a_rows_store(tmp_path, store_of, make_tokens, make_teachers):
+    toml = make_teachers([{"name": "lm", **LM}], filename="lm.toml")
+    _refused_untouched(tmp_path, store_of, ("--teachers", toml, "--data", make_tokens(4), "--out", store_of), "holds rows", "is tokens")
+
+
+def test_refuses_rows_into_a_token_store(tmp_path, token_store, make_data, make_teachers):
+    toml = make_teachers([{"name": "a"}])
+    _refused_untouched(tmp_path, token_store, ("--teachers", toml, "--data", make_data(10), "--out", token_store), "holds tokens", "is rows")
+
+
+@pytest.mark.parametrize(("mode", "culprit"), [("last", "returned (4, 40)"), ("short", "expected (4, ")])
+def test_refuses_an_lm_returning_b_v_or_another_length(tmp_path, make_tokens, make_teachers, odd_teachers, mode, culprit):
+    toml = make_teachers([{"name": "bent", "factory": "mtkd_test_teachers:odd_lm", "kwargs": {"mode": mode}}])
+    result = invoke("infer", "--teachers", toml, "--data", make_tokens(4), "--out", tmp_path / "t.zarr")
+    refused(result, "teacher 'bent'", culprit, "(B, L, V)")
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_refuses_token_ids_beyond_a_teachers_vocabulary(tmp_path, make_tokens, make_teachers):
+    toml = make_teachers([{"name": "small", "factory": LM["factory"], "kwargs": {"vocab_size": 20, "hidden": 4}}])
+    # the model itself may fail on ids beyond its embedding, or return logits over 20 classes: refused either way
+    result = invoke("infer", "--teachers", toml, "--data", make_tokens(4, vocab=LM_VOCAB), "--out", tmp_path / "t.zarr")
+    refused(result, "teacher 'small'")
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_refuses_labels_at_a_teachers_vocabulary(tmp_path, make_teachers, odd_teachers):
+    # every id fits the teacher's embedding (31), but the next token 30 is beyond its 30 classes
+    np.savez(tmp_path / "edge.npz", input_ids=np.array([[1, 2, 30, 3]]))
+    fits = make_teachers([{"name": "v31", "factory": "mtkd_test_teachers:odd_lm", "kwargs": {"vocab_size": 31}}], filename="fits.toml")
+    assert invoke("infer", "--teachers", fits, "--data", tmp_path / "edge.npz", "--out", tmp_path / "ok.zarr", "--quiet").exit_code == 0
+    narrow = make_teachers([{"name": "v30", "factory": "mtkd_test_teachers:odd_lm", "kwargs": {"vocab_size": 31, "classes": 30}}], filename="n.toml")
+    result = invoke("infer", "--teachers", narrow, "--data", tmp_path / "edge.npz", "--out", tmp_path / "n.zarr", "--top-k", 2)
+    refused(result, "has label 30", "teacher 'v30' gives 30 classes")
+    assert not (tmp_path / "n.zarr").exists()
+
+
+@pytest.mark.parametrize(("args", "culprit"), [(("--top-k", "3"), "top-k 4, not --top-k 3"), ((), "top-k 4")])
+def test_refuses_a_same_named_teacher_with_another_k_or_layout(tmp_path, token_store, args, culprit):
+    if not args:  # dense: a rows-sized vocabulary asked dense is the same teacher stored top-k
+        args = ("--top-k", "4", "--temperatures", "1,3")
+        culprit = "at temperatures 1,2, not 1,3"
+    _refused_untouched(tmp_path, token_store, ("--teachers", tmp_path / "lm.toml", "--data", tmp_path / "tokens.npz", "--out", token_store, *args), "teacher 'lm'", culprit)
+
+
+def test_refuses_a_dense_teacher_named_like_a_stored_top_k_one(tmp_path, make_tokens, make_teachers):
+    toml = make_teachers([{"name": "lm", **LM}], filename="lm.toml")
+    data = make_tokens(4)
+    assert invoke("infer", "--teachers", toml, "--data", data, "--out", tmp_path / "d.zarr", "--quiet").exit_code == 0  # V = 40: dense
+    _refused_untouched(tmp_path, tmp_path / "d.zarr", ("--teachers", toml, "--data", data, "--out", tmp_path / "d.zarr", "--top-k", 4), "teacher 'lm'", "dense, not --top-k 4")
+
+
+SLOW_LM = {"factory": "mtkd_test_teachers:odd_lm", "kwargs": {"sleep": 0.08}}
+
+
+def _token_process(tmp_path, out, *extra):
+    args = ["--teachers", "lm.toml", "--data", "tokens.npz", "--out", out, "--chunk-rows", "6", "--batch-size", "2", "--top-k", "4", "--quiet"]
+    return subprocess.Popen([sys.executable, "-m", "mtkd.pipeline.cli", "infer", *args, *extra], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _token_reference(tmp_path):
+    proc = _token_process(tmp_path, "reference.zarr")
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    return snapshot(tmp_path / "reference.zarr")
+
+
+@pytest.mark.slow
+def test_tokens_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path, make_tokens, make_teachers, odd_teachers):
+    make_tokens(16)
+    make_teachers([{"name": "fast", **LM}, {"name": "slow", **SLOW_LM}], filename="lm.toml")
+    expected = _token_reference(tmp_path)
+    proc = _token_process(tmp_path, "t.zarr")
+    records = tmp_path / "t.zarr/teachers/slow/done/c"
+    deadline = time.monotonic() + 60
+    while not (records.is_dir() and len(os.listdir(records)) >= 2):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    blocks = open_store(tmp_path / "t.zarr").num_blocks
+    assert 2 <= len(os.listdir(records)) < blocks, "the kill came too late to test anything"
+    rerun = _token_process(tmp_path, "t.zarr", "--json")
+    stdout, stderr = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, stderr
+    assert json.loads(stdout.strip().splitlines()[-1])["blocks_skipped"] >= 1
+    assert snapshot(tmp_path / "t.zarr") == expected
+
+
+@pytest.mark.slow
+def test_tokens_three_concurrent_shards_equal_one_run(tmp_path, make_tokens, make_teachers, odd_teachers):
+    make_tokens(16)
+    make_teachers([{"name": "fast", **LM}, {"name": "slow", **SLOW_LM}], filename="lm.toml")
+    expected = _token_reference(tmp_path)
+    procs = [_token_process(tmp_path, "t.zarr", "--shard", f"{i}/3") for i in range(3)]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+    assert snapshot(tmp_path / "t.zarr") == expected

@@ -1,0 +1,275 @@
+"""How a teacher's outputs are stored: the one place where the dense and the top-k layouts differ.
+
+A layout answers three questions, for rows and tokens alike (a token position is a row):
+- which arrays a teacher has in the store (`arrays`: names, per-row shapes, dtypes, codecs);
+- how a batch of the teacher's (n, V) logits becomes rows of those arrays, on the device and in
+  float32 (`reduce`), plus a per-row summary the teacher's stats are built from;
+- how stored rows become kernel inputs (`Dense.decode`: logits; `TopK.decode`: ids and
+  log-probabilities re-tempered exactly at a stored temperature T).
+
+Dense (SPEC "Store"): `logits` (rows, V), the raw logits at T = 1.
+Top-k: for each row, with z the teacher's logits over its whole vocabulary,
+    topk_ids       (rows, k) int32      the k most probable classes, distinct
+    topk_logprobs  (rows, k)            log softmax(z)[id], same order
+    lse            (rows, len(Ts))      logsumexp(z / T), one column per stored temperature
+    label_logprob  (rows,) float32      log softmax(z)[label]; NaN where the row has no label
+and at a stored T:  log p_T(id) = (logprob + lse[T=1]) / T - lse[T]   (z / T minus its normaliser).
+
+16-bit values are stored as float16, or bfloat16 kept bit-exact as uint16 (attrs: logical_dtype).
+Every array carries zarr's Crc32cCodec after its compressor: a flipped byte fails the read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
+
+from mtkd.pipeline.errors import BadInputError
+
+# logical dtype -> (dtype stored in Zarr, torch dtype of the values, fill value in the stored dtype)
+BF16_NAN_BITS = 0x7FC0  # the canonical bfloat16 quiet NaN, as uint16
+STORAGE: dict[str, tuple[np.dtype, torch.dtype, Any]] = {
+    "float16": (np.dtype(np.float16), torch.float16, float("nan")),
+    "bfloat16": (np.dtype(np.uint16), torch.bfloat16, BF16_NAN_BITS),
+    "float32": (np.dtype(np.float32), torch.float32, float("nan")),
+}
+DTYPES = tuple(STORAGE)
+LAYOUTS = ("dense", "topk")
+DEFAULT_TOP_K = 64
+DEFAULT_TEMPERATURES = (1.0, 2.0)
+DENSE_TOKENS_MAX_VOCAB = 1024  # SPEC: tokens are stored dense only when asked and V <= this
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a teacher: (num_rows, *row_shape), chunked by whole rows."""
+
+    name: str
+    row_shape: tuple[int, ...]
+    dtype: np.dtype  # as stored in Zarr
+    fill: Any
+    compressors: tuple[Any, ...]  # bytes-to-bytes codecs; Crc32cCodec is always appended last
+    logical_dtype: str | None = None  # 16-bit floats: what the stored bits mean
+    dims: tuple[str, ...] = ("row",)
+
+    def codecs(self) -> list[Any]:
+        return [*self.compressors, Crc32cCodec()]
+
+
+class RowSummary(NamedTuple):
+    """What a teacher's stats are computed from, per row of a batch (float32/int64, on the device)."""
+
+    label_logprob: torch.Tensor  # (n,) log p(label) at T = 1, NaN without label
+    top1: torch.Tensor  # (n,) int64, the most probable class
+    top1_logprob: torch.Tensor  # (n,) its log-probability (the confidence, as a log)
+    tail: torch.Tensor | None  # (n, len(temperatures)) mass outside the stored top-k, per T (top-k only)
+
+
+class SparseRows(NamedTuple):
+    """Top-k teacher rows as `fused_sparse_kd_loss` takes them (one teacher; stack K of them)."""
+
+    ids: torch.Tensor  # (n, k) int64
+    logprobs: torch.Tensor  # (n, k) float32: log-probabilities at the requested temperature
+    label_logprob: torch.Tensor  # (n,) float32 at T = 1, NaN where the row has no label
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A teacher's storage: its layout name, logical dtype and vocabulary size (V of its logits)."""
+
+    name: ClassVar[str]
+    dtype: str
+    vocab_size: int
+
+    def attrs(self) -> dict[str, Any]:
+        """The teacher attributes SPEC lists for its layout (see `layout_from_attrs`)."""
+        return {"layout": self.name, "dtype": self.dtype, "vocab_size": self.vocab_size, "top_k": None, "temperatures": None}
+
+    def arrays(self) -> list[ArraySpec]:
+        raise NotImplementedError
+
+    def row_bytes(self) -> int:
+        """Uncompressed bytes of one row of the largest array (what sets the rows per chunk)."""
+        return max(math.prod(a.row_shape) * a.dtype.itemsize for a in self.arrays())
+
+    def reduce(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], RowSummary]:
+        """(n, V) logits and (n,) labels (-100: none), on the device -> stored arrays' rows (on the
+        device, in their stored torch dtype) and the rows' summary."""
+        raise NotImplementedError
+
+    def summarize(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> RowSummary:
+        """Stored rows (torch tensors in their stored dtypes) -> what the stats are computed from."""
+        raise NotImplementedError
+
+    def bad_rows(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: rows of host arrays (as `reduce` gave them) that must not be stored."""
+        raise NotImplementedError
+
+    def tensors(self, raw: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Arrays as read from the store -> torch tensors in their stored dtypes (bfloat16 from its bits)."""
+        logical = {a.name: a.logical_dtype for a in self.arrays()}
+        return {k: from_storage(v, logical[k]) if logical[k] else torch.from_numpy(v) for k, v in raw.items()}
+
+
+@dataclass(frozen=True)
+class Dense(Layout):
+    name: ClassVar[str] = "dense"
+
+    def arrays(self) -> list[ArraySpec]:
+        stored, _, fill = STORAGE[self.dtype]
+        # No compressor: dense logits barely compress (~1.09x) and decompression slowed reads 2-4x.
+        return [ArraySpec("logits", (self.vocab_size,), stored, fill, (), self.dtype, ("row", "class"))]
+
+    def reduce(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], RowSummary]:
+        arrays = {"logits": logits.to(STORAGE[self.dtype][1])}
+        return arrays, self.summarize(arrays, labels)
+
+    def summarize(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> RowSummary:
+        z = arrays["logits"].float()  # the logits as stored (16-bit rounding counts)
+        lse = torch.logsumexp(z, dim=1)
+        top, top1 = z.max(dim=1)
+        return RowSummary(_label_logprob(z, lse, labels), top1, top - lse, None)
+
+    def bad_rows(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: rows with a non-finite stored logit."""
+        return ~torch.isfinite(arrays["logits"]).all(dim=1)
+
+    def decode(self, raw: dict[str, np.ndarray]) -> torch.Tensor:
+        """Stored rows -> (n, V) logits in the logical dtype (bfloat16 bit-exact)."""
+        return from_storage(raw["logits"], self.dtype)
+
+
+@dataclass(frozen=True)
+class TopK(Layout):
+    top_k: int = DEFAULT_TOP_K
+    temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES  # sorted, 1.0 first
+    name: ClassVar[str] = "topk"
+
+    def attrs(self) -> dict[str, Any]:
+        return {**super().attrs(), "top_k": self.top_k, "temperatures": list(self.temperatures)}
+
+    def arrays(self) -> list[ArraySpec]:
+        stored, _, fill = STORAGE[self.dtype]
+        k, t = self.top_k, len(self.temperatures)
+        return [
+            ArraySpec("topk_ids", (k,), np.dtype(np.int32), -1, ID_CODECS, None, ("row", "rank")),
+            ArraySpec("topk_logprobs", (k,), stored, fill, VALUE_CODECS, self.dtype, ("row", "rank")),
+            ArraySpec("lse", (t,), np.dtype(np.float32), float("nan"), VALUE_CODECS, None, ("row", "temperature")),
+            ArraySpec("label_logprob", (), np.dtype(np.float32), float("nan"), VALUE_CODECS, None, ("row",)),
+        ]
+
+    def reduce(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], RowSummary]:
+        z = logits.float()  # (n, V): every normaliser over the teacher's whole vocabulary, in float32
+        lse = torch.stack([torch.logsumexp(z if t == 1.0 else z / t, dim=1) for t in self.temperatures], dim=1)  # (n, T)
+        top, ids = z.topk(self.top_k, dim=1, sorted=True)  # (n, k), most probable first
+        arrays = {
+            "topk_ids": ids.to(torch.int32),
+            "topk_logprobs": (top - lse[:, :1]).to(STORAGE[self.dtype][1]),
+            "lse": lse,
+            "label_logprob": _label_logprob(z, lse[:, 0], labels),
+        }
+        return arrays, self.summarize(arrays, labels)
+
+    def summarize(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> RowSummary:
+        logprobs = arrays["topk_logprobs"].float()  # as stored, so that stats match what readers get
+        top, where = logprobs.max(dim=1)
+        top1 = arrays["topk_ids"].gather(1, where[:, None]).squeeze(1).long()
+        tempered = retemper(logprobs, arrays["lse"], self.temperatures)  # (T, n, k)
+        tail = (1.0 - tempered.exp().sum(dim=2)).clamp(min=0.0).T  # (n, T): mass on unlisted classes
+        return RowSummary(arrays["label_logprob"], top1, top, tail)
+
+    def bad_rows(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: rows with a non-finite stored log-probability or normaliser, or a labelled row
+        whose label log-probability is not finite (-inf: the teacher rules its label out)."""
+        good = torch.isfinite(arrays["topk_logprobs"]).all(dim=1) & torch.isfinite(arrays["lse"]).all(dim=1)
+        return ~(good & (torch.isfinite(arrays["label_logprob"]) | (labels < 0)))
+
+    def decode(self, raw: dict[str, np.ndarray], temperature: float = 1.0) -> SparseRows:
+        """Stored rows -> ids and log-probabilities at `temperature` (one of the stored ones)."""
+        column = self.temperature_index(temperature)
+        logprobs = from_storage(raw["topk_logprobs"], self.dtype).float()
+        if column:
+            lse = torch.from_numpy(raw["lse"])
+            logprobs = (logprobs + lse[:, :1]) / self.temperatures[column] - lse[:, column : column + 1]
+        ids = torch.from_numpy(raw["topk_ids"].astype(np.int64))
+        return SparseRows(ids, logprobs, torch.from_numpy(raw["label_logprob"]))
+
+    def temperature_index(self, temperature: float) -> int:
+        for i, t in enumerate(self.temperatures):
+            if math.isclose(t, float(temperature), rel_tol=0, abs_tol=1e-9):
+                return i
+        raise BadInputError(f"temperature {temperature:g} is not stored (stored: {format_temperatures(self.temperatures)})")
+
+
+def retemper(logprobs: torch.Tensor, lse: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
+    """(n, k) log-probabilities at T = 1 and (n, len(temperatures)) normalisers, column j being
+    logsumexp(z / temperatures[j]) with temperatures[0] == 1 -> (len(temperatures), n, k) at each T:
+    log p_T = (logprob + lse[T=1]) / T - lse[T], i.e. z / T minus its normaliser."""
+    z = logprobs + lse[:, :1]  # the raw logits of the listed classes
+    return torch.stack([z / t - lse[:, j : j + 1] for j, t in enumerate(temperatures)])
+
+
+def _label_logprob(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(z)[label] per row, NaN where label is -100 (float32)."""
+    has = labels >= 0
+    picked = z.gather(1, labels.clamp(min=0).view(-1, 1)).squeeze(1) - lse
+    return torch.where(has, picked, torch.full_like(picked, float("nan")))
+
+
+def from_storage(raw: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored 16/32-bit values -> a torch tensor in the logical dtype (bfloat16 from its uint16 bits)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(raw).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(raw))
+
+
+def to_storage(values: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    """A host tensor -> the numpy array Zarr stores (bfloat16 as its uint16 bits, a view)."""
+    values = values.detach().cpu().contiguous()
+    if values.dtype == torch.bfloat16:
+        return values.view(torch.int16).numpy().view(np.uint16)
+    out = values.numpy()
+    if out.dtype != dtype:
+        raise TypeError(f"expected {dtype} values, got {out.dtype}")
+    return out
+
+
+def format_temperatures(temperatures: tuple[float, ...] | list[float]) -> str:
+    return ",".join(f"{t:g}" for t in temperatures)
+
+
+def parse_temperatures(text: str) -> tuple[float, ...]:
+    """'1,2,4' -> (1.0, 2.0, 4.0): positive, distinct, 1 added when missing, sorted (1 first)."""
+    values = []
+    for part in text.split(","):
+        try:
+            t = float(part)
+        except ValueError:
+            raise BadInputError(f"--temperatures {text!r}: {part.strip()!r} is not a number") from None
+        if not math.isfinite(t) or t <= 0:
+            raise BadInputError(f"--temperatures {text!r}: {part.strip()!r} is not a positive temperature")
+        if t in values:
+            raise BadInputError(f"--temperatures {text!r}: {t:g} is listed twice")
+        values.append(t)
+    return tuple(sorted(set(values) | {1.0}, key=lambda t: (t != 1.0, t)))
+
+
+def layout_from_attrs(attrs: dict[str, Any], num_classes: int) -> Dense | TopK:
+    """A stored teacher's layout; format-1 teachers (no `layout`) are dense over the store's classes."""
+    layout = attrs.get("layout", "dense")
+    vocab = int(attrs.get("vocab_size") or num_classes)
+    if layout == "dense":
+        return Dense(attrs["dtype"], vocab)
+    if layout == "topk":
+        return TopK(attrs["dtype"], vocab, int(attrs["top_k"]), tuple(float(t) for t in attrs["temperatures"]))
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+# Codecs of the top-k arrays, chosen by measurement (README, "bytes per token"): see ENCODINGS.
+ID_CODECS: tuple[Any, ...] = (BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle, typesize=4),)
+VALUE_CODECS: tuple[Any, ...] = (ZstdCodec(level=3),)

@@ -1,0 +1,85 @@
+"""The dense and top-k layouts: what a batch of logits becomes, and what a read gives back."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtkd.pipeline.errors import BadInputError
+from mtkd.pipeline.layouts import Dense, TopK, from_storage, parse_temperatures, retemper, to_storage
+
+
+def _logits(n=6, v=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_topk_reduce_against_a_float64_reference(dtype):
+    z = _logits()
+    labels = torch.tensor([0, 3, -100, 10, 5, -100])
+    layout = TopK(dtype, 11, 4, (1.0, 0.5, 3.0))
+    arrays, summary = layout.reduce(z.float(), labels)
+    ref_lp = torch.log_softmax(z, 1)
+    top = ref_lp.topk(4, 1)
+    assert torch.equal(arrays["topk_ids"].long(), top.indices) and arrays["topk_ids"].dtype == torch.int32
+    tol = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-5}[dtype]
+    assert torch.allclose(arrays["topk_logprobs"].double(), top.values, rtol=tol, atol=tol)
+    for j, t in enumerate(layout.temperatures):
+        assert torch.allclose(arrays["lse"][:, j].double(), torch.logsumexp(z / t, 1), atol=1e-5)
+    has = labels >= 0
+    assert torch.allclose(arrays["label_logprob"][has].double(), ref_lp[has].gather(1, labels[has, None]).squeeze(1), atol=1e-5)
+    assert torch.isnan(arrays["label_logprob"][~has]).all()
+    # the summary: top-1 and the tail mass at each stored temperature
+    assert torch.equal(summary.top1, top.indices[:, 0])
+    for j, t in enumerate(layout.temperatures):
+        p = torch.softmax(z / t, 1).gather(1, top.indices)
+        assert torch.allclose(summary.tail[:, j].double(), 1 - p.sum(1), atol=5 * tol)
+
+
+def test_retempering_is_exact_at_every_stored_temperature():
+    z = _logits(v=7)
+    temps = (1.0, 0.25, 2.0, 8.0)
+    lse = torch.stack([torch.logsumexp(z / t, 1) for t in temps], 1)
+    logprobs = z - lse[:, :1]  # every class listed
+    for j, t in enumerate(temps):
+        assert torch.allclose(retemper(logprobs, lse, temps)[j], torch.log_softmax(z / t, 1), atol=1e-12)
+    layout = TopK("float32", 7, 7, temps)
+    raw = {"topk_ids": np.tile(np.arange(7, dtype=np.int32), (6, 1)), "topk_logprobs": logprobs.float().numpy(),
+           "lse": lse.float().numpy(), "label_logprob": np.zeros(6, np.float32)}
+    for t in temps:
+        assert torch.allclose(layout.decode(raw, t).logprobs.double(), torch.log_softmax(z / t, 1), atol=1e-5)
+        assert torch.allclose(layout.decode(raw, t).logprobs.exp().sum(1), torch.ones(6), atol=1e-5)  # k = V: no tail
+
+
+def test_bad_rows_and_dense_round_trip():
+    z = _logits()
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    dense = Dense("float16", 11)
+    arrays, _ = dense.reduce(z.float(), labels)
+    assert not dense.bad_rows(arrays, labels).any()
+    arrays["logits"][2, 3] = float("inf")
+    assert dense.bad_rows(arrays, labels).tolist() == [False, False, True, False, False, False]
+    topk = TopK("float16", 11, 3)
+    big = z.float().clone()
+    big[4] = -float("inf")
+    big[4, 0] = 0.0  # one finite class: the others of its top 3 are -inf
+    arrays, _ = topk.reduce(big, labels)
+    assert topk.bad_rows(arrays, labels).tolist() == [False] * 4 + [True, False]
+    bits = torch.tensor([[1.5, -2.0]], dtype=torch.bfloat16)
+    stored = to_storage(bits, np.dtype(np.uint16))
+    assert stored.dtype == np.uint16 and torch.equal(from_storage(stored, "bfloat16"), bits)
+
+
+def test_parse_temperatures():
+    assert parse_temperatures("2,4") == (1.0, 2.0, 4.0) and parse_temperatures("0.5,1") == (1.0, 0.5)
+    for text, message in (("0", "'0' is not a positive"), ("x", "'x' is not a number"), ("2,2", "2 is listed twice"),
+                          ("nan", "not a positive"), ("1,-3", "'-3' is not a positive")):
+        with pytest.raises(BadInputError, match=message):
+            parse_temperatures(text)
+    with pytest.raises(BadInputError, match=r"temperature 3 is not stored \(stored: 1,2\)"):
+        TopK("float16", 5, 2).temperature_index(3.0)
+    assert math.isclose(TopK("float16", 5, 2).row_bytes(), 8)
