@@ -10,6 +10,10 @@ cost of a forward pass does not depend on them) and the demo's MLP student on MN
   infer_vs_forward           stage one's rows/s (forward + copy + Zarr writes, `run_infer`) divided by
                              the teachers' bare forward rows/s (`forward_throughput`, same batches).
                              Target >= 0.9.
+  infer_vs_forward_tokens    the same for language models: stage one's tokens/s (top-64 ids, log-probabilities,
+                             normalisers, label log-probabilities written to the store) over the teachers' bare
+                             forward tokens/s, two random-weight `transformer_lm` teachers at V = --token-vocab
+                             (8192) on random token sequences. Target >= 0.9.
   offline_vs_online_speedup  online KD (every teacher run on every batch, for E epochs) wall time,
                              divided by stage one once plus E epochs of stage two (`run_train --store`),
                              wall time of both library calls. Target >= 5.
@@ -87,6 +91,31 @@ def _online_kd(teachers: Path, data: Path, *, epochs: int, batch_size: int, lr: 
     return time.perf_counter() - started
 
 
+def _infer_vs_forward_tokens(work: Path, args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """Interleaved pairs of (bare forward tokens/s, stage-one tokens/s) for two LM teachers."""
+    from mtkd.pipeline.data import make_token_data
+    from mtkd.pipeline.models import transformer_lm
+
+    tables = []
+    for i, (d_model, layers) in enumerate(((128, 2), (96, 3))):
+        torch.manual_seed(i)
+        kwargs = {"vocab_size": args.token_vocab, "d_model": d_model, "layers": layers, "heads": 4, "max_len": args.token_len}
+        torch.save(transformer_lm(**kwargs).state_dict(), work / f"lm{i}.pt")
+        tables.append(toml_table("[[teachers]]", {"name": f"lm{i}", "factory": "mtkd.pipeline.models:transformer_lm",
+                                                  "kwargs": kwargs, "checkpoint": f"lm{i}.pt"}))
+    teachers = work / "lm.toml"
+    teachers.write_text("\n".join(tables))
+    rng = np.random.default_rng(0)
+    data = make_token_data("bench tokens", [rng.integers(0, args.token_vocab, args.token_len) for _ in range(args.token_seqs)])
+    common = {"batch_size": args.token_batch, "device": args.device}
+    forward_throughput(teachers, data, **common)  # unmeasured: first-call allocations
+    forward, infer = [], []
+    for i in range(args.repeats):
+        forward.append(forward_throughput(teachers, data, **common))
+        infer.append(run_infer(teachers, data, work / f"tokens{i}", top_k=64, **common).rows_per_s)
+    return forward, infer
+
+
 def _epoch_seconds(run: Path) -> float:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     return statistics.median(r["seconds"] for r in rows)
@@ -99,6 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stream-epochs", type=int, default=4, help="epochs per stream_overhead run")
     parser.add_argument("--batch-size", type=int, default=256, help="batch size of every stage and of online KD")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each measurement")
+    parser.add_argument("--token-seqs", type=int, default=64, help="infer_vs_forward_tokens: sequences")
+    parser.add_argument("--token-len", type=int, default=128, help="infer_vs_forward_tokens: tokens per sequence")
+    parser.add_argument("--token-vocab", type=int, default=8192, help="infer_vs_forward_tokens: the teachers' V")
+    parser.add_argument("--token-batch", type=int, default=16, help="infer_vs_forward_tokens: sequences per batch")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--json", dest="json_path", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -120,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
             infer.append(result.rows_per_s)
             infer_wall.append(result.wall_s)
         store = work / "store0"
+        token_forward, token_infer = _infer_vs_forward_tokens(work, args)
 
         # offline (stage one once + E epochs of stage two) against online KD, alternating.
         offline, online = [], []
@@ -148,14 +182,17 @@ def main(argv: list[str] | None = None) -> dict:
         # Medians of the ratios of interleaved pairs: on a shared machine the speed drifts by tens of
         # percent from one minute to the next, and a pair sees the same drift.
         "infer_vs_forward": med(i / f for i, f in zip(infer, forward)),
+        "infer_vs_forward_tokens": med(i / f for i, f in zip(token_infer, token_forward)),
         "offline_vs_online_speedup": med(on / off for on, off in zip(online, offline)),
         "stream_overhead": med(stream) / med(memory) - 1,
         "measurements": {
             "forward_rows_per_s": forward, "infer_rows_per_s": infer, "infer_wall_s": infer_wall,
+            "forward_tokens_per_s": token_forward, "infer_tokens_per_s": token_infer,
             "offline_s": offline, "online_s": online, "stream_epoch_s": stream, "memory_epoch_s": memory,
         },
         "conditions": {
-            "rows": args.rows, "epochs": args.epochs, "stream_epochs": args.stream_epochs,
+            "rows": args.rows, "token_seqs": args.token_seqs, "token_len": args.token_len, "token_vocab": args.token_vocab,
+            "token_batch": args.token_batch, "epochs": args.epochs, "stream_epochs": args.stream_epochs,
             "batch_size": args.batch_size, "repeats": args.repeats,
             "teachers": [r.name for r in RowsDemoConfig().teachers], "student": "mlp 40-100-100-10",
             "device": str(device), "cpu_threads": torch.get_num_threads(),
@@ -163,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
             "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
         },
     }
-    targets = {"infer_vs_forward": (">=", 0.9), "offline_vs_online_speedup": (">=", 5.0), "stream_overhead": ("<=", 0.05)}
+    targets = {"infer_vs_forward": (">=", 0.9), "infer_vs_forward_tokens": (">=", 0.9), "offline_vs_online_speedup": (">=", 5.0), "stream_overhead": ("<=", 0.05)}
     print(f"{'figure':<28}{'measured':>10}  {'target':>8}")
     for key, (op, target) in targets.items():
         value = results[key]

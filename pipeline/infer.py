@@ -343,7 +343,8 @@ def _teacher_rows(layout: Dense | TopK, logits: torch.Tensor, batch: Batch) -> t
 
 
 class _Pending:
-    """A block being filled: per teacher, host buffers of its arrays and summaries, and rows filled."""
+    """A block being filled: per teacher, host buffers of its arrays (in their stored dtypes: the copy
+    casts) and of its rows' summaries, and how many of its rows are filled."""
 
     def __init__(self, rows: int, names: list[str], layouts: dict[str, Dense | TopK], pin: bool):
         self.rows, self.filled = rows, 0
@@ -355,8 +356,9 @@ class _Pending:
     def put(self, name: str, at: int, arrays: dict[str, torch.Tensor], summary: RowSummary) -> None:
         """Copy a batch's rows (already cut to this block) into the buffers at row `at`."""
         if name not in self.buffers:
-            self.buffers[name] = {k: self._empty(v) for k, v in arrays.items()}
-            self.summaries[name] = {k: self._empty(v) for k, v in summary._asdict().items() if v is not None}
+            dtypes = {a.name: a.torch_dtype for a in self._layouts[name].arrays()}
+            self.buffers[name] = {k: self._empty(v, dtypes[k]) for k, v in arrays.items()}
+            self.summaries[name] = {k: self._empty(v, v.dtype) for k, v in summary._asdict().items() if v is not None}
         n = next(iter(arrays.values())).shape[0]
         for k, v in arrays.items():
             self.buffers[name][k][at : at + n].copy_(v, non_blocking=True)
@@ -364,8 +366,11 @@ class _Pending:
             if v is not None:
                 self.summaries[name][k][at : at + n].copy_(v, non_blocking=True)
 
-    def _empty(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.empty((self.rows, *like.shape[1:]), dtype=like.dtype, pin_memory=self._pin)
+    def summary(self, name: str) -> RowSummary:
+        return RowSummary(**{k: self.summaries[name].get(k) for k in RowSummary._fields})
+
+    def _empty(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty((self.rows, *like.shape[1:]), dtype=dtype, pin_memory=self._pin)
 
 
 def _forward(
@@ -444,20 +449,17 @@ def _finish_block(store: LogitStore, config: InferConfig, block: int, pending: _
     """A full block's arrays as stored and its stats sums, per teacher; refuses non-finite values."""
     start, stop = store.block_range(block)
     labels = torch.from_numpy(config.data.labels[start:stop])
-    return {
-        name: _stored(name, config.layouts[name], pending.buffers[name], RowSummary(**{k: pending.summaries[name].get(k) for k in RowSummary._fields}), labels, start)
-        for name in pending.names
-    }
+    return {name: _stored(name, config.layouts[name], pending.buffers[name], pending.summary(name), labels, start) for name in pending.names}
 
 
 def _stored(name: str, layout: Dense | TopK, arrays: dict[str, torch.Tensor], summary: RowSummary, labels: torch.Tensor, row0: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Host tensors of one block -> (the numpy arrays written, the block's stats sums)."""
-    bad = layout.bad_rows(arrays, labels)
-    if bool(bad.any()):
-        row = row0 + int(bad.nonzero()[0, 0])
+    if bool(summary.nonfinite.any()):
+        row = row0 + int(summary.nonfinite.nonzero()[0, 0])
         raise TeacherOutputError(f"teacher {name!r} returned NaN/inf at row {row} (stored as {layout.dtype}); that block is not recorded")
-    dtypes = {a.name: a.dtype for a in layout.arrays()}
-    return {k: to_storage(v, dtypes[k]) for k, v in arrays.items()}, StatsSums.of_block(summary, labels, layout)
+    specs = {a.name: a for a in layout.arrays()}
+    stored = {k: to_storage(v.to(specs[k].torch_dtype), specs[k].dtype) for k, v in arrays.items()}
+    return stored, StatsSums.of_block(summary, labels, layout)
 
 
 def write_logits_block(store: LogitStore, name: str, block: int, logits: torch.Tensor, labels: torch.Tensor) -> None:

@@ -9,7 +9,7 @@ A layout answers three questions, for rows and tokens alike (a token position is
 
 Dense (SPEC "Store"): `logits` (rows, V), the raw logits at T = 1.
 Top-k: for each row, with z the teacher's logits over its whole vocabulary,
-    topk_ids       (rows, k) int32      the k most probable classes, distinct
+    topk_ids       (rows, k) int32      the k most probable classes, distinct, in ascending id order
     topk_logprobs  (rows, k)            log softmax(z)[id], same order
     lse            (rows, len(Ts))      logsumexp(z / T), one column per stored temperature
     label_logprob  (rows,) float32      log softmax(z)[label]; NaN where the row has no label
@@ -27,7 +27,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
-from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from mtkd.pipeline.errors import BadInputError
 
@@ -60,10 +60,19 @@ class ArraySpec:
     def codecs(self) -> list[Any]:
         return [*self.compressors, Crc32cCodec()]
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype of the values in memory (bfloat16 for its uint16 bits)."""
+        if self.logical_dtype is not None:
+            return STORAGE[self.logical_dtype][1]
+        return {np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32}[self.dtype]
+
 
 class RowSummary(NamedTuple):
-    """What a teacher's stats are computed from, per row of a batch (float32/int64, on the device)."""
+    """Per row of a batch (on the device): whether it may be stored, and what the teacher's stats are
+    computed from. Dense rows without a label carry no stats values (NaN / 0): none are needed."""
 
+    nonfinite: torch.Tensor  # (n,) bool: a stored value would be NaN/inf (the row must not be stored)
     label_logprob: torch.Tensor  # (n,) log p(label) at T = 1, NaN without label
     top1: torch.Tensor  # (n,) int64, the most probable class
     top1_logprob: torch.Tensor  # (n,) its log-probability (the confidence, as a log)
@@ -106,10 +115,6 @@ class Layout:
         """Stored rows (torch tensors in their stored dtypes) -> what the stats are computed from."""
         raise NotImplementedError
 
-    def bad_rows(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """(n,) bool: rows of host arrays (as `reduce` gave them) that must not be stored."""
-        raise NotImplementedError
-
     def tensors(self, raw: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Arrays as read from the store -> torch tensors in their stored dtypes (bfloat16 from its bits)."""
         logical = {a.name: a.logical_dtype for a in self.arrays()}
@@ -126,18 +131,34 @@ class Dense(Layout):
         return [ArraySpec("logits", (self.vocab_size,), stored, fill, (), self.dtype, ("row", "class"))]
 
     def reduce(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], RowSummary]:
-        arrays = {"logits": logits.to(STORAGE[self.dtype][1])}
-        return arrays, self.summarize(arrays, labels)
+        stored = STORAGE[self.dtype][1]
+        # On CUDA the cast happens here (half the bytes over the bus for 16-bit stores); on the CPU
+        # the copy into the block's buffer casts on the way, in one pass.
+        values = logits if logits.device.type == "cpu" else logits.to(stored)
+        # Finite as stored: a row overflows iff its largest magnitude does (the cast is monotone);
+        # amax propagates NaN. One cheap pass instead of isfinite over the cast row.
+        nonfinite = ~torch.isfinite(logits.abs().amax(dim=1).to(stored))
+        keep = labels >= 0
+        if not bool(keep.any()):  # unlabelled rows (a transfer set): no stats to compute
+            nan = torch.full(labels.shape, float("nan"), device=logits.device)
+            return {"logits": values}, RowSummary(nonfinite, nan, torch.zeros_like(labels), nan, None)
+        if bool(keep.all()):
+            return {"logits": values}, self.summarize({"logits": logits.to(stored)}, labels)._replace(nonfinite=nonfinite)
+        labelled = self.summarize({"logits": logits[keep].to(stored)}, labels[keep])
+        summary = RowSummary(
+            nonfinite,
+            torch.full(labels.shape, float("nan"), device=logits.device).masked_scatter(keep, labelled.label_logprob),
+            torch.zeros_like(labels).masked_scatter(keep, labelled.top1),
+            torch.full(labels.shape, float("nan"), device=logits.device).masked_scatter(keep, labelled.top1_logprob),
+            None,
+        )
+        return {"logits": values}, summary
 
     def summarize(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> RowSummary:
         z = arrays["logits"].float()  # the logits as stored (16-bit rounding counts)
         lse = torch.logsumexp(z, dim=1)
         top, top1 = z.max(dim=1)
-        return RowSummary(_label_logprob(z, lse, labels), top1, top - lse, None)
-
-    def bad_rows(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """(n,) bool: rows with a non-finite stored logit."""
-        return ~torch.isfinite(arrays["logits"]).all(dim=1)
+        return RowSummary(~torch.isfinite(z).all(dim=1), _label_logprob(z, lse, labels), top1, top - lse, None)
 
     def decode(self, raw: dict[str, np.ndarray]) -> torch.Tensor:
         """Stored rows -> (n, V) logits in the logical dtype (bfloat16 bit-exact)."""
@@ -157,16 +178,19 @@ class TopK(Layout):
         stored, _, fill = STORAGE[self.dtype]
         k, t = self.top_k, len(self.temperatures)
         return [
-            ArraySpec("topk_ids", (k,), np.dtype(np.int32), -1, ID_CODECS, None, ("row", "rank")),
-            ArraySpec("topk_logprobs", (k,), stored, fill, VALUE_CODECS, self.dtype, ("row", "rank")),
-            ArraySpec("lse", (t,), np.dtype(np.float32), float("nan"), VALUE_CODECS, None, ("row", "temperature")),
-            ArraySpec("label_logprob", (), np.dtype(np.float32), float("nan"), VALUE_CODECS, None, ("row",)),
+            ArraySpec("topk_ids", (k,), np.dtype(np.int32), -1, _blosc(4), None, ("row", "rank")),
+            ArraySpec("topk_logprobs", (k,), stored, fill, _blosc(stored.itemsize), self.dtype, ("row", "rank")),
+            ArraySpec("lse", (t,), np.dtype(np.float32), float("nan"), _blosc(4), None, ("row", "temperature")),
+            ArraySpec("label_logprob", (), np.dtype(np.float32), float("nan"), _blosc(4), None, ("row",)),
         ]
 
     def reduce(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], RowSummary]:
         z = logits.float()  # (n, V): every normaliser over the teacher's whole vocabulary, in float32
         lse = torch.stack([torch.logsumexp(z if t == 1.0 else z / t, dim=1) for t in self.temperatures], dim=1)  # (n, T)
-        top, ids = z.topk(self.top_k, dim=1, sorted=True)  # (n, k), most probable first
+        top, ids = z.topk(self.top_k, dim=1, sorted=False)  # (n, k)
+        # Stored in ascending id order (log-probabilities alike): measured to compress best (README).
+        ids, order = ids.sort(dim=1)
+        top = top.gather(1, order)
         arrays = {
             "topk_ids": ids.to(torch.int32),
             "topk_logprobs": (top - lse[:, :1]).to(STORAGE[self.dtype][1]),
@@ -177,17 +201,15 @@ class TopK(Layout):
 
     def summarize(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> RowSummary:
         logprobs = arrays["topk_logprobs"].float()  # as stored, so that stats match what readers get
+        # Not storable: a non-finite log-probability or normaliser, or a labelled row whose label
+        # log-probability is not finite (-inf: the teacher rules its label out).
+        good = torch.isfinite(logprobs).all(dim=1) & torch.isfinite(arrays["lse"]).all(dim=1)
+        good &= torch.isfinite(arrays["label_logprob"]) | (labels < 0)
         top, where = logprobs.max(dim=1)
         top1 = arrays["topk_ids"].gather(1, where[:, None]).squeeze(1).long()
         tempered = retemper(logprobs, arrays["lse"], self.temperatures)  # (T, n, k)
         tail = (1.0 - tempered.exp().sum(dim=2)).clamp(min=0.0).T  # (n, T): mass on unlisted classes
-        return RowSummary(arrays["label_logprob"], top1, top, tail)
-
-    def bad_rows(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """(n,) bool: rows with a non-finite stored log-probability or normaliser, or a labelled row
-        whose label log-probability is not finite (-inf: the teacher rules its label out)."""
-        good = torch.isfinite(arrays["topk_logprobs"]).all(dim=1) & torch.isfinite(arrays["lse"]).all(dim=1)
-        return ~(good & (torch.isfinite(arrays["label_logprob"]) | (labels < 0)))
+        return RowSummary(~good, arrays["label_logprob"], top1, top, tail)
 
     def decode(self, raw: dict[str, np.ndarray], temperature: float = 1.0) -> SparseRows:
         """Stored rows -> ids and log-probabilities at `temperature` (one of the stored ones)."""
@@ -270,6 +292,8 @@ def layout_from_attrs(attrs: dict[str, Any], num_classes: int) -> Dense | TopK:
     raise ValueError(f"unknown layout {layout!r}")
 
 
-# Codecs of the top-k arrays, chosen by measurement (README, "bytes per token"): see ENCODINGS.
-ID_CODECS: tuple[Any, ...] = (BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle, typesize=4),)
-VALUE_CODECS: tuple[Any, ...] = (ZstdCodec(level=3),)
+def _blosc(typesize: int) -> tuple[Any, ...]:
+    """The top-k arrays' compressor, chosen by measurement (bench/token_encoding.py, README "bytes per
+    token"): with ids sorted per row, blosc-zstd with byte shuffle gave 120 B/token at k = 64 (raw:
+    396; zstd-3 on ids in probability order: 172), lossless, and read fastest of the compact choices."""
+    return (BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle, typesize=typesize),)

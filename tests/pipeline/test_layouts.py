@@ -25,6 +25,8 @@ def test_topk_reduce_against_a_float64_reference(dtype):
     arrays, summary = layout.reduce(z.float(), labels)
     ref_lp = torch.log_softmax(z, 1)
     top = ref_lp.topk(4, 1)
+    ids, order = top.indices.sort(1)  # stored in ascending id order
+    top = torch.return_types.topk((top.values.gather(1, order), ids))
     assert torch.equal(arrays["topk_ids"].long(), top.indices) and arrays["topk_ids"].dtype == torch.int32
     tol = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-5}[dtype]
     assert torch.allclose(arrays["topk_logprobs"].double(), top.values, rtol=tol, atol=tol)
@@ -34,7 +36,7 @@ def test_topk_reduce_against_a_float64_reference(dtype):
     assert torch.allclose(arrays["label_logprob"][has].double(), ref_lp[has].gather(1, labels[has, None]).squeeze(1), atol=1e-5)
     assert torch.isnan(arrays["label_logprob"][~has]).all()
     # the summary: top-1 and the tail mass at each stored temperature
-    assert torch.equal(summary.top1, top.indices[:, 0])
+    assert torch.equal(summary.top1, ref_lp.argmax(1))
     for j, t in enumerate(layout.temperatures):
         p = torch.softmax(z / t, 1).gather(1, top.indices)
         assert torch.allclose(summary.tail[:, j].double(), 1 - p.sum(1), atol=5 * tol)
@@ -55,20 +57,26 @@ def test_retempering_is_exact_at_every_stored_temperature():
         assert torch.allclose(layout.decode(raw, t).logprobs.exp().sum(1), torch.ones(6), atol=1e-5)  # k = V: no tail
 
 
-def test_bad_rows_and_dense_round_trip():
-    z = _logits()
-    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+def test_nonfinite_rows_as_stored_and_unlabelled_dense_rows_skip_stats():
+    z = _logits().float()
+    labels = torch.tensor([0, 1, 2, -100, 4, 5])
     dense = Dense("float16", 11)
-    arrays, _ = dense.reduce(z.float(), labels)
-    assert not dense.bad_rows(arrays, labels).any()
-    arrays["logits"][2, 3] = float("inf")
-    assert dense.bad_rows(arrays, labels).tolist() == [False, False, True, False, False, False]
+    arrays, summary = dense.reduce(z, labels)
+    assert not summary.nonfinite.any() and torch.isnan(summary.label_logprob[3]) and not torch.isnan(summary.label_logprob[4])
+    ref = torch.log_softmax(z.half().double(), 1)
+    assert torch.allclose(summary.label_logprob[[0, 1, 2, 4, 5]].double(), ref[[0, 1, 2, 4, 5], [0, 1, 2, 4, 5]], atol=1e-5)
+    assert torch.equal(summary.top1[[0, 1, 2, 4, 5]], ref.argmax(1)[[0, 1, 2, 4, 5]])
+    z[2, 3] = 7e4  # finite in float32, inf in float16
+    z[4, 1] = float("nan")
+    assert dense.reduce(z, labels)[1].nonfinite.tolist() == [False, False, True, False, True, False]
+    assert not Dense("float32", 11).reduce(z.nan_to_num(), labels)[1].nonfinite.any()
+    _, unlabelled = dense.reduce(z, torch.full((6,), -100))
+    assert torch.isnan(unlabelled.label_logprob).all() and unlabelled.nonfinite.tolist() == [False, False, True, False, True, False]
     topk = TopK("float16", 11, 3)
-    big = z.float().clone()
+    big = _logits().float()
     big[4] = -float("inf")
     big[4, 0] = 0.0  # one finite class: the others of its top 3 are -inf
-    arrays, _ = topk.reduce(big, labels)
-    assert topk.bad_rows(arrays, labels).tolist() == [False] * 4 + [True, False]
+    assert topk.reduce(big, labels)[1].nonfinite.tolist() == [False] * 4 + [True, False]
     bits = torch.tensor([[1.5, -2.0]], dtype=torch.bfloat16)
     stored = to_storage(bits, np.dtype(np.uint16))
     assert stored.dtype == np.uint16 and torch.equal(from_storage(stored, "bfloat16"), bits)
