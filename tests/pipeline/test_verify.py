@@ -18,10 +18,10 @@ from mtkd.pipeline.store import open_store
 from mtkd.pipeline.verify import (
     ATTRIBUTE,
     CHECKSUM,
+    INVALID,
     NO_CHUNK,
     NO_RECORD,
     NON_FINITE,
-    UNREADABLE,
     verify_store,
 )
 from tests.pipeline.conftest import snapshot
@@ -80,8 +80,16 @@ def _edit_logical_dtype(path):
     meta_path.write_text(json.dumps(meta, indent=2))
 
 
+def _flip_a_byte(path):
+    chunk = _chunk(path, "b", 4)
+    raw = bytearray(chunk.read_bytes())
+    raw[3] ^= 0x01  # a bit of a value: still a number, so only the checksum can tell
+    chunk.write_bytes(bytes(raw))
+
+
 DAMAGES = {
     "deleted chunk": (_delete_chunk, NO_CHUNK, "a", 2),
+    "flipped byte": (_flip_a_byte, CHECKSUM, "b", 4),
     "truncated chunk": (_truncate_chunk, CHECKSUM, "b", 3),  # format 2: every chunk ends in its crc32c
     "NaN values": (_nan_through_zarr, NON_FINITE, "a", 1),
     "deleted record": (_delete_record, NO_RECORD, "b", 0),
@@ -125,6 +133,68 @@ def test_each_damage_is_found_repaired_and_recomputed_bit_identically(pristine, 
     infer()  # the same `mtkd infer` as before
     assert verify_store(path).clean
     assert snapshot(path) == before
+
+
+@pytest.fixture
+def sparse_pristine(tmp_path, make_data, make_teachers):
+    """A finished store of one top-k teacher (k=2 of 3 classes, temperatures 1 and 2)."""
+    data, toml = make_data(ROWS), make_teachers([{"name": "k", "seed": 2}])
+    path = tmp_path / "sparse.zarr"
+
+    def infer():
+        run_infer(toml, str(data), path, chunk_rows=CHUNK_ROWS, batch_size=5, device="cpu", top_k=2, temperatures="1,2")
+
+    infer()
+    return path, infer, snapshot(path)
+
+
+def _array(path, name):
+    return zarr.open_array(path / "teachers" / "k" / name, mode="r+")
+
+
+def _flip_sparse(path):
+    chunk = path / "teachers" / "k" / "topk_logprobs" / "c" / "1" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    chunk.write_bytes(bytes(raw))
+
+
+def _labelled_nan(path):
+    labels = open_store(path).labels()
+    row = int(np.flatnonzero(labels[16:24] != -100)[0]) + 16  # a labelled row of block 2
+    _array(path, "label_logprob")[row] = np.nan
+
+
+SPARSE_DAMAGES = {
+    "flipped byte in topk_logprobs": (_flip_sparse, CHECKSUM, 1),
+    "NaN in lse": (lambda p: _array(p, "lse").__setitem__((35, 1), np.nan), NON_FINITE, 4),
+    "NaN label log-probability of a labelled row": (_labelled_nan, NON_FINITE, 2),
+    "an id outside the vocabulary": (lambda p: _array(p, "topk_ids").__setitem__((3, 0), 7), INVALID, 0),
+    "the -1 fill in a recorded block": (lambda p: _array(p, "topk_ids").__setitem__((9, 1), -1), INVALID, 1),
+    "deleted block_stats chunk": (lambda p: (p / "teachers" / "k" / "block_stats" / "c" / "3" / "0").unlink(), NO_CHUNK, 3),
+}
+
+
+@pytest.mark.parametrize("damage", SPARSE_DAMAGES)
+def test_top_k_damage_is_found_repaired_and_recomputed_bit_identically(sparse_pristine, damage):
+    path, infer, before = sparse_pristine
+    assert verify_store(path).clean
+    make_damage, kind, block = SPARSE_DAMAGES[damage]
+    make_damage(path)
+    found = verify_store(path)
+    assert [(f.kind, f.teacher, f.block) for f in found.damage] == [(kind, "k", block)]
+    verify_store(path, repair=True)
+    assert verify_store(path).clean and open_store(path).missing_blocks("k") == [block]
+    infer()
+    assert snapshot(path) == before
+
+
+def test_unlabelled_rows_may_hold_nan_label_log_probabilities(sparse_pristine):
+    path, _, _ = sparse_pristine
+    labels = open_store(path).labels()
+    assert (labels == -100).any()  # the fixture's data leaves every 7th row unlabelled
+    assert np.isnan(np.asarray(_array(path, "label_logprob")[...])[labels == -100]).all()
+    assert verify_store(path).clean
 
 
 def test_chunks_without_records_of_an_unfinished_teacher_are_noted_not_damage(pristine):
