@@ -19,6 +19,19 @@ cost of a forward pass does not depend on them) and the demo's MLP student on MN
                              wall time of both library calls. Target >= 5.
   stream_overhead            stage two's median epoch time streaming logits from the store, divided by
                              the same with the logits read into memory first, minus 1. Target <= 0.05.
+
+And the same two stage-two figures for language models (`--lm-seqs 0` skips them): token sequences of
+random ids (V = 2048, 128 tokens each; the cost of a forward pass does not depend on the text), three
+built-in teacher LMs of the sizes `mtkd demo lm` trains (two Transformers and a GRU), stage one top-k
+64 at T = 1, 2, and a one-layer GRU student of width 48 distilled through `fused_linear_sparse_kd_loss`:
+
+  offline_vs_online_speedup_tokens  online KD (the three teachers on every batch, their dense logits
+                             into `fused_kd_loss`) for E epochs, over stage one once plus E epochs of
+                             stage two. Target >= 5.
+  stream_overhead_tokens     as stream_overhead, for the top-k store. Target <= 0.05.
+
+Both sides of every comparison run the same way: the online teachers under stage one's autocast (fp16
+on CUDA), their batches copied from pinned memory as the loader's are.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ import torch
 from mtkd.kernels import fused_kd_loss
 from mtkd.pipeline.demos.rows import RowsDemoConfig, toml_table
 from mtkd.pipeline.device import resolve_device
-from mtkd.pipeline.infer import forward_throughput, load_teacher, run_infer
+from mtkd.pipeline.infer import _autocast, forward_throughput, load_teacher, run_infer
 from mtkd.pipeline.data import load_data
 from mtkd.pipeline.specs import import_object, load_teacher_specs
 from mtkd.pipeline.config import TrainConfig
@@ -79,8 +92,8 @@ def _online_kd(teachers: Path, data: Path, *, epochs: int, batch_size: int, lr: 
     for _ in range(epochs):
         order = torch.randperm(len(x_all))
         for start in range(0, len(x_all), batch_size):
-            x = x_all[order[start : start + batch_size]].to(device, non_blocking=True)
-            with torch.inference_mode():
+            x = _gather(x_all, order[start : start + batch_size], device)
+            with torch.inference_mode(), _autocast(device, TEACHER_DTYPE):  # as stage one runs them
                 z = torch.stack([m(x) for m in models])  # (K, B, V)
             loss = fused_kd_loss(student(x), z.clone(), temperature=temperature)  # clone: out of inference mode
             optimizer.zero_grad(set_to_none=True)
@@ -116,6 +129,104 @@ def _infer_vs_forward_tokens(work: Path, args: argparse.Namespace) -> tuple[list
     return forward, infer
 
 
+TEACHER_DTYPE = "float16"  # stage one's default --dtype, and the autocast it implies on CUDA
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows `index` of host tensor `x` on `device`: through pinned memory on CUDA, as the loader does."""
+    if device.type != "cuda":
+        return x[index]
+    shape = (len(index), *x.shape[1:])
+    return torch.index_select(x, 0, index, out=torch.empty(shape, dtype=x.dtype, pin_memory=True)).to(device, non_blocking=True)
+
+
+# -- tokens ----------------------------------------------------------------------------------------
+
+LM_VOCAB, LM_LENGTH = 2048, 128
+LM_TEACHERS = (  # (name, factory, kwargs): the demo's kinds of teacher at the prototype's sizes
+    ("transformer_a", "mtkd.pipeline.models:transformer_lm", {"vocab_size": LM_VOCAB, "d_model": 128, "layers": 2}),
+    ("transformer_b", "mtkd.pipeline.models:transformer_lm", {"vocab_size": LM_VOCAB, "d_model": 96, "layers": 3}),
+    ("gru", "mtkd.pipeline.models:gru_lm", {"vocab_size": LM_VOCAB, "hidden": 192}),
+)
+LM_STUDENT = ("mtkd.pipeline.models:gru_lm", {"vocab_size": LM_VOCAB, "hidden": 48})
+
+
+def _setup_tokens(work: Path, seqs: int) -> tuple[Path, Path, Path]:
+    """Teacher LMs (random weights, checkpoints), the student TOML and `seqs` random sequences as .npz."""
+    tables = []
+    for name, factory, kwargs in LM_TEACHERS:
+        model = import_object(factory, what="teacher factory")(**kwargs)
+        torch.save(model.state_dict(), work / f"{name}.pt")
+        tables.append(toml_table("[[teachers]]", {"name": name, "factory": factory, "kwargs": kwargs, "checkpoint": f"{name}.pt"}))
+    teachers = work / "lm-teachers.toml"
+    teachers.write_text("\n".join(tables))
+    student = work / "lm-student.toml"
+    student.write_text(toml_table("[student]", {"name": "gru48", "factory": LM_STUDENT[0], "kwargs": LM_STUDENT[1]}))
+    path = work / "tokens.npz"
+    np.savez(path, input_ids=np.random.default_rng(0).integers(0, LM_VOCAB, (seqs, LM_LENGTH)))
+    return teachers, student, path
+
+
+def _online_kd_tokens(teachers: Path, data: Path, *, epochs: int, batch_size: int, lr: float, temperature: float,
+                      device: torch.device, seed: int) -> float:
+    """Wall seconds of online multi-teacher KD for an LM: every teacher on every batch of sequences,
+    its dense logits at every position into fused_kd_loss."""
+    torch.manual_seed(seed)
+    models = [load_teacher(spec, device) for spec in load_teacher_specs(teachers)]
+    student = import_object(LM_STUDENT[0], what="student factory")(**LM_STUDENT[1]).to(device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
+    ids_all = torch.from_numpy(np.load(data)["input_ids"])  # (N, L), every position real
+    started = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(ids_all))
+        for start in range(0, len(ids_all), batch_size):
+            ids = _gather(ids_all, order[start : start + batch_size], device)
+            with torch.inference_mode(), _autocast(device, TEACHER_DTYPE):
+                z = torch.stack([m(ids) for m in models]).flatten(1, 2)  # (K, B * L, V)
+            loss = fused_kd_loss(student(ids).flatten(0, 1), z.clone(), temperature=temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def _token_figures(work: Path, args: argparse.Namespace, device: torch.device, *, lr: float, temperature: float,
+                   seed: int) -> dict:
+    """offline_vs_online_speedup_tokens and stream_overhead_tokens, with their measurements."""
+    teachers, student, data = _setup_tokens(work, args.lm_seqs)
+    common = {"device": args.device, "batch_size": args.lm_batch_size, "lr": lr, "temperature": temperature, "seed": seed}
+    offline, online, infer_wall = [], [], []
+    for i in range(max(1, args.repeats - 1)):
+        store = work / f"lm-store{i}"
+        infer_wall.append(run_infer(teachers, str(data), store, batch_size=args.lm_batch_size, device=args.device,
+                                    top_k=64, temperatures="1,2").wall_s)
+        started = time.perf_counter()
+        run_train(TrainConfig(student, str(data), work / f"lm-offline{i}", store=store, epochs=args.epochs, **common))
+        offline.append(infer_wall[i] + time.perf_counter() - started)
+        online.append(_online_kd_tokens(teachers, data, epochs=args.epochs, batch_size=args.lm_batch_size, lr=lr,
+                                        temperature=temperature, device=device, seed=seed))
+    stream, memory = [], []
+    for i in range(max(1, args.repeats - 1)):
+        for mode, sink in ((True, stream), (False, memory)):
+            run = work / f"lm-{'stream' if mode else 'memory'}{i}"
+            run_train(TrainConfig(student, str(data), run, store=work / "lm-store0", epochs=args.stream_epochs,
+                                  stream=mode, **common))
+            sink.append(_epoch_seconds(run))
+    med = statistics.median
+    return {
+        "offline_vs_online_speedup_tokens": med(on / off for on, off in zip(online, offline)),
+        "stream_overhead_tokens": med(s / m for s, m in zip(stream, memory)) - 1,
+        "measurements_tokens": {"offline_s": offline, "online_s": online, "infer_wall_s": infer_wall,
+                                "stream_epoch_s": stream, "memory_epoch_s": memory},
+        "conditions_tokens": {"sequences": args.lm_seqs, "length": LM_LENGTH, "vocab": LM_VOCAB, "top_k": 64,
+                              "batch_size": args.lm_batch_size, "teachers": [t[0] for t in LM_TEACHERS],
+                              "student": "gru_lm hidden 48", "loss": json.loads((work / "lm-offline0" / "config.json")
+                                                                              .read_text())["loss_function"]},
+    }
+
+
 def _epoch_seconds(run: Path) -> float:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     return statistics.median(r["seconds"] for r in rows)
@@ -132,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--token-len", type=int, default=128, help="infer_vs_forward_tokens: tokens per sequence")
     parser.add_argument("--token-vocab", type=int, default=8192, help="infer_vs_forward_tokens: the teachers' V")
     parser.add_argument("--token-batch", type=int, default=16, help="infer_vs_forward_tokens: sequences per batch")
+    parser.add_argument("--lm-seqs", type=int, default=512, help="token sequences of the LM figures (0: skip them)")
+    parser.add_argument("--lm-batch-size", type=int, default=16, help="sequences per batch of the LM figures")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--json", dest="json_path", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -174,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       batch_size=args.batch_size, lr=lr, temperature=temperature, seed=seed, stream=mode,
                                       **common))
                 sink.append(_epoch_seconds(run))
+        tokens = _token_figures(work, args, device, lr=lr, temperature=temperature, seed=seed) if args.lm_seqs else {}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -184,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
         "infer_vs_forward": med(i / f for i, f in zip(infer, forward)),
         "infer_vs_forward_tokens": med(i / f for i, f in zip(token_infer, token_forward)),
         "offline_vs_online_speedup": med(on / off for on, off in zip(online, offline)),
-        "stream_overhead": med(stream) / med(memory) - 1,
+        "stream_overhead": med(s / m for s, m in zip(stream, memory)) - 1,
         "measurements": {
             "forward_rows_per_s": forward, "infer_rows_per_s": infer, "infer_wall_s": infer_wall,
             "forward_tokens_per_s": token_forward, "infer_tokens_per_s": token_infer,
@@ -199,13 +313,17 @@ def main(argv: list[str] | None = None) -> dict:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
         },
+        **tokens,
     }
-    targets = {"infer_vs_forward": (">=", 0.9), "infer_vs_forward_tokens": (">=", 0.9), "offline_vs_online_speedup": (">=", 5.0), "stream_overhead": ("<=", 0.05)}
-    print(f"{'figure':<28}{'measured':>10}  {'target':>8}")
+    targets = {"infer_vs_forward": (">=", 0.9), "infer_vs_forward_tokens": (">=", 0.9), "offline_vs_online_speedup": (">=", 5.0),
+               "stream_overhead": ("<=", 0.05), "offline_vs_online_speedup_tokens": (">=", 5.0), "stream_overhead_tokens": ("<=", 0.05)}
+    print(f"{'figure':<34}{'measured':>10}  {'target':>8}")
     for key, (op, target) in targets.items():
+        if key not in results:
+            continue
         value = results[key]
         ok = value >= target if op == ">=" else value <= target
-        print(f"{key:<28}{value:>10.3f}  {op}{target:>6}  {'ok' if ok else 'MISSED'}")
+        print(f"{key:<34}{value:>10.3f}  {op}{target:>6}  {'ok' if ok else 'MISSED'}")
     print(f"({args.rows} rows, {args.epochs} epochs, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads)")
     if args.json_path:
         args.json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,18 @@
-"""`mtkd eval`: measure a student (a run directory, or a model spec plus checkpoint) on labelled data.
+"""`mtkd eval`: measure a model (a run directory, or a model spec plus checkpoint) on labelled data.
 
     run_eval("mnist1d:test", run="runs/mlp")
     run_eval("mnist1d:test", model="student.toml", checkpoint="runs/mlp/student.pt")
+    run_eval("val.npz", model="teachers.toml", teacher="llama")     # a teacher table, its own weights
 
-Metrics (metrics.py): accuracy, macro precision/recall/F1, NLL and ECE over the rows whose label is
-known. Stage two's per-epoch validation uses `predict_log_probs` and `classification_metrics` too.
+Metrics (metrics.py): rows, accuracy, macro precision/recall/F1, NLL and ECE over the rows whose
+label is known; tokens, perplexity, next-token accuracy and NLL over every position that has a next
+token. Stage two's per-epoch validation uses `predict_log_probs` / `token_metrics` too.
 """
 
 from __future__ import annotations
 
 import json
+import tomllib
 import time
 from pathlib import Path
 from typing import Any
@@ -19,13 +22,44 @@ import torch
 
 from mtkd.pipeline.errors import BadInputError, CheckpointError, SpecError
 from mtkd.pipeline.device import resolve_device
-from mtkd.pipeline.loader import as_tensor
-from mtkd.pipeline.metrics import classification_metrics
+from mtkd.pipeline.hf import logits_of, takes_attention_mask
+from mtkd.pipeline.loader import SequenceLoader, as_tensor
+from mtkd.pipeline.metrics import TokenMetrics, classification_metrics
 from mtkd.pipeline.progress import progress_bar
-from mtkd.pipeline.data import IGNORE_LABEL, load_data
-from mtkd.pipeline.specs import ModelSpec, load_checkpoint, load_student_spec
+from mtkd.pipeline.data import IGNORE_LABEL, TokenData, load_data
+from mtkd.pipeline.specs import ModelSpec, load_checkpoint, load_student_spec, load_teacher_specs
 
-EVAL_BATCH_SIZE = 1024
+EVAL_BATCH_SIZE = 1024  # rows per forward pass
+EVAL_TOKEN_BATCH_SIZE = 16  # sequences per forward pass: about as many positions as a batch of rows
+
+
+def lm_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, V) logits of a language model (a tensor, or Hugging Face's output with .logits);
+    the attention mask is passed to models that take one."""
+    kwargs = {"attention_mask": attention_mask.long()} if takes_attention_mask(model) else {}
+    return logits_of(model(input_ids, **kwargs))
+
+
+@torch.no_grad()
+def token_metrics(
+    model: torch.nn.Module, data: TokenData, *, device: torch.device, batch_size: int = EVAL_TOKEN_BATCH_SIZE,
+    progress: Any = None, task: Any = None,
+) -> dict[str, float | int]:
+    """Perplexity, next-token accuracy, NLL (and n, the positions with a next token) of an LM on
+    every sequence of `data`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    running = TokenMetrics()
+    loader = SequenceLoader(data.tokens, data.offsets, batch_size=batch_size, seed=0, device=device)
+    try:
+        for batch in loader.epoch(0):  # one rank: every sequence once
+            logits = lm_logits(model, batch.input_ids, batch.attention_mask)  # (B, L, V)
+            running.update(logits[batch.attention_mask], batch.labels[batch.attention_mask])
+            if progress is not None:
+                progress.advance(task, len(batch))
+    finally:
+        model.train(was_training)
+    return running.result()
 
 
 @torch.no_grad()
@@ -60,61 +94,89 @@ def run_eval(
     run: str | Path | None = None,
     model: str | Path | None = None,
     checkpoint: str | Path | None = None,
-    batch_size: int = EVAL_BATCH_SIZE,
+    teacher: str | None = None,
+    batch_size: int | None = None,
     device: str = "auto",
     quiet: bool = True,
 ) -> dict[str, Any]:
-    """Accuracy, precision_macro, recall_macro, f1_macro, nll, ece (and n, the labelled rows) on `data`.
+    """Measure a model on labelled `data`: rows, accuracy, precision_macro, recall_macro, f1_macro,
+    nll, ece; tokens, perplexity, accuracy (next token), nll; and n, the labelled rows or positions.
 
     Give either `run` (a `mtkd train` run directory: its config's student, its student.pt) or
-    `model` (a student TOML) with `checkpoint` (a state_dict file).
+    `model`: a student TOML with `checkpoint` (a state_dict file), or a teachers TOML (a teacher
+    table carries its own weights; `teacher` names one when the file has several).
+    `batch_size` counts rows (default EVAL_BATCH_SIZE) or sequences (default EVAL_TOKEN_BATCH_SIZE).
     """
-    spec, weights = _resolve_student(run, model, checkpoint)
-    if batch_size < 1:
+    spec, weights = _resolve_model(run, model, checkpoint, teacher)
+    if batch_size is not None and batch_size < 1:
         raise BadInputError(f"--batch-size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
     dataset = load_data(data)
-    if dataset.y is None or not (dataset.y != IGNORE_LABEL).any():
+    tokens = dataset.kind == "tokens"
+    if batch_size is None:
+        batch_size = EVAL_TOKEN_BATCH_SIZE if tokens else EVAL_BATCH_SIZE
+    if not (dataset.labels != IGNORE_LABEL).any():
         raise BadInputError(f"data {data!r} has no labels to evaluate against")
-    net = spec.build(load_weights=False)
-    load_checkpoint(net, weights, name=spec.name)
+    net = spec.build(load_weights=weights is None)
+    if weights is not None:
+        load_checkpoint(net, weights, name=spec.name)
     net.to(dev)
     started = time.perf_counter()
     with progress_bar(quiet) as bar:
-        task = bar.add_task(f"eval {spec.name}", total=len(dataset))
+        task = bar.add_task(f"eval {spec.name}", total=dataset.num_seqs if tokens else len(dataset))
         try:
-            log_probs = predict_log_probs(net, dataset.x, device=dev, batch_size=batch_size, progress=bar, task=task)
+            if tokens:
+                metrics = token_metrics(net, dataset, device=dev, batch_size=batch_size, progress=bar, task=task)
+            else:
+                log_probs = predict_log_probs(net, dataset.x, device=dev, batch_size=batch_size, progress=bar, task=task)
         except Exception as e:
-            raise SpecError(f"model {spec.name!r} fails on data {data!r} (inputs {dataset.x.shape}): {type(e).__name__}: {e}") from e
-    labels = as_tensor(dataset.labels)
-    if log_probs.shape[1] <= int(labels.max()):
-        raise BadInputError(
-            f"data {data!r} has label {int(labels.max())} but model {spec.name!r} outputs {log_probs.shape[1]} classes"
-        )
-    metrics = classification_metrics(log_probs, labels)
+            shape = f"{dataset.num_seqs} sequences" if tokens else f"inputs {dataset.x.shape}"
+            raise SpecError(f"model {spec.name!r} fails on data {data!r} ({shape}): {type(e).__name__}: {e}") from e
+    if not tokens:
+        labels = as_tensor(dataset.labels)
+        if log_probs.shape[1] <= int(labels.max()):
+            raise BadInputError(
+                f"data {data!r} has label {int(labels.max())} but model {spec.name!r} outputs {log_probs.shape[1]} classes"
+            )
+        metrics = classification_metrics(log_probs, labels)
     return {
         "model": spec.name,
-        "checkpoint": str(weights),
+        "checkpoint": None if weights is None else str(weights),
         "data": data,
+        "kind": dataset.kind,
         **metrics,
         "seconds": time.perf_counter() - started,
     }
 
 
-def _resolve_student(
-    run: str | Path | None, model: str | Path | None, checkpoint: str | Path | None
-) -> tuple[ModelSpec, Path]:
+def _resolve_model(
+    run: str | Path | None, model: str | Path | None, checkpoint: str | Path | None, teacher: str | None
+) -> tuple[ModelSpec, Path | None]:
+    """The model to measure and the state_dict to load into it (None: the spec loads its own weights)."""
     if (run is None) == (model is None):
-        raise BadInputError("give either a run directory or --model with --checkpoint")
+        raise BadInputError("give either a run directory or --model (with --checkpoint for a student)")
     if model is not None:
+        if _is_teachers_file(model):
+            if checkpoint is not None:
+                raise BadInputError(f"--model {str(model)!r} is a teachers file: its tables name their weights; --checkpoint does not apply")
+            specs = load_teacher_specs(model)
+            names = [s.name for s in specs]
+            if teacher is None and len(specs) > 1:
+                raise BadInputError(f"--model {str(model)!r} has teachers {', '.join(names)}: choose one with --teacher")
+            chosen = [s for s in specs if teacher is None or s.name == teacher]
+            if not chosen:
+                raise BadInputError(f"--teacher {teacher!r}: --model {str(model)!r} has teachers {', '.join(names)}")
+            return chosen[0], None
+        if teacher is not None:
+            raise BadInputError("--teacher goes with a teachers file as --model")
         if checkpoint is None:
             raise BadInputError("--model needs --checkpoint (a state_dict saved with torch.save)")
         spec = load_student_spec(model)
         if spec.torchscript is not None:
             raise BadInputError(f"--model {str(model)!r}: a TorchScript student carries its own weights; --checkpoint does not apply")
         return spec, Path(checkpoint)
-    if checkpoint is not None:
-        raise BadInputError("--checkpoint goes with --model, not with a run directory")
+    if checkpoint is not None or teacher is not None:
+        raise BadInputError("--checkpoint and --teacher go with --model, not with a run directory")
     run = Path(run)
     config_path = run / "config.json"
     if not config_path.is_file():
@@ -134,3 +196,11 @@ def _resolve_student(
     if not weights.is_file():
         raise CheckpointError(f"run {str(run)!r} has no student.pt yet (training unfinished?)")
     return spec, weights
+
+
+def _is_teachers_file(path: str | Path) -> bool:
+    """True for a TOML with [[teachers]] tables (else it is read as a student file, which reports errors)."""
+    try:
+        return "teachers" in tomllib.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False

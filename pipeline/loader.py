@@ -434,3 +434,313 @@ class _Failure:
 
 
 _END = object()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token sequences
+# ---------------------------------------------------------------------------------------------------
+#
+# For language models a sample is a whole sequence and every position of it is one store row
+# (SPEC "Two kinds of data"). A batch is B sequences, padded on the right to the longest:
+#     input_ids (B, L), attention_mask (B, L) bool, labels (B, L) (-100 at each sequence's last
+#     position and on padding), and the chosen teachers' rows of its P real positions in row-major
+#     order (the order of input_ids[attention_mask]), stacked (K, P, ...) as the sparse kernel takes them:
+#     sparse  ids (K, P, k) int64, logprobs (K, P, k) float32 re-tempered to the run's temperature,
+#             label_logprob (K, P) float32 (T = 1, NaN without label)
+#     dense   logits (K, P, V) in the store's dtype
+# Padding positions never reach the loss: the trainer selects the real positions with the mask.
+#
+# The same two modes as for rows, over sequences instead of rows:
+# * "memory": the chosen teachers' rows read once, sequentially; each epoch a full permutation of
+#   the sequences; rank r takes every W-th sequence of it (DistributedSampler's split).
+# * "stream": the store's rows are cut into read units of whole chunks (about READ_BYTES of one
+#   teacher); a sequence belongs to the unit its first row lies in. Each epoch permutes the units;
+#   the sequences in that order are cut into equal contiguous stretches per rank, and each rank's
+#   stretch into windows of about `window_bytes` (at least MIN_WINDOW_UNITS units' worth), whose
+#   sequences are shuffled together. A background thread reads a window's rows (whole chunks:
+#   a unit plus the chunk its last sequence runs into) and hands them over; batches are cut in the
+#   training thread. The token ids themselves come from the data (in memory: 8 bytes a position
+#   against the ~12 * k bytes of each sparse teacher's row).
+# Determinism, resume and DDP: as for rows (the order of epoch e depends only on seed, e, rank,
+# world size, mode and, streaming, the store's chunking and the window size); each rank gets
+# num_seqs // W sequences per epoch.
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """B padded sequences and their teachers' rows at the P real positions (see above)."""
+
+    input_ids: Tensor  # (B, L) int64, 0 on padding
+    attention_mask: Tensor  # (B, L) bool
+    labels: Tensor  # (B, L) int64, -100 at each sequence's end and on padding
+    teachers: dict[str, Tensor]  # (K, P, ...) per array; empty without a store
+    seqs: Tensor  # (B,) sequence ids
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> TokenBatch:
+        def move(t: Tensor) -> Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return TokenBatch(move(self.input_ids), move(self.attention_mask), move(self.labels),
+                          {k: move(v) for k, v in self.teachers.items()}, self.seqs)
+
+
+class TeacherRows:
+    """Reads rows [lo, hi) of the chosen teachers of a store, stacked (K, n, ...) per array.
+
+    Top-k teachers are re-tempered by the store to `temperature` (one of their stored ones), and
+    teachers with smaller k are padded to the largest with ids past any vocabulary and probability
+    0 (log 0 = -inf), which the sparse kernel counts as nothing. Dense teachers give their logits.
+    """
+
+    # Distinct ids past every vocabulary for padding a teacher's k (ids >= V count as tail, here with p = 0).
+    PAD_ID = 2**31 - 1
+
+    def __init__(self, store: Any, teachers: Sequence[str], temperature: float):
+        self.store, self.teachers, self.temperature = store, list(teachers), float(temperature)
+        layouts = [store.layout(t) for t in self.teachers]
+        self.sparse = layouts[0].name == "topk"
+        if any((lay.name == "topk") != self.sparse for lay in layouts):
+            raise ValueError("teachers stored top-k and dense cannot be fused together")
+        self.k = max(lay.top_k for lay in layouts) if self.sparse else 0
+        self.vocab = store.num_classes
+        dtypes = {lay.dtype for lay in layouts}
+        self.logits_dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 else torch.float32
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row of every chosen teacher, as held in memory."""
+        k = len(self.teachers)
+        if self.sparse:
+            return k * (self.k * (8 + 4) + 4)
+        return k * self.vocab * torch.finfo(self.logits_dtype).bits // 8
+
+    def read(self, lo: int, hi: int) -> dict[str, Tensor]:
+        if not self.sparse:
+            return {"logits": torch.stack([self.store.read_logits(t, lo, hi).to(self.logits_dtype) for t in self.teachers])}
+        ids, logprobs, label_logprob = [], [], []
+        for name in self.teachers:
+            rows = self.store.read_topk(name, lo, hi, self.temperature)
+            pad = self.k - rows.ids.shape[1]
+            i, lp = rows.ids, rows.logprobs.float()
+            if pad:
+                fill = self.PAD_ID - torch.arange(pad, dtype=torch.int64)
+                i = torch.cat([i, fill.expand(len(i), pad)], dim=1)
+                lp = torch.cat([lp, torch.full((len(lp), pad), -math.inf)], dim=1)
+            ids.append(i)
+            logprobs.append(lp)
+            label_logprob.append(rows.label_logprob.float())
+        return {"ids": torch.stack(ids), "logprobs": torch.stack(logprobs), "label_logprob": torch.stack(label_logprob)}
+
+
+class SequenceLoader:
+    """Batches of whole token sequences with their teachers' per-position rows (see above).
+
+    `tokens` (num_rows,) and `offsets` (num_seqs + 1,) are the data (TokenData); `teachers` a
+    TeacherRows over a store of the same data, or None for hard-label training.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        offsets: np.ndarray,
+        *,
+        batch_size: int,
+        seed: int,
+        teachers: TeacherRows | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        stream: bool | None = None,
+        memory_budget: int | None = None,
+        window_bytes: int = WINDOW_BYTES,
+        read_bytes: int = READ_BYTES,
+    ):
+        self.tokens = as_tensor(tokens).long()
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.lengths = np.diff(self.offsets)
+        n_seqs = len(self.lengths)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if n_seqs < world_size:
+            raise ValueError(f"{n_seqs} sequences cannot be split over {world_size} processes")
+        if teachers is not None and teachers.store.num_rows != len(self.tokens):
+            raise ValueError(f"the store has {teachers.store.num_rows} rows, the data {len(self.tokens)} positions")
+        self.source = teachers
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda"
+        self.teacher_bytes = 0 if teachers is None else len(self.tokens) * teachers.row_bytes
+        if teachers is None:
+            self.mode = "memory"
+        elif stream is not None:
+            self.mode = "stream" if stream else "memory"
+        else:
+            if memory_budget is None:
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+                memory_budget = int(MEMORY_FRACTION * available_memory() / max(local, 1))
+            self.mode = "stream" if self.teacher_bytes > memory_budget else "memory"
+        if teachers is not None:
+            cr = teachers.store.chunk_rows
+            teacher_row_bytes = max(teachers.row_bytes // len(teachers.teachers), 1)
+            self.read_rows = cr * max(1, math.ceil(read_bytes / (cr * teacher_row_bytes)))
+            # Sequences grouped by the read unit their first row lies in (units may be empty).
+            self.unit_of_seq = self.offsets[:-1] // self.read_rows
+            self.num_units = math.ceil(len(self.tokens) / self.read_rows)
+            rows_per_window = max(MIN_WINDOW_UNITS * self.read_rows, window_bytes // max(teachers.row_bytes, 1))
+            self.window_seqs = max(1, math.ceil(rows_per_window * n_seqs / len(self.tokens)))
+        self._in_memory: dict[str, Tensor] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def seqs_per_epoch(self) -> int:
+        """Sequences this rank sees per epoch (the same on every rank)."""
+        return self.num_seqs // self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.seqs_per_epoch / self.batch_size)
+
+    def batches(self, start_epoch: int, stop_epoch: int, start_batch: int = 0) -> Iterator[tuple[int, int, TokenBatch]]:
+        """(epoch, batch index, batch) for epochs [start_epoch, stop_epoch), from `start_batch` of the first
+        (as BatchLoader.batches; close it when leaving early)."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch {start_batch} is not in [0, {self.batches_per_epoch}]")
+        build = self._stream if self.mode == "stream" else self._memory
+        items = build(start_epoch, stop_epoch, start_batch)
+        return items if self.device.type == "cpu" else _to_device(items, self.device, self.pin)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[TokenBatch]:
+        items = self.batches(epoch, epoch + 1, start_batch)
+        try:
+            for _, _, batch in items:
+                yield batch
+        finally:
+            items.close()
+
+    # -- one batch -----------------------------------------------------------------------------------
+
+    def _batch(self, seqs: np.ndarray, teachers: dict[str, Tensor]) -> TokenBatch:
+        """Pad the sequences `seqs` into (B, L); `teachers` are their rows, concatenated in order."""
+        lengths = self.lengths[seqs]
+        b, width = len(seqs), int(lengths.max())
+        starts = self.offsets[seqs]
+        mask = torch.from_numpy(np.arange(width)[None, :] < lengths[:, None])  # (B, L)
+        rows = torch.from_numpy(np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)]))  # (P,)
+        input_ids = torch.zeros((b, width), dtype=torch.int64)
+        input_ids[mask] = self.tokens[rows]
+        labels = torch.full((b, width), -100, dtype=torch.int64)
+        labels[:, :-1] = torch.where(mask[:, 1:], input_ids[:, 1:], -100)  # the next token of the same sequence
+        if self.pin:
+            input_ids, mask, labels = input_ids.pin_memory(), mask.pin_memory(), labels.pin_memory()
+            teachers = {k: v.pin_memory() for k, v in teachers.items()}
+        return TokenBatch(input_ids, mask, labels, teachers, torch.from_numpy(np.asarray(seqs)))
+
+    def _rows_of(self, seqs: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in seqs])
+
+    # -- in memory -----------------------------------------------------------------------------------
+
+    def _memory(self, start_epoch: int, stop_epoch: int, start_batch: int) -> Iterator[tuple[int, int, TokenBatch]]:
+        every = self._read_all()
+        per_rank, bs = self.seqs_per_epoch, self.batch_size
+        for epoch in range(start_epoch, stop_epoch):
+            order = _rng(self.seed, epoch, 0).permutation(self.num_seqs)
+            mine = order[self.rank : per_rank * self.world_size : self.world_size]
+            for b in range(start_batch if epoch == start_epoch else 0, self.batches_per_epoch):
+                seqs = mine[b * bs : (b + 1) * bs]
+                teachers = {}
+                if every is not None:
+                    rows = torch.from_numpy(self._rows_of(seqs))
+                    teachers = {k: torch.index_select(v, 1, rows) for k, v in every.items()}  # (K, P, ...)
+                yield epoch, b, self._batch(seqs, teachers)
+
+    def _read_all(self) -> dict[str, Tensor] | None:
+        """Every row of the chosen teachers, read once, sequentially, in whole read units."""
+        if self.source is None:
+            return None
+        if self._in_memory is None:
+            n, step = len(self.tokens), self.read_rows
+            parts = [self.source.read(lo, min(lo + step, n)) for lo in range(0, n, step)]
+            self._in_memory = {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0]}
+        return self._in_memory
+
+    # -- streaming -----------------------------------------------------------------------------------
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The epoch's sequence order (the same on every rank): the units permuted, each unit's sequences in order."""
+        units = _rng(self.seed, epoch, 0).permutation(self.num_units)
+        by_unit = np.argsort(self.unit_of_seq, kind="stable")  # sequences grouped by unit, in order
+        counts = np.bincount(self.unit_of_seq, minlength=self.num_units)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        return np.concatenate([by_unit[starts[u] : starts[u + 1]] for u in units]).astype(np.int64)
+
+    def _stream(self, start_epoch: int, stop_epoch: int, start_batch: int) -> Iterator[tuple[int, int, TokenBatch]]:
+        bs, per_rank = self.batch_size, self.seqs_per_epoch
+        windows = _in_background(self._windows(start_epoch, stop_epoch, start_batch), capacity=WINDOW_QUEUE)
+        try:
+            pending: list[tuple[np.ndarray, dict[str, Tensor]]] = []  # parts of a batch that spans windows
+            for epoch, w_lo, w_hi, seqs, seq_rows, teachers in windows:
+                pos = max(w_lo, start_batch * bs) if epoch == start_epoch else w_lo  # this rank's next sequence
+                while pos < w_hi:
+                    batch_end = min((pos // bs + 1) * bs, per_rank)
+                    lo, hi = pos - w_lo, min(batch_end, w_hi) - w_lo
+                    r_lo, r_hi = seq_rows[lo], seq_rows[hi]  # the window's rows of sequences lo..hi-1
+                    pending.append((seqs[lo:hi], {k: v[:, r_lo:r_hi] for k, v in teachers.items()}))
+                    pos = hi + w_lo
+                    if pos < batch_end:  # the batch goes on in the next window
+                        continue
+                    parts, pending = pending, []
+                    seq_ids = np.concatenate([p[0] for p in parts])
+                    rows = {k: torch.cat([p[1][k] for p in parts], dim=1) for k in teachers}
+                    yield epoch, (pos - 1) // bs, self._batch(seq_ids, rows)
+        finally:
+            windows.close()
+
+    def _windows(self, start_epoch: int, stop_epoch: int, start_batch: int) -> Iterator[tuple]:
+        """(epoch, first, end, seqs, seq_rows, teachers) per window of this rank (reader thread).
+
+        `seqs` are the window's sequences in their shuffled order; `teachers` their rows
+        concatenated in that order (K, rows, ...), sequence j's rows being seq_rows[j]..seq_rows[j + 1].
+        Rows are read as whole chunks per unit and cut to the window's sequences.
+        """
+        per_rank, ws, cr, n = self.seqs_per_epoch, self.window_seqs, self.source.store.chunk_rows, len(self.tokens)
+        for epoch in range(start_epoch, stop_epoch):
+            order = self._epoch_order(epoch)[self.rank * per_rank : (self.rank + 1) * per_rank]
+            first = start_batch * self.batch_size if epoch == start_epoch else 0
+            for w in range(first // ws, math.ceil(per_rank / ws)):
+                w_lo, w_hi = w * ws, min((w + 1) * ws, per_rank)
+                seqs = order[w_lo:w_hi]
+                # Read each unit's span once, whole chunks: from its first sequence's first row to
+                # its last sequence's last row (possibly a chunk into the next unit).
+                spans: dict[int, tuple[int, dict[str, Tensor]]] = {}
+                for u in np.unique(self.unit_of_seq[seqs]):
+                    members = seqs[self.unit_of_seq[seqs] == u]
+                    lo = int(self.offsets[members].min()) // cr * cr
+                    hi = min(-(-int(self.offsets[members + 1].max()) // cr) * cr, n)
+                    spans[int(u)] = (lo, self.source.read(lo, hi))
+                shuffled = seqs[_rng(self.seed, epoch, 1, self.rank, w).permutation(len(seqs))]
+                pieces: dict[str, list[Tensor]] = {}
+                for s in shuffled:
+                    lo, rows = spans[int(self.unit_of_seq[s])]
+                    a, b = int(self.offsets[s]) - lo, int(self.offsets[s + 1]) - lo
+                    for k, v in rows.items():
+                        pieces.setdefault(k, []).append(v[:, a:b])
+                teachers = {k: torch.cat(v, dim=1) for k, v in pieces.items()}
+                seq_rows = np.concatenate([[0], np.cumsum(self.lengths[shuffled])])
+                yield epoch, w_lo, w_hi, shuffled, seq_rows, teachers
+
+
+def _to_device(items: Iterator[tuple[int, int, Any]], device: torch.device, pin: bool) -> Iterator[tuple[int, int, Any]]:
+    try:
+        for epoch, b, batch in items:
+            yield epoch, b, batch.to(device, non_blocking=pin)
+    finally:
+        items.close()

@@ -1,10 +1,12 @@
-"""Classification metrics shared by `mtkd inspect`, `mtkd eval`, stage two's validation and the demo.
+"""Classification and token metrics shared by `mtkd inspect`, `mtkd eval`, stage two's validation and the demo.
 
 All functions take log-probabilities (N, V) — log_softmax of a model's logits, or the log of a fused
 ensemble's probabilities — and labels (N,) with -100 for unknown rows, which are left out.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -76,6 +78,34 @@ class RunningMetrics:
             "nll": self.nll / self.n,
             "ece": float((self.bin_conf - self.bin_correct).abs().sum() / self.n),
         }
+
+
+class TokenMetrics:
+    """Perplexity, next-token accuracy and NLL over the labelled positions fed batch by batch
+    (float64 sums): perplexity = exp(mean NLL), natural log."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.nll = 0.0
+        self.correct = 0.0
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """logits (P, V) of positions, labels (P,) with -100 for positions to leave out."""
+        keep = labels != IGNORE_LABEL
+        logits, labels = logits[keep], labels[keep].long()
+        if len(labels) == 0:
+            return
+        log_probs = torch.log_softmax(logits.double(), dim=-1)
+        self.n += len(labels)
+        self.nll -= float(log_probs.gather(1, labels[:, None]).sum())
+        self.correct += float((log_probs.argmax(1) == labels).sum())
+
+    def result(self) -> dict[str, float | int]:
+        if self.n == 0:
+            nan = float("nan")
+            return {"n": 0, "perplexity": nan, "accuracy": nan, "nll": nan}
+        nll = self.nll / self.n
+        return {"n": self.n, "perplexity": math.exp(nll), "accuracy": self.correct / self.n, "nll": nll}
 
 
 def classification_metrics(log_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float | int]:

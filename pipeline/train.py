@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import json
 import math
 import os
@@ -66,16 +67,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtkd.kernels import confidence_weights, fused_kd_loss
+from mtkd.kernels import confidence_weights, fused_kd_loss, fused_linear_sparse_kd_loss, fused_sparse_kd_loss
 from mtkd.pipeline.config import Fusion, Loss, Schedule, TrainConfig, differences, identity
 from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.errors import BadInputError, CheckpointError, MtkdError, RunMismatchError, SpecError
-from mtkd.pipeline.evaluate import predict_log_probs
-from mtkd.pipeline.loader import BatchLoader, as_tensor
+from mtkd.pipeline.evaluate import lm_logits, predict_log_probs, token_metrics
+from mtkd.pipeline.hf import hidden_and_head
+from mtkd.pipeline.loader import BatchLoader, SequenceLoader, TeacherRows, as_tensor
 from mtkd.pipeline.metrics import classification_metrics
 from mtkd.pipeline.progress import progress_bar
 from mtkd.pipeline.guard import LossGuard
-from mtkd.pipeline.data import IGNORE_LABEL, RowData, load_data
+from mtkd.pipeline.data import IGNORE_LABEL, RowData, TokenData, load_data
 from mtkd.pipeline.specs import ModelSpec, check_out_path, load_student_spec
 from mtkd.pipeline.store import LogitStore, open_store
 
@@ -114,12 +116,13 @@ class Setup:
     record: dict[str, Any]
     spec: ModelSpec
     model: torch.nn.Module
-    data: RowData
-    val: RowData | None
+    data: RowData | TokenData
+    val: RowData | TokenData | None
     store: LogitStore | None
-    loader: BatchLoader
+    loader: BatchLoader | SequenceLoader
     plan: Plan
     checkpoint: dict[str, Any] | None
+    head: str  # tokens: "fused" (hidden states + output layer into fused_linear_sparse_kd_loss) | "logits"; rows: "logits"
 
 
 @dataclass(frozen=True)
@@ -193,38 +196,51 @@ class Trainer:
         if spec.torchscript is not None:
             raise SpecError(f"student {spec.name!r}: a TorchScript student cannot be trained; give factory = \"MODULE:CALLABLE\"")
         dataset = load_data(config.data)
+        tokens = dataset.kind == "tokens"
         labelled = int((dataset.labels != IGNORE_LABEL).sum())
+        samples = dataset.num_seqs if tokens else len(dataset)
 
         store: LogitStore | None = None
+        teacher_rows: TeacherRows | None = None
         if config.distil:
             store = open_store(config.store)
             config = config.resolved(_choose_teachers(store, config.teachers))
             store.require_complete(list(config.teachers))
             store.check_data(dataset)
+            teacher_rows = _teacher_rows(store, config)
         elif labelled == 0:
             raise BadInputError(f"data {config.data!r} has no labels: hard-label training needs them (or distil with --store)")
-        if len(dataset) < self.world_size:
-            raise BadInputError(f"data {config.data!r} has {len(dataset)} rows, fewer than the {self.world_size} processes")
+        if samples < self.world_size:
+            unit = "sequences" if tokens else "rows"
+            raise BadInputError(f"data {config.data!r} has {samples} {unit}, fewer than the {self.world_size} processes")
 
-        # The student, built from the seed, and one forward to learn its output width.
+        # The student, built from the seed, and one forward to learn its output width (and, for
+        # tokens, whether the fused-linear loss computes exactly its logits).
         torch.manual_seed(config.seed)
         model = spec.build()
-        num_classes = _output_width(model, dataset, spec.name)
-        if store is not None and num_classes != store.num_classes:
+        if tokens:
+            num_classes, head = _check_lm(model, dataset, spec.name, fused=teacher_rows is not None and teacher_rows.sparse)
+        else:
+            num_classes, head = _output_width(model, dataset, spec.name), "logits"
+        if store is not None and (not tokens or not teacher_rows.sparse) and num_classes != store.num_classes:
             raise BadInputError(
                 f"student {spec.name!r} outputs {num_classes} classes but store {str(config.store)!r} holds {store.num_classes}"
             )
         top = int(dataset.labels.max())
         if top >= num_classes:
-            raise BadInputError(f"data {config.data!r} has label {top} but student {spec.name!r} outputs {num_classes} classes")
+            what = "token" if tokens else "label"
+            raise BadInputError(f"data {config.data!r} has {what} {top} but student {spec.name!r} outputs {num_classes} classes")
         val = None
         if config.val_data is not None:
             val = load_data(config.val_data)
-            if val.y is None or not (val.y != IGNORE_LABEL).any():
+            if val.kind != dataset.kind:
+                raise BadInputError(f"--val-data {config.val_data!r} holds {val.kind}; --data {config.data!r} holds {dataset.kind}")
+            if not (val.labels != IGNORE_LABEL).any():
                 raise BadInputError(f"--val-data {config.val_data!r} has no labels")
-            if int(val.y.max()) >= num_classes:
-                raise BadInputError(f"--val-data {config.val_data!r} has label {int(val.y.max())}; student outputs {num_classes} classes")
-            _output_width(model, val, spec.name)
+            if int(val.labels.max()) >= num_classes:
+                raise BadInputError(f"--val-data {config.val_data!r} has label {int(val.labels.max())}; student outputs {num_classes} classes")
+            if not tokens:
+                _output_width(model, val, spec.name)
 
         # The run directory: fresh, or resumable with the same configuration.
         existing = _read_run(config.out)
@@ -239,28 +255,33 @@ class Trainer:
         if existing is not None and stream is None and existing["config"].get("loader") in ("memory", "stream"):
             stream = existing["config"]["loader"] == "stream"  # keep the recorded mode: the modes order rows differently
 
-        loader = BatchLoader(
-            dataset.x, dataset.labels, batch_size=config.batch_size, seed=config.seed, store=store,
-            teachers=list(config.teachers or ()), rank=self.rank, world_size=self.world_size, device=self.device,
-            stream=stream,
-        )
+        # The one place rows and tokens differ in reading: the loader.
+        common = dict(batch_size=config.batch_size, seed=config.seed, rank=self.rank, world_size=self.world_size,
+                      device=self.device, stream=stream)
+        if tokens:
+            loader = SequenceLoader(dataset.tokens, dataset.offsets, teachers=teacher_rows, **common)
+        else:
+            loader = BatchLoader(dataset.x, dataset.labels, store=store, teachers=list(config.teachers or ()), **common)
         batches = loader.batches_per_epoch
         steps_per_epoch = math.ceil(batches / config.grad_accum)
         plan = Plan(batches, config.grad_accum, config.max_steps or config.epochs * steps_per_epoch)
         record = {
             **config.to_json(),
             "mode": "distil" if config.distil else "hard-label",
+            "kind": dataset.kind,
             "student": spec.to_dict(),
             "num_classes": num_classes,
-            "data": {"fingerprint": dataset.fingerprint, "rows": len(dataset), "labelled_rows": labelled},
+            "data": {"fingerprint": dataset.fingerprint, "rows": len(dataset), "labelled_rows": labelled,
+                     **({"sequences": dataset.num_seqs} if tokens else {})},
             "val_data": None if val is None else {"fingerprint": val.fingerprint, "rows": len(val)},
             "store": None if store is None else {
                 "fingerprint": store.fingerprint, "rows": store.num_rows, "chunk_rows": store.chunk_rows,
             },
             "teachers": [
-                {"name": t, "weights_sha256": info.weights_sha256, "dtype": info.dtype}
+                {"name": t, "weights_sha256": info.weights_sha256, **info.layout.attrs()}
                 for t, info in ((t, store.teacher(t)) for t in config.teachers or ())
             ],
+            "loss_function": _loss_function(config, teacher_rows, head),
             "epochs": plan.epochs,
             "total_steps": plan.total_steps,
             "world_size": self.world_size,
@@ -275,7 +296,7 @@ class Trainer:
         if existing is not None:
             _require_same(existing["config"], record, config.out)
             checkpoint = existing["checkpoint"]
-        return Setup(config, record, spec, model, dataset, val, store, loader, plan, checkpoint)
+        return Setup(config, record, spec, model, dataset, val, store, loader, plan, checkpoint, head)
 
     # -- train ------------------------------------------------------------------------------------------
 
@@ -285,6 +306,8 @@ class Trainer:
         model = s.model.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         objective = Objective.from_config(config, device)
+        tokens = s.data.kind == "tokens"
+        lm = _LanguageModel(model, fused=s.head == "fused") if tokens else model
         lr_at = _schedule(config, plan)
 
         # State: fresh, or from the checkpoint.
@@ -311,9 +334,9 @@ class Trainer:
                 _write_metrics(run, history)  # drops a line written after the checkpoint, before a kill
         else:
             torch.manual_seed(config.seed)  # the same training randomness with and without resume
-        net = model
+        net = lm
         if world_size > 1:
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            net = torch.nn.parallel.DistributedDataParallel(lm, device_ids=[device.index] if device.type == "cuda" else None)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
         guard = LossGuard(device, batches_per_epoch=plan.batches_per_epoch)
 
@@ -333,7 +356,7 @@ class Trainer:
             record = {
                 "epoch": finished + 1,
                 "loss": totals["loss"] / max(totals["rows"], 1),
-                "train_accuracy": totals["correct"] / totals["labelled"] if totals["labelled"] else None,
+                "train_accuracy": totals["correct"] / totals["labelled"] if totals["labelled"] and not sums.no_accuracy else None,
                 "lr": lr_at(step - 1),
                 "rows": int(totals["rows"]),
                 "seconds": totals["seconds"],
@@ -341,11 +364,18 @@ class Trainer:
             }
             if rank != 0:
                 return
+            if tokens:
+                record["tokens_per_s"] = record["rows_per_s"]  # a row is a position
             if s.val is not None:
-                metrics = classification_metrics(predict_log_probs(model, s.val.x, device=device), as_tensor(s.val.labels))
+                if tokens:  # the best by validation perplexity (lower is better)
+                    metrics = token_metrics(model, s.val, device=device)
+                    key, better = "val_perplexity", lambda new, old: new < old
+                else:  # the best by validation accuracy
+                    metrics = classification_metrics(predict_log_probs(model, s.val.x, device=device), as_tensor(s.val.labels))
+                    key, better = "val_accuracy", lambda new, old: new > old
                 record.update({f"val_{k}": v for k, v in metrics.items() if k != "n"})
-                if best is None or metrics["accuracy"] > best["val_accuracy"]:
-                    best = {"epoch": record["epoch"], "val_accuracy": metrics["accuracy"]}
+                if best is None or better(record[key], best[key]):
+                    best = {"epoch": record["epoch"], key: record[key]}
                     _save_atomic(run / "student.pt", model.state_dict())  # before the checkpoint that records it
             history.append(record)
             save_checkpoint(finished + 1, 0, _EpochSums(device).as_dict())
@@ -353,9 +383,12 @@ class Trainer:
 
         every = config.checkpoint_every
         nb = plan.batches_per_epoch
-        with progress_bar(self.quiet or rank != 0) as bar, \
+        shown = _RunningLoss()
+        with progress_bar(self.quiet or rank != 0) as bars, \
                 contextlib.closing(loader.batches(epoch, plan.epochs, start_batch)) as batches:
-            task = bar.add_task(f"train {s.spec.name}", total=plan.total_steps, completed=step)
+            # "distil mlp 120/400 ... loss 0.4123  val_accuracy 0.912": optimizer steps, the running loss, the last validation.
+            bar = bars.bar("distil" if config.distil else "train", s.spec.name, total=plan.total_steps)
+            bar.update(completed=step, **_last_validation(history))
             net.train()
             tick = time.perf_counter()
             # One loop over every remaining batch of every epoch: the loader reads ahead across epoch ends.
@@ -365,11 +398,20 @@ class Trainer:
                 # DDP: reduce gradients once per optimizer step, on the group's last batch.
                 sync = net.no_sync() if world_size > 1 and not last_of_group else contextlib.nullcontext()
                 with sync:
-                    with autocast:
-                        student_logits = net(batch.x)  # (B, V)
-                    batch_loss = objective(student_logits, batch)
+                    # The one place rows and tokens differ in training: the forward and the loss call.
+                    if tokens:
+                        with autocast:
+                            out = net(batch.input_ids, batch.attention_mask)[batch.attention_mask]  # (P, H) or (P, V)
+                        labels = batch.labels[batch.attention_mask]  # (P,): the real positions, padding dropped
+                        batch_loss = objective.tokens(out, lm.head if s.head == "fused" else None, batch.teachers, labels)
+                        student_logits = None if s.head == "fused" else out
+                    else:
+                        with autocast:
+                            student_logits = net(batch.x)  # (B, V)
+                        labels = batch.labels
+                        batch_loss = objective(student_logits, batch)
                     (batch_loss / (end - first) if end - first > 1 else batch_loss).backward()
-                sums.add(batch_loss.detach(), student_logits.detach(), batch.labels)
+                sums.add(batch_loss.detach(), None if student_logits is None else student_logits.detach(), labels)
                 guard.add(epoch, b, batch_loss)
                 if not last_of_group:
                     continue
@@ -378,10 +420,11 @@ class Trainer:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                bar.advance(task)
+                bar.advance(loss=shown.update(batch_loss.detach()))
                 if b + 1 == nb or step == plan.total_steps:
                     sums.seconds += time.perf_counter() - tick
                     end_epoch(epoch)
+                    bar.update(**_last_validation(history))
                     sums = _EpochSums(device)
                     tick = time.perf_counter()
                     if step == plan.total_steps:
@@ -451,12 +494,53 @@ class Objective:
         )
 
     def __call__(self, student_logits: Tensor, batch: Any) -> Tensor:
-        s, y = student_logits, batch.labels
+        """Rows: (B, V) student logits and a Batch with (K, B, V) logits and (B,) labels."""
+        return self.dense(student_logits, batch.logits, batch.labels)
+
+    def tokens(self, out: Tensor, head: torch.nn.Linear | None, teachers: Mapping[str, Tensor], labels: Tensor) -> Tensor:
+        """Tokens: the P real positions' student output, (P, H) hidden states with the output layer
+        `head`, or (P, V) logits with head None; their teachers' rows (K, P, ...) and labels (P,)."""
+        if "ids" not in teachers:  # dense teachers, or none (hard labels): the rows' loss
+            return self.dense(out, teachers.get("logits"), labels)
+        ids, logprobs, w = self.sparse_target(teachers, labels)
+        options = dict(temperature=self.temperature, weights=w, labels=labels if self.alpha < 1.0 else None,
+                       alpha=self.alpha, reduction="mean", ignore_index=IGNORE_LABEL)
+        if head is None:
+            return fused_sparse_kd_loss(out, ids, logprobs, **options)
+        # Under autocast the hidden states are bf16: the output layer in their dtype, as a Linear would be.
+        bias = None if head.bias is None else head.bias.to(out.dtype)
+        return fused_linear_sparse_kd_loss(out, head.weight.to(out.dtype), ids, logprobs, bias=bias, **options)
+
+    def sparse_target(self, teachers: Mapping[str, Tensor], labels: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The top-k teachers as the sparse kernel sees them: ids and log-probabilities (K', P, k), weights."""
+        ids, logprobs = teachers["ids"], teachers["logprobs"]
+        if self.fusion is Fusion.MEAN:
+            return ids, logprobs, None
+        if self.fusion is Fusion.WEIGHTED:
+            return ids, logprobs, self.weights
+        if self.fusion is Fusion.CONFIDENCE:  # (P, K) from the stored label log-probabilities
+            return ids, logprobs, confidence_weights(label_logprobs=teachers["label_logprob"], labels=labels,
+                                                     ignore_index=IGNORE_LABEL)
+        # vote: one pseudo-teacher listing the teachers' top-1 ids with their vote fractions. A class
+        # voted by several teachers is listed once; the repeats become distinct ids past every
+        # vocabulary with probability 0, which the kernel counts as nothing.
+        k = ids.shape[0]
+        top1 = ids.gather(2, logprobs.argmax(dim=2, keepdim=True)).squeeze(2).T  # (P, K)
+        same = top1[:, :, None] == top1[:, None, :]  # (P, K, K)
+        votes = same.sum(dim=2).float() / k  # (P, K): the fraction of teachers voting each listed id
+        first = ~torch.tril(same, diagonal=-1).any(dim=2)  # the first teacher to name an id lists it
+        pad = TeacherRows.PAD_ID - torch.arange(k, device=ids.device)
+        pseudo_ids = torch.where(first, top1, pad)
+        pseudo_logprobs = torch.where(first, votes.log(), -math.inf)
+        return pseudo_ids.unsqueeze(0), pseudo_logprobs.unsqueeze(0), None  # (1, P, K)
+
+    def dense(self, student_logits: Tensor, logits: Tensor | None, labels: Tensor) -> Tensor:
+        s, y = student_logits, labels
         if not self.distil:
             # Hard labels: mean cross-entropy over the batch's labelled rows (0 when none are).
             known = (y != IGNORE_LABEL).sum().clamp(min=1)
             return F.cross_entropy(s.float(), y, ignore_index=IGNORE_LABEL, reduction="sum") / known
-        z, w = self.target(batch.logits, y)  # (K', B, V) logits to fuse with weights w (None | (K,) | (B, K))
+        z, w = self.target(logits, y)  # (K', B, V) logits to fuse with weights w (None | (K,) | (B, K))
         if self.loss is Loss.MSE:
             return self._mse(s, z, w, y)
         # One call: rows labelled ignore_index keep their KD term and drop the CE term only.
@@ -492,6 +576,30 @@ class Objective:
         return rows.mean()
 
 
+class _RunningLoss:
+    """The loss a progress bar shows: an exponential average of the batch losses, sampled at most
+    every `every` seconds (reading a loss waits for the GPU; once a batch would stall it)."""
+
+    def __init__(self, every: float = 0.5, decay: float = 0.7):
+        self.every, self.decay = every, decay
+        self.value: float | None = None
+        self.last = -math.inf
+
+    def update(self, batch_loss: Tensor) -> float | None:
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            x = float(batch_loss)
+            self.value = x if self.value is None else self.decay * self.value + (1 - self.decay) * x
+        return self.value
+
+
+def _last_validation(history: list[dict[str, Any]]) -> dict[str, float]:
+    """The last epoch's headline validation metric, for the progress bar."""
+    last = history[-1] if history else {}
+    return {k: last[k] for k in ("val_perplexity", "val_accuracy") if last.get(k) is not None}
+
+
 class _EpochSums:
     """Running totals of an epoch, restorable from a checkpoint. Device tensors for what the batches
     compute (no per-batch host sync), host numbers for what the host knows."""
@@ -502,10 +610,16 @@ class _EpochSums:
         self.values = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
         self.rows = 0
         self.seconds = 0.0
+        self.no_accuracy = False
 
-    def add(self, batch_loss: Tensor, student_logits: Tensor, labels: Tensor) -> None:
+    def add(self, batch_loss: Tensor, student_logits: Tensor | None, labels: Tensor) -> None:
+        """One batch: its mean loss, its logits (None: not materialised, no accuracy), its labels."""
         known = labels != IGNORE_LABEL
-        correct = ((student_logits.argmax(dim=-1) == labels) & known).sum()
+        if student_logits is None:
+            self.no_accuracy = True
+            correct = torch.zeros((), device=labels.device)
+        else:
+            correct = ((student_logits.argmax(dim=-1) == labels) & known).sum()
         self.values += torch.stack([batch_loss.double() * len(labels), correct.double(), known.sum().double()])
         self.rows += len(labels)
 
@@ -570,6 +684,102 @@ def _output_width(model: torch.nn.Module, data: RowData, name: str) -> int:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise SpecError(f"student {name!r} must return (batch, classes) logits, got {shape}")
     return int(out.shape[1])
+
+
+def _teacher_rows(store: LogitStore, config: TrainConfig) -> TeacherRows:
+    """The chosen teachers' reader, after checking that they can be fused at --temperature with --loss."""
+    layouts = {t: store.layout(t) for t in config.teachers}
+    sparse = [t for t, layout in layouts.items() if layout.name == "topk"]
+    if sparse and len(sparse) != len(layouts):
+        dense = [t for t in layouts if t not in sparse]
+        raise BadInputError(f"--teachers: {', '.join(sparse)} stored top-k and {', '.join(dense)} dense cannot be fused; choose one layout")
+    if sparse and store.kind != "tokens":
+        raise BadInputError(f"store {str(config.store)!r}: training on top-k rows is not supported; store rows dense (no --top-k)")
+    if sparse and config.loss is not Loss.KL:
+        raise BadInputError(f"--loss {config.loss.value}: teachers stored top-k distil with --loss kl only")
+    for name in sparse:
+        stored = layouts[name].temperatures
+        if not any(math.isclose(t, config.temperature, rel_tol=0, abs_tol=1e-9) for t in stored):
+            raise BadInputError(
+                f"--temperature {config.temperature:g}: teacher {name!r} of store {str(config.store)!r} has normalisers "
+                f"at {', '.join(f'{t:g}' for t in stored)} only (give one of those, or rerun mtkd infer --temperatures)"
+            )
+    return TeacherRows(store, config.teachers, config.temperature)
+
+
+class _LanguageModel(torch.nn.Module):
+    """The student LM as the trainer calls it, in one forward (what DDP wraps): (B, L, H) hidden
+    states when the loss applies the output layer itself (`fused`), else (B, L, V) logits."""
+
+    def __init__(self, model: torch.nn.Module, *, fused: bool):
+        super().__init__()
+        self.model = model
+        self.fused = fused
+        # Kept out of the module tree (it is the model's own layer, registered there already).
+        self._hidden_and_head = hidden_and_head(model) if fused else None
+        # Built-in LMs take the ids alone (causal, right padding harmless); Hugging Face's the mask too.
+        self._hidden_mask = fused and "attention_mask" in inspect.signature(self._hidden_and_head[0]).parameters
+
+    @property
+    def head(self) -> torch.nn.Linear:
+        return self._hidden_and_head[1]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.fused:
+            hidden = self._hidden_and_head[0]
+            return hidden(input_ids, attention_mask.long()) if self._hidden_mask else hidden(input_ids)
+        return lm_logits(self.model, input_ids, attention_mask)
+
+
+def _check_lm(model: torch.nn.Module, data: TokenData, name: str, *, fused: bool) -> tuple[int, str]:
+    """(vocabulary, head) of a student LM from one forward on the first sequences (eval, no grad).
+
+    head is "fused" when the loss may take its hidden states and output layer: only if it exposes
+    them and hidden @ weight.T (+ bias) is, on this batch, the model's own logits. A model that
+    scales or soft-caps its logits after the output layer would otherwise be trained on the wrong
+    loss (TRL PR 6629); it falls back to its logits.
+    """
+    n = min(2, data.num_seqs)
+    lengths = np.diff(data.offsets[: n + 1])
+    width = int(lengths.max())
+    mask = torch.from_numpy(np.arange(width)[None, :] < lengths[:, None])
+    ids = torch.zeros((n, width), dtype=torch.int64)
+    ids[mask] = torch.from_numpy(data.tokens[: int(data.offsets[n])].astype(np.int64))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                logits = _LanguageModel(model, fused=False)(ids, mask)
+            except Exception as e:
+                raise SpecError(f"student {name!r} fails on token ids of shape {tuple(ids.shape)} from {data.spec!r}: {type(e).__name__}: {e}") from e
+            if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[:2] != ids.shape:
+                shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                raise SpecError(f"student {name!r} must return (batch, length, vocabulary) logits, got {shape}")
+            head = "logits"
+            if fused:
+                try:
+                    hidden = _LanguageModel(model, fused=True)
+                    h = hidden(ids, mask)
+                    lin = hidden.head
+                    z = F.linear(h.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+                    real = logits[mask].float()
+                    if z.shape[-1] == real.shape[-1] and torch.allclose(z[mask], real, rtol=1e-4, atol=1e-5 * max(1.0, float(real.abs().max()))):
+                        head = "fused"
+                except (SpecError, TypeError, AttributeError, RuntimeError):
+                    head = "logits"  # no separable hidden states and output layer: the logits path
+    finally:
+        model.train(was_training)
+    return int(logits.shape[-1]), head
+
+
+def _loss_function(config: TrainConfig, teachers: TeacherRows | None, head: str) -> str:
+    """Which kernel computes the loss (config.json says so, for the record)."""
+    if teachers is None:
+        return "cross_entropy"
+    if teachers.sparse:
+        return "fused_linear_sparse_kd_loss" if head == "fused" else "fused_sparse_kd_loss"
+    return "fused_kd_loss" if config.loss is Loss.KL else "mse"
 
 
 def _read_run(out: Path) -> dict[str, Any] | None:

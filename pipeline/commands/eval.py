@@ -1,5 +1,5 @@
-"""`mtkd eval`: accuracy, macro precision/recall/F1, NLL and ECE of a student. Parses options, hands off to
-run_eval."""
+"""`mtkd eval`: accuracy, macro precision/recall/F1, NLL and ECE (rows) or perplexity, next-token
+accuracy and NLL (tokens) of a student or a teacher. Parses options, hands off to run_eval."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ import typer
 from mtkd.pipeline.device import Device
 from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
 
-METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "nll", "ece")
-# evaluate.EVAL_BATCH_SIZE, repeated because importing evaluate (torch) would slow every --help;
-# tests/test_cli.py holds the two equal.
+METRICS = {
+    "rows": ("accuracy", "precision_macro", "recall_macro", "f1_macro", "nll", "ece"),
+    "tokens": ("perplexity", "accuracy", "nll"),
+}
+# evaluate.EVAL_BATCH_SIZE and EVAL_TOKEN_BATCH_SIZE, repeated because importing evaluate (torch)
+# would slow every --help; tests/test_cli.py holds the first two equal.
 BATCH_SIZE = 1024
+TOKEN_BATCH_SIZE = 16
 
 
 def eval_command(
@@ -27,35 +31,48 @@ def eval_command(
     ] = None,
     model: Annotated[
         Path | None,
-        typer.Option("--model", help="Student TOML with a `student` table (instead of RUN).", exists=True, dir_okay=False),
+        typer.Option("--model", help="Student TOML with a `student` table (with --checkpoint), or a teachers TOML "
+                     "(instead of RUN).", exists=True, dir_okay=False),
     ] = None,
     checkpoint: Annotated[
         Path | None,
         typer.Option("--checkpoint", help="state_dict file for --model (torch.save).", exists=True, dir_okay=False),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass.")] = BATCH_SIZE,
+    teacher: Annotated[
+        str | None, typer.Option("--teacher", help="With a teachers TOML as --model: which teacher (when it has several).")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", min=1,
+                     help=f"Rows (default {BATCH_SIZE}) or sequences (default {TOKEN_BATCH_SIZE}) per forward pass."),
+    ] = None,
     device: Annotated[Device, typer.Option("--device", help="auto: cuda when available.")] = Device.auto,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Measure a student on labelled data: accuracy, macro P/R/F1, NLL, ECE.
+    """Measure a student or a teacher: accuracy, macro P/R/F1, NLL, ECE on rows;
+    perplexity, next-token accuracy, NLL on token sequences.
 
-    Rows whose label is unknown (-100) are left out.
+    Rows whose label is unknown (-100) and each sequence's last position are left out.
 
     Example:
       mtkd eval runs/kd --data mnist1d:test
       mtkd eval --model mlp.toml --checkpoint runs/kd/student.pt \\
           --data mnist1d:test --json
+      mtkd eval --model teachers.toml --teacher llama --data val.npz
     """
     from mtkd.pipeline.evaluate import run_eval  # heavy (torch): here, so --help stays fast
 
     result = run_eval(
-        data, run=run, model=model, checkpoint=checkpoint, batch_size=batch_size, device=device.value, quiet=quiet
+        data, run=run, model=model, checkpoint=checkpoint, teacher=teacher, batch_size=batch_size, device=device.value,
+        quiet=quiet,
     )
     emit(result, as_json, _render)
 
 
 def _render(result: dict) -> None:
-    print(f"{result['model']} ({result['checkpoint']}) on {result['data']}: {result['n']} labelled rows")
-    for name in METRICS:
+    weights = result["checkpoint"] or "its own weights"
+    unit = "positions" if result["kind"] == "tokens" else "labelled rows"
+    print(f"{result['model']} ({weights}) on {result['data']}: {result['n']} {unit}")
+    for name in METRICS[result["kind"]]:
         print(f"  {name:<16}{result[name]:.4f}")

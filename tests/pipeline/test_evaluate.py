@@ -9,7 +9,7 @@ import torch
 from mtkd.pipeline.errors import BadInputError, CheckpointError
 from mtkd.pipeline.evaluate import run_eval
 from mtkd.pipeline.metrics import classification_metrics
-from mtkd.pipeline.specs import load_student_spec
+from mtkd.pipeline.specs import load_student_spec, load_teacher_specs
 from mtkd.pipeline.config import TrainConfig
 from mtkd.pipeline.train import run_train
 
@@ -59,3 +59,48 @@ def test_refusals(kd_world, trained, tmp_path):
         run_eval(str(kd_world.data["val"]), run=tmp_path)
     with pytest.raises(CheckpointError, match="missing.pt"):
         run_eval(str(kd_world.data["val"]), model=kd_world.student, checkpoint=tmp_path / "missing.pt")
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+
+from mtkd.pipeline.data import load_data  # noqa: E402
+
+from .token_world import token_world  # noqa: E402, F401
+
+
+def manual_token_metrics(model, data):
+    """Perplexity, accuracy and NLL computed here, one sequence at a time, without padding."""
+    nll, correct, n = 0.0, 0, 0
+    with torch.no_grad():
+        for s in range(data.num_seqs):
+            seq = torch.from_numpy(data.tokens[data.offsets[s] : data.offsets[s + 1]].astype(np.int64))
+            log_probs = torch.log_softmax(model(seq[None])[0, :-1].double(), -1)
+            nll -= float(log_probs.gather(1, seq[1:, None]).sum())
+            correct += int((log_probs.argmax(-1) == seq[1:]).sum())
+            n += len(seq) - 1
+    return {"n": n, "perplexity": np.exp(nll / n), "accuracy": correct / n, "nll": nll / n}
+
+
+def test_a_token_run_is_measured_by_perplexity_accuracy_and_nll(token_world, tmp_path):
+    run = tmp_path / "run"
+    run_train(TrainConfig(token_world.student, str(token_world.data["train"]), run, store=token_world.store, epochs=2,
+                          batch_size=8, temperature=1.0))
+    measured = run_eval(str(token_world.data["val"]), run=run, batch_size=5)
+    model = load_student_spec(token_world.student).build()
+    model.load_state_dict(torch.load(run / "student.pt", weights_only=True))
+    expected = manual_token_metrics(model, load_data(str(token_world.data["val"])))
+    assert measured["kind"] == "tokens" and measured["n"] == expected["n"]
+    for k in ("perplexity", "accuracy", "nll"):
+        assert measured[k] == pytest.approx(expected[k], rel=1e-6)
+
+
+def test_a_teacher_table_works_as_the_model(token_world):
+    measured = run_eval(str(token_world.data["val"]), model=token_world.teachers, teacher="g2")
+    spec = next(s for s in load_teacher_specs(token_world.teachers) if s.name == "g2")
+    expected = manual_token_metrics(spec.build(), load_data(str(token_world.data["val"])))
+    assert measured["model"] == "g2" and measured["checkpoint"] is None
+    assert measured["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
+    with pytest.raises(BadInputError, match="g1, g2, g3"):
+        run_eval(str(token_world.data["val"]), model=token_world.teachers)
+    with pytest.raises(BadInputError, match="'zz'"):
+        run_eval(str(token_world.data["val"]), model=token_world.teachers, teacher="zz")

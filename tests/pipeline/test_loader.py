@@ -241,3 +241,79 @@ def test_a_batch_spanning_three_windows_keeps_every_row():
                          store=source, teachers=["t0", "t1"], stream=True, window_bytes=24, read_bytes=12)
     batches = epoch_batches(loader, 0)
     assert sorted(rows_of(batches).tolist()) == list(range(n))
+
+
+# -- token sequences --------------------------------------------------------------------------------
+
+from mtkd.pipeline.data import load_data  # noqa: E402
+from mtkd.pipeline.loader import SequenceLoader, TeacherRows  # noqa: E402
+
+from .token_world import TEACHERS as LM_TEACHERS  # noqa: E402
+from .token_world import token_world  # noqa: E402, F401
+
+
+def sequence_loader(world, *, mode="memory", temperature=1.0, **kwargs):
+    data = load_data(str(world.data["train"]))
+    rows = TeacherRows(open_store(world.store), LM_TEACHERS, temperature)
+    options = dict(batch_size=7, seed=3, stream=MODES[mode], window_bytes=1, read_bytes=1)
+    return data, SequenceLoader(data.tokens, data.offsets, teachers=rows, **{**options, **kwargs})
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_sequence_once_per_epoch_with_its_own_tokens_and_retempered_teachers(token_world, mode):
+    data, loader = sequence_loader(token_world, mode=mode, temperature=2.0)
+    store = open_store(token_world.store)
+    batches = epoch_batches(loader, 1)
+    seqs = torch.cat([b.seqs for b in batches])
+    assert sorted(seqs.tolist()) == list(range(data.num_seqs))
+    for batch in batches[:3]:
+        for j, s in enumerate(batch.seqs.tolist()):
+            lo, hi = int(data.offsets[s]), int(data.offsets[s + 1])
+            n = hi - lo
+            assert batch.attention_mask[j].tolist() == [True] * n + [False] * (batch.input_ids.shape[1] - n)
+            assert batch.input_ids[j, :n].tolist() == data.tokens[lo:hi].tolist()
+            assert batch.labels[j, : n - 1].tolist() == data.tokens[lo + 1 : hi].tolist()
+            assert (batch.labels[j, n - 1 :] == -100).all()  # the last position and the padding
+        # Teachers' rows at the real positions, in the order of input_ids[attention_mask].
+        rows = np.concatenate([np.arange(data.offsets[s], data.offsets[s + 1]) for s in batch.seqs.tolist()])
+        for k, name in enumerate(LM_TEACHERS):
+            expected = store.read_topk(name, 0, store.num_rows, 2.0)
+            assert torch.equal(batch.teachers["ids"][k], expected.ids[rows])
+            assert torch.equal(batch.teachers["logprobs"][k], expected.logprobs[rows].float())
+            torch.testing.assert_close(batch.teachers["label_logprob"][k], expected.label_logprob[rows], equal_nan=True,
+                                       rtol=0, atol=0)  # NaN at each sequence's end
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sequence_order_depends_only_on_seed_and_epoch_and_resumes_at_a_batch(token_world, mode):
+    _, a = sequence_loader(token_world, mode=mode)
+    _, b = sequence_loader(token_world, mode=mode)
+    first, again = epoch_batches(a, 2), epoch_batches(b, 2)
+    assert [x.seqs.tolist() for x in first] == [x.seqs.tolist() for x in again]
+    assert [x.seqs.tolist() for x in epoch_batches(a, 3)] != [x.seqs.tolist() for x in first]
+    rest = epoch_batches(b, 2, start=3)
+    assert [x.seqs.tolist() for x in rest] == [x.seqs.tolist() for x in first[3:]]
+    assert all(torch.equal(x.teachers["logprobs"], y.teachers["logprobs"]) for x, y in zip(rest, first[3:]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_get_equal_batches_of_disjoint_sequences(token_world, mode, world_size):
+    shares = []
+    for rank in range(world_size):
+        data, loader = sequence_loader(token_world, mode=mode, rank=rank, world_size=world_size)
+        batches = epoch_batches(loader, 0)
+        assert len(batches) == loader.batches_per_epoch
+        shares.append(torch.cat([x.seqs for x in batches]).tolist())
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) == data.num_seqs // world_size
+    flat = [s for share in shares for s in share]
+    assert len(flat) == len(set(flat))
+
+
+def test_streaming_and_memory_give_the_same_sequences_each_epoch(token_world):
+    _, stream = sequence_loader(token_world, mode="stream")
+    _, memory = sequence_loader(token_world, mode="memory")
+    for epoch in (0, 1):
+        a, b = epoch_batches(stream, epoch), epoch_batches(memory, epoch)
+        assert sorted(torch.cat([x.seqs for x in a]).tolist()) == sorted(torch.cat([x.seqs for x in b]).tolist())
+    assert [x.seqs.tolist() for x in epoch_batches(stream, 0)] != [x.seqs.tolist() for x in epoch_batches(memory, 0)]

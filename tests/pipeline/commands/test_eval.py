@@ -67,3 +67,15 @@ def test_refusals_exit_2_naming_the_culprit(kd_world, run_dir, args, culprit):
     result = invoke("eval", *[a.format(**names) for a in args])
     assert result.exit_code == 2, result.output
     assert culprit in result.stderr and "\n" not in result.stderr.strip(), result.stderr
+
+
+def test_tokens_report_perplexity(token_world):
+    result = invoke("eval", "--model", token_world.teachers, "--teacher", "g1", "--data", token_world.data["val"], "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["kind"] == "tokens" and out["perplexity"] > 1 and 0 <= out["accuracy"] <= 1
+    human = invoke("eval", "--model", token_world.teachers, "--teacher", "g1", "--data", token_world.data["val"])
+    assert "perplexity" in human.stdout and "positions" in human.stdout
+
+
+from tests.pipeline.token_world import token_world  # noqa: E402, F401

@@ -146,3 +146,32 @@ def test_resume_continues_a_finished_run_as_a_no_op(kd_world, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["resumed_from"] == {"epoch": 2, "batch": 0}
     assert snapshot(out) == before
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+
+from tests.pipeline.token_world import token_world  # noqa: E402, F401
+
+
+def lm_args(world, out, *extra):
+    return ["train", "--student", world.student, "--data", world.data["train"], "--store", world.store, "--out", out,
+            "--epochs", "1", "--batch-size", "8", "--quiet", *extra]
+
+
+def test_a_token_run_reports_tokens_per_second(token_world, tmp_path):
+    result = invoke(*lm_args(token_world, tmp_path / "run", "--temperature", "2", "--json"))
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["last"]["tokens_per_s"] > 0 and out["mode"] == "distil"
+
+
+@pytest.mark.parametrize(
+    ("extra", "culprits"),
+    [
+        (["--temperature", "3"], ["--temperature 3", "1, 2", "'g1'"]),  # not stored: the stored ones listed
+        (["--loss", "mse", "--temperature", "1"], ["--loss mse", "top-k"]),
+    ],
+)
+def test_token_refusals(token_world, tmp_path, extra, culprits):
+    refused(invoke(*lm_args(token_world, tmp_path / "run", *extra)), *culprits)
+    assert not (tmp_path / "run").exists()
