@@ -1,16 +1,16 @@
 """Per-sample teacher weights for confidence fusion (stage two's `--fusion confidence`).
 
-CA-MKD style (Zhang et al., "Confidence-Aware Multi-Teacher Knowledge Distillation", 2022): a
-teacher counts for a sample in proportion to how well it predicts that sample's label,
+CA-MKD (Zhang et al., "Confidence-Aware Multi-Teacher Knowledge Distillation", 2022), as SPEC
+version 2 states it: a teacher counts for a sample the less, the larger its cross-entropy against
+that sample's label is relative to the other teachers',
 
-    w_nk = softmax_k( -CE_nk ) = softmax_k( log softmax(z_kn)[y_n] ),
+    w_nk = (1 - softmax_k(CE_nk)) / (K - 1),    CE_nk = -log softmax(z_kn)[y_n]
 
-i.e. w_nk is proportional to the probability teacher k gives the true label. (SPEC version 2 writes
-the paper's w_nk = (1 - softmax_k(CE_nk)) / (K - 1) instead; this is version 1's form, kept until
-that change is asked for: stage two's tests hold it.) The dense form takes teacher logits
-(K, N, V); the sparse form takes each teacher's stored label log-probability (K, N), i.e. -CE_nk
-itself (NaN where the row has no label). Rows without a label get uniform weights 1/K, and so do
-rows where every teacher rules the label out. The result feeds `weights=` of the losses.
+(w_n1 = 1 for a single teacher). The dense form takes teacher logits (K, N, V); the sparse form
+takes each teacher's stored label log-probability (K, N), i.e. -CE_nk itself (NaN where the row
+has no label). A teacher that rules the label out (CE = +inf) takes the whole softmax and so gets
+weight 0; rows without a label get uniform weights 1/K, and so do rows where every teacher rules
+the label out. The result feeds `weights=` of the losses.
 """
 
 from __future__ import annotations
@@ -76,9 +76,18 @@ def confidence_weights(
 
 
 def _weights_from_log_confidence(log_conf: Tensor, labelled: Tensor) -> Tensor:
-    """(N, K) weights softmax_k(log softmax(z_kn)[y_n]) from those log-probabilities (K, N);
-    uniform where unlabelled, or where every teacher gives the label probability 0 (NaN)."""
+    """(N, K) weights (1 - softmax_k(CE_nk)) / (K - 1) from log_conf = -CE (K, N); uniform where
+    unlabelled, or where every teacher gives the label probability 0."""
     K = log_conf.shape[0]
-    weights = torch.softmax(log_conf.T, dim=1)
-    usable = labelled[:, None] & ~torch.isnan(weights).any(dim=1, keepdim=True)
-    return torch.where(usable, weights, torch.full_like(weights, 1.0 / K))
+    uniform = torch.full((log_conf.shape[1], K), 1.0 / K, dtype=log_conf.dtype, device=log_conf.device)
+    if K == 1:
+        return torch.ones_like(uniform)
+    ce = -log_conf.T  # (N, K), +inf where a teacher rules the label out
+    ruled_out = ce == math.inf
+    # softmax_k(CE) with +inf entries: in the limit they share the whole mass (torch would give NaN).
+    share = torch.where(ruled_out.any(dim=1, keepdim=True),
+                        ruled_out.to(ce.dtype) / ruled_out.sum(dim=1, keepdim=True).clamp(min=1),
+                        torch.softmax(torch.where(ruled_out, 0.0, ce), dim=1))
+    weights = (1.0 - share) / (K - 1)
+    usable = labelled[:, None] & ~ruled_out.all(dim=1, keepdim=True) & ~torch.isnan(ce).any(dim=1, keepdim=True)
+    return torch.where(usable, weights, uniform)

@@ -9,7 +9,7 @@ import torch
 from mtkd.kernels import confidence_weights, kd_loss_ref, kd_sparse_loss_ref
 
 
-def test_dense_weights_are_proportional_to_each_teachers_probability_of_the_label():
+def test_dense_weights_are_ca_mkds_one_minus_softmax_of_the_cross_entropies():
     K, N, V = 3, 5, 7
     z = torch.randn(K, N, V, dtype=torch.float64) * 2
     y = torch.tensor([0, 3, -100, 6, 2])
@@ -17,9 +17,9 @@ def test_dense_weights_are_proportional_to_each_teachers_probability_of_the_labe
     assert w.shape == (N, K) and w.dtype == torch.float64
     torch.testing.assert_close(w.sum(dim=1), torch.ones(N, dtype=torch.float64))
     for n in (0, 1, 3, 4):
-        # softmax_k(-CE_k) = q_k(y) / sum_j q_j(y), with q_k = softmax(z_k)
-        q_label = torch.stack([torch.softmax(z[k, n], dim=0)[y[n]] for k in range(K)])
-        torch.testing.assert_close(w[n], q_label / q_label.sum())
+        # SPEC: w_k = (1 - softmax_k(CE_k)) / (K - 1), CE_k = -log softmax(z_k)[y]
+        ce = torch.stack([-torch.log_softmax(z[k, n], dim=0)[y[n]] for k in range(K)])
+        torch.testing.assert_close(w[n], (1 - torch.softmax(ce, dim=0)) / (K - 1))
     torch.testing.assert_close(w[2], torch.full((K,), 1 / K, dtype=torch.float64))  # no label
     # The most confident teacher on the label weighs most.
     best = torch.stack([torch.log_softmax(z[k], -1)[torch.arange(N), y.clamp(min=0)]

@@ -113,10 +113,10 @@ def test_confidence_weights_come_per_row_from_each_teachers_label_probability():
     torch.manual_seed(4)
     z, y = torch.randn(3, 6, 4), torch.tensor([0, 1, 2, 3, -100, 1])
     _, weights = objective(fusion="confidence").target(z, y)
-    # Computed here, independently: teacher k's weight on row n is proportional to the probability
-    # it gives row n's label (mtkd.kernels.weights' CA-MKD form); uniform where there is no label.
-    p_label = torch.stack([torch.softmax(z[k].double(), -1)[torch.arange(6), y.clamp(min=0)] for k in range(3)], 1)
-    expected = p_label / p_label.sum(1, keepdim=True)
+    # Computed here, independently: SPEC's CA-MKD form w_nk = (1 - softmax_k(CE_nk)) / (K - 1),
+    # CE_nk = -log softmax(z_kn)[y_n]; uniform where there is no label.
+    ce = torch.stack([-torch.log_softmax(z[k].double(), -1)[torch.arange(6), y.clamp(min=0)] for k in range(3)], 1)
+    expected = (1 - torch.softmax(ce, dim=1)) / 2
     expected[4] = 1 / 3
     assert weights.shape == (6, 3)
     torch.testing.assert_close(weights.double(), expected)
