@@ -60,7 +60,14 @@ def test_demo_runs_every_stage_and_its_students_learn(tmp_path, one_thread):
 def test_demo_help_shows_an_example():
     result = CliRunner().invoke(app, ["demo", "--help"])
     assert result.exit_code == 0
-    assert "Example" in result.output and "mtkd demo rows" in result.output and "mtkd demo lm" in result.output
+    assert "Example" in result.output and "mtkd demo rows" in result.output and "lm:" in result.output
+
+
+def test_the_lm_demo_says_it_is_not_built_yet_and_writes_nothing(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "lm", "--out", str(tmp_path / "lm"), "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout.strip().splitlines()[-1])["error"]["message"].startswith("mtkd demo lm is not built")
+    assert not (tmp_path / "lm").exists()
 
 
 def test_demo_refuses_a_folder_that_already_holds_something(tmp_path):
