@@ -274,8 +274,13 @@ def _sparse_kd_loss_kernel(
         kl = tl.reduce(tl.where(p > 0, p * (lp - log_q_l), 0.0), 1, SUM)
         kl += tl.where(r > 0, r * (log_r - log_tail_q), 0.0)
         loss += kd_loss_scale * tl.reduce(tl.where(w_on, w * kl, 0.0), 0, SUM)
-        rho = tl.where(r > 0, tl.exp(log_r - log_tail_q), 0.0)  # r_k / (1 - Q_k)
-        spread = tl.reduce(tl.where(w_on, w * rho, 0.0), 0, SUM)  # C
+        # log(r_k / (1 - Q_k)), kept in log space: a student tail below float32's range (~1e-40
+        # at T = 0.1) makes the ratio itself overflow, while q_v times it never exceeds r_k <= 1.
+        log_rho = tl.where(r > 0, log_r - log_tail_q, NEG_INF)
+        t_w = tl.where(w_on, tl.log(tl.where(w_on, w, 1.0)) + log_rho, NEG_INF)  # log(w_k rho_k)
+        t_wmax = tl.reduce(t_w, 0, MAX)
+        t_wsafe = tl.where(t_wmax == NEG_INF, 0.0, t_wmax)
+        log_spread = t_wsafe + tl.log(tl.reduce(tl.exp(t_w - t_wsafe), 0, SUM))  # log C, -inf if 0
     if USE_CE:
         loss += tl.where(labelled, ce_scale * (s_lsum - (s_y - s_max)), 0.0)
     tl.store(loss_ptr + row, tl.where(counted, loss * scale, 0.0))
@@ -292,8 +297,9 @@ def _sparse_kd_loss_kernel(
             s = tl.where(cols < V, s.to(ACC_DTYPE), NEG_INF)
             g = tl.full([BLOCK_V], 0.0, ACC_DTYPE)
             if USE_KD:
-                q = tl.exp((s * inv_temperature - a_max) - log_z)
-                g += kd_grad_scale * q * (1.0 - spread)
+                log_q = (s * inv_temperature - a_max) - log_z
+                q = tl.exp(log_q)
+                g += kd_grad_scale * (q - tl.exp(log_q + log_spread))  # q (1 - C)
             if USE_CE:
                 if CE_AT_T:
                     soft = q
@@ -314,12 +320,12 @@ def _sparse_kd_loss_kernel(
             # (a sum of non-negative terms: forming q (1 - C) and adding q rho_j back would cancel
             # catastrophically when a confident student makes rho_j large), and the mixed
             # probability of those that do.
-            spread_l = tl.full([BLOCK_K, BLOCK_L], 0.0, ACC_DTYPE)
+            q_spread_l = tl.full([BLOCK_K, BLOCK_L], 0.0, ACC_DTYPE)  # q times that sum
             p_mix_l = tl.full([BLOCK_K, BLOCK_L], 0.0, ACC_DTYPE)
             for j in range(0, K):
                 is_j = k_offs == j
                 w_j = tl.reduce(tl.where(is_j, w, 0.0), 0, SUM)
-                rho_j = tl.reduce(tl.where(is_j, rho, 0.0), 0, SUM)
+                log_rho_j = tl.reduce(tl.where(is_j, log_rho, NEG_INF), 0, MAX)
                 listed_by_j = tl.full([BLOCK_K, BLOCK_L], 0, tl.int32)
                 p_j_l = tl.full([BLOCK_K, BLOCK_L], 0.0, ACC_DTYPE)
                 for c in range(0, L, BLOCK_J):
@@ -336,9 +342,9 @@ def _sparse_kd_loss_kernel(
                                              tl.reduce(tl.where(match, 1, 0), 2, MAX))
                     p_j_l += tl.reduce(tl.where(match, p_j[None, None, :], 0.0), 2, SUM)
                 if w_j > 0:
-                    spread_l += tl.where(listed_by_j == 0, w_j * rho_j, 0.0)
+                    q_spread_l += tl.where(listed_by_j == 0, w_j * tl.exp(log_q_l + log_rho_j), 0.0)
                     p_mix_l += w_j * p_j_l
-            g_l = kd_grad_scale * (q_l * (1.0 - spread_l) - p_mix_l)
+            g_l = kd_grad_scale * ((q_l - q_spread_l) - p_mix_l)
             if USE_CE:
                 if CE_AT_T:
                     soft_l = q_l
