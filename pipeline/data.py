@@ -1,4 +1,4 @@
-"""Data specs (`--data`) -> the data in memory: `RowData` (classification) or `TokenData` (language models).
+"""Data specs (`--data`) -> `RowData` (classification, in memory) or `TokenData` (language models).
 
 Rows (SPEC.md, "Two kinds of data"): sample i is store row i.
     PATH.npz                 arrays `x`, optional integer `y` (-100 where unknown)
@@ -13,6 +13,8 @@ position is the next token of its sequence (-100 for the last).
     PATH.parquet             an `input_ids` column of integer lists (ragged; needs pyarrow)
     MODULE:FUNCTION          returns a list of 1-D integer arrays, or {"input_ids": ..., "attention_mask": ...}
 The kind is told by the arrays' names (`input_ids` vs `x`) or a list of sequences, never by dtypes.
+Rows are loaded whole. Token files are not: an uncompressed .npz (np.savez) is memory-mapped and
+Parquet read by row group, so stage two can stream a corpus larger than memory (see TokenSource).
 
 Both kinds carry a fingerprint (a sha256 of what the store's rows are made from: the input bytes, or
 the tokens and the sequence boundaries) that ties a store to its data.
@@ -20,8 +22,14 @@ the tokens and the sequence boundaries) that ties a store to its data.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
+import math
+import struct
+import threading
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -65,19 +73,32 @@ class RowData:
             return np.full(len(self.x), IGNORE_LABEL, dtype=np.int64)
         return self.y
 
+    @property
+    def labelled_rows(self) -> int:
+        return 0 if self.y is None else int((self.y != IGNORE_LABEL).sum())
+
+    @property
+    def max_label(self) -> int:
+        """The largest label, IGNORE_LABEL when there is none."""
+        return IGNORE_LABEL if self.y is None else int(self.y.max())
+
 
 @dataclass(frozen=True)
 class TokenData:
-    """Token sequences in memory, concatenated: sequence i is `tokens[offsets[i]:offsets[i + 1]]`.
+    """Token sequences, concatenated: sequence i is rows `offsets[i]:offsets[i + 1]` of `tokens`.
 
     Store row r is position r of this concatenation; its label is the next token of its sequence.
+    `tokens` is a TokenSource (below): sliced, `tokens[lo:hi]`, it reads those rows as int64, from
+    memory or from the file, so a corpus larger than memory is never loaded whole. Only the
+    offsets (8 bytes a sequence) are held.
     """
 
     kind: ClassVar[str] = "tokens"
     spec: str
-    tokens: np.ndarray  # (num_rows,) int64
+    tokens: TokenSource
     offsets: np.ndarray  # (num_seqs + 1,) int64, offsets[0] == 0, strictly increasing
     fingerprint: str = field(repr=False)
+    max_label: int = IGNORE_LABEL  # the largest label (a token that follows another), IGNORE_LABEL if none
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -90,11 +111,21 @@ class TokenData:
     def num_seqs(self) -> int:
         return len(self.offsets) - 1
 
+    @property
+    def labelled_rows(self) -> int:
+        """Positions with a next token: every one but each sequence's last."""
+        return self.num_rows - self.num_seqs
+
     @functools.cached_property
     def labels(self) -> np.ndarray:
-        """(num_rows,) int64: the next token of the same sequence, IGNORE_LABEL at each sequence's end."""
+        """(num_rows,) int64: the next token of the same sequence, IGNORE_LABEL at each sequence's end.
+
+        Held whole (stage one writes them into the store); stage two never asks for them.
+        """
         labels = np.empty(self.num_rows, dtype=np.int64)
-        labels[:-1] = self.tokens[1:]
+        for lo in range(0, self.num_rows, SCAN_ROWS):
+            hi = min(lo + SCAN_ROWS + 1, self.num_rows)
+            labels[lo : hi - 1] = self.tokens[lo + 1 : hi]
         labels[self.offsets[1:] - 1] = IGNORE_LABEL
         return labels
 
@@ -103,6 +134,126 @@ class TokenData:
         first = int(np.searchsorted(self.offsets, start, side="right")) - 1
         last = int(np.searchsorted(self.offsets, stop, side="left"))
         return range(first, last)
+
+
+# -- where a corpus's tokens live --------------------------------------------------------------------
+#
+# A corpus may be larger than memory (issue 10: stage two streams "the token inputs too"), so the
+# tokens stay where they are and a TokenSource reads rows [lo, hi) of the concatenation on demand:
+#   ArrayTokens    an in-memory concatenation (lists of sequences: MODULE:FUNCTION, make_token_data)
+#   PaddedTokens   (N, L) input_ids and the sequence offsets: a .npz member memory-mapped in place
+#                  when it is stored uncompressed (np.savez; np.load's mmap_mode does not map
+#                  inside a zip), else the array np.load returns (a np.savez_compressed member
+#                  cannot be mapped, so it is read whole)
+#   ParquetTokens  an `input_ids` list column, read by row group, the last few groups cached
+# Loading reads the tokens once, in pieces of SCAN_ROWS, for the fingerprint and the checks.
+
+SCAN_ROWS = 1 << 20  # tokens per piece of a pass over the data (8 MB as int64)
+# Decoded Parquet row groups kept for the next reads (the loader reads a window's sequences, which
+# lie in a few units of the corpus): a group bigger than this is still read, and kept alone.
+PARQUET_CACHE_BYTES = 64 << 20
+
+
+class TokenSource:
+    """Rows of a corpus's token concatenation, read on demand: `source[lo:hi]` -> (hi - lo,) int64."""
+
+    num_rows: int
+    resident = False  # True: the tokens are in memory already (holding them costs nothing more)
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) as a fresh int64 array."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError("token rows are read by slices, tokens[lo:hi]")
+        lo, hi, step = key.indices(self.num_rows)
+        if step != 1:
+            raise TypeError("token rows are read by contiguous slices")
+        return self.read(lo, max(lo, hi))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """Every token, in memory (for small data and tests; the loader reads in pieces)."""
+        whole = self.read(0, self.num_rows)
+        return whole if dtype is None else whole.astype(dtype)
+
+
+class ArrayTokens(TokenSource):
+    resident = True
+
+    def __init__(self, tokens: np.ndarray):
+        self.tokens = tokens  # (num_rows,) int64
+        self.num_rows = len(tokens)
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        return self.tokens[lo:hi].copy()
+
+
+class PaddedTokens(TokenSource):
+    """(N, L) input_ids whose row i holds sequence i in its first offsets[i + 1] - offsets[i] columns."""
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray):
+        self.ids, self.offsets = ids, offsets
+        self.lengths = np.diff(offsets)
+        self.num_rows = int(offsets[-1])
+        self.resident = not isinstance(ids, np.memmap)
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        first = int(np.searchsorted(self.offsets, lo, side="right")) - 1
+        last = int(np.searchsorted(self.offsets, hi, side="left"))
+        if hi <= lo:
+            return np.empty(0, dtype=np.int64)
+        block = np.asarray(self.ids[first:last])  # (s, L): only these rows are read from the file
+        real = np.arange(block.shape[1])[None, :] < self.lengths[first:last, None]
+        start = lo - int(self.offsets[first])
+        return block[real][start : start + hi - lo].astype(np.int64)
+
+
+class ParquetTokens(TokenSource):
+    """An `input_ids` column of integer lists, `groups[g]..groups[g + 1]` the sequences of row group g."""
+
+    def __init__(self, path: Path, groups: np.ndarray, offsets: np.ndarray):
+        self.path, self.groups, self.offsets = path, groups, offsets
+        self.num_rows = int(offsets[-1])
+        self._file: Any = None
+        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._lock = threading.Lock()  # the loader's reader thread and the trainer may both read
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        if hi <= lo:
+            return np.empty(0, dtype=np.int64)
+        first_seq = int(np.searchsorted(self.offsets, lo, side="right")) - 1
+        last_seq = int(np.searchsorted(self.offsets, hi, side="left"))
+        g0 = int(np.searchsorted(self.groups, first_seq, side="right")) - 1
+        g1 = int(np.searchsorted(self.groups, last_seq, side="left"))
+        parts = []
+        with self._lock:
+            for g in range(g0, g1):
+                base = int(self.offsets[self.groups[g]])  # the group's first row
+                values = self._group(g)
+                parts.append(values[max(lo - base, 0) : max(min(hi - base, len(values)), 0)])
+        return np.concatenate(parts)
+
+    def _group(self, g: int) -> np.ndarray:
+        if g in self._cache:
+            self._cache.move_to_end(g)
+            return self._cache[g]
+        if self._file is None:
+            import pyarrow.parquet as pq
+
+            self._file = pq.ParquetFile(self.path)
+        column = self._file.read_row_group(g, columns=["input_ids"]).column(0).combine_chunks()
+        values = column.flatten().to_numpy().astype(np.int64)  # flatten: the lists' values, in order
+        expected = int(self.offsets[self.groups[g + 1]] - self.offsets[self.groups[g]])
+        if len(values) != expected:  # the file changed since it was loaded
+            raise SpecError(f"data {str(self.path)!r}: row group {g} now holds {len(values)} tokens, not {expected}")
+        self._cache[g] = values
+        while len(self._cache) > 1 and sum(v.nbytes for v in self._cache.values()) > PARQUET_CACHE_BYTES:
+            self._cache.popitem(last=False)
+        return values
 
 
 Data = RowData | TokenData
@@ -116,14 +267,47 @@ def fingerprint(x: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def token_fingerprint(tokens: np.ndarray, offsets: np.ndarray) -> str:
-    """sha256 over the tokens and the sequence boundaries (the same tokens cut otherwise differ)."""
+def _scan_tokens(spec: str, source: TokenSource, offsets: np.ndarray) -> TokenData:
+    """Read the tokens once, in pieces: refuse negative ids, find the largest label, and fingerprint.
+
+    The fingerprint is a sha256 over the tokens and the sequence boundaries (the same tokens cut
+    otherwise differ), as int64 with their shapes: the same bytes whether the tokens came from
+    memory, a mapped .npz or Parquet row groups.
+    """
+    n = source.num_rows
     h = hashlib.sha256(b"mtkd-tokens")
-    for a in (tokens, offsets):
-        a = np.ascontiguousarray(a, dtype="<i8")
-        h.update(f"{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()
+    h.update(f"{(n,)}".encode())
+    top = IGNORE_LABEL
+    firsts = offsets[:-1]  # each sequence's first token is no position's label
+    for lo in range(0, n, SCAN_ROWS):
+        hi = min(lo + SCAN_ROWS, n)
+        piece = source.read(lo, hi)
+        if len(piece) != hi - lo:
+            raise SpecError(f"data {spec!r}: rows {lo}..{hi} read {len(piece)} tokens")
+        if int(piece.min()) < 0:
+            at = lo + int(np.flatnonzero(piece < 0)[0])
+            seq = int(np.searchsorted(offsets, at, side="right")) - 1
+            raise SpecError(f"data {spec!r}: sequence {seq} holds a negative token id {int(piece[at - lo])}")
+        labelled = np.ones(hi - lo, dtype=bool)
+        labelled[firsts[np.searchsorted(firsts, lo) : np.searchsorted(firsts, hi)] - lo] = False
+        if labelled.any():
+            top = max(top, int(piece[labelled].max()))
+        h.update(memoryview(np.ascontiguousarray(piece, dtype="<i8")).cast("B"))
+    h.update(f"{offsets.shape}".encode())
+    h.update(memoryview(np.ascontiguousarray(offsets, dtype="<i8")).cast("B"))
+    return TokenData(spec=spec, tokens=source, offsets=offsets, fingerprint=h.hexdigest(), max_label=top)
+
+
+def _offsets(spec: str, lengths: np.ndarray) -> np.ndarray:
+    """(num_seqs + 1,) int64 boundaries of sequences of these lengths; empty sequences refused."""
+    if len(lengths) == 0:
+        raise SpecError(f"data {spec!r}: token data needs a non-empty list of sequences")
+    empty = np.flatnonzero(lengths == 0)
+    if len(empty):
+        raise SpecError(f"data {spec!r}: sequence {int(empty[0])} is empty")
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
 
 
 def make_row_data(spec: str, x: Any, y: Any = None) -> RowData:
@@ -156,7 +340,7 @@ def make_row_data(spec: str, x: Any, y: Any = None) -> RowData:
 
 
 def make_token_data(spec: str, sequences: Any) -> TokenData:
-    """A list of 1-D integer token arrays (one per sequence, none empty) -> TokenData."""
+    """A list of 1-D integer token arrays (one per sequence, none empty) -> TokenData, in memory."""
     if not isinstance(sequences, (list, tuple)) or not sequences:
         raise SpecError(f"data {spec!r}: token data needs a non-empty list of sequences")
     arrays = []
@@ -164,35 +348,41 @@ def make_token_data(spec: str, sequences: Any) -> TokenData:
         a = np.asarray(seq.detach().cpu() if isinstance(seq, torch.Tensor) else seq)
         if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
             raise SpecError(f"data {spec!r}: sequence {i} must be a 1-D integer array, got shape {a.shape} dtype {a.dtype}")
-        if len(a) == 0:
-            raise SpecError(f"data {spec!r}: sequence {i} is empty")
-        if int(a.min()) < 0:
-            raise SpecError(f"data {spec!r}: sequence {i} holds a negative token id {int(a.min())}")
         arrays.append(a.astype(np.int64, copy=False))
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    offsets = _offsets(spec, np.array([len(a) for a in arrays], dtype=np.int64))
     tokens = np.ascontiguousarray(np.concatenate(arrays))
-    return TokenData(spec=spec, tokens=tokens, offsets=offsets, fingerprint=token_fingerprint(tokens, offsets))
+    tokens.flags.writeable = False  # read through the source only
+    return _scan_tokens(spec, ArrayTokens(tokens), offsets)
 
 
 def _padded_token_data(spec: str, input_ids: Any, attention_mask: Any = None) -> TokenData:
-    """(N, L) input_ids with an optional (N, L) attention_mask whose 1s are a prefix of each row."""
-    ids = np.asarray(input_ids)
+    """(N, L) input_ids with an optional (N, L) attention_mask whose 1s are a prefix of each row.
+
+    Either may be a memory map: both are read in pieces of about SCAN_ROWS tokens.
+    """
+    ids = input_ids if isinstance(input_ids, np.ndarray) else np.asarray(input_ids)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise SpecError(f"data {spec!r}: input_ids must be an (N, L) integer array, got shape {ids.shape} dtype {ids.dtype}")
+    n, width = ids.shape
     if attention_mask is None:
-        return make_token_data(spec, list(ids))
-    mask = np.asarray(attention_mask)
-    if mask.shape != ids.shape:
-        raise SpecError(f"data {spec!r}: attention_mask has shape {mask.shape}, input_ids {ids.shape}")
-    if not np.isin(mask, (0, 1)).all():
-        raise SpecError(f"data {spec!r}: attention_mask must hold only 0 and 1")
-    lengths = mask.sum(axis=1)
-    prefix = np.arange(ids.shape[1])[None, :] < lengths[:, None]
-    bad = np.flatnonzero((prefix != mask.astype(bool)).any(axis=1))
-    if len(bad):
-        raise SpecError(f"data {spec!r}: attention_mask row {int(bad[0])} is not a prefix of 1s (pad on the right)")
-    return make_token_data(spec, [row[:n] for row, n in zip(ids, lengths)])
+        lengths = np.full(n, width, dtype=np.int64)
+    else:
+        mask = attention_mask if isinstance(attention_mask, np.ndarray) else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise SpecError(f"data {spec!r}: attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+        lengths = np.empty(n, dtype=np.int64)
+        step = max(1, SCAN_ROWS // max(width, 1))
+        for lo in range(0, n, step):
+            m = np.asarray(mask[lo : lo + step])
+            if not np.isin(m, (0, 1)).all():
+                raise SpecError(f"data {spec!r}: attention_mask must hold only 0 and 1")
+            lengths[lo : lo + len(m)] = m.sum(axis=1)
+            prefix = np.arange(width)[None, :] < lengths[lo : lo + len(m), None]
+            bad = np.flatnonzero((prefix != m.astype(bool)).any(axis=1))
+            if len(bad):
+                raise SpecError(f"data {spec!r}: attention_mask row {lo + int(bad[0])} is not a prefix of 1s (pad on the right)")
+    offsets = _offsets(spec, lengths)
+    return _scan_tokens(spec, PaddedTokens(ids, offsets), offsets)
 
 
 def load_data(spec: str) -> Data:
@@ -227,7 +417,12 @@ def _load_npz(spec: str, path: Path) -> Data:
     try:
         with np.load(path, allow_pickle=False) as f:
             if "input_ids" in f:
-                ids, mask = f["input_ids"], f["attention_mask"] if "attention_mask" in f else None
+                mapped = {name: _mapped_member(path, name) for name in ("input_ids", "attention_mask") if name in f}
+                # A member stored compressed cannot be mapped: np.load reads it whole.
+                ids = mapped["input_ids"] if mapped["input_ids"] is not None else f["input_ids"]
+                mask = mapped.get("attention_mask")
+                if mask is None and "attention_mask" in f:
+                    mask = f["attention_mask"]
                 x = y = None
             elif "x" in f:
                 x, y = f["x"], f["y"] if "y" in f else None
@@ -235,35 +430,91 @@ def _load_npz(spec: str, path: Path) -> Data:
                 raise SpecError(f"data {spec!r}: no array named 'x' or 'input_ids' (found {sorted(f.files)})")
     except SpecError:
         raise
-    except Exception as e:  # not a zip, truncated, pickled object arrays
+    except Exception as e:  # not a zip, truncated, pickled object arrays, a CRC mismatch
         raise SpecError(f"data {spec!r}: cannot read it: {brief(e)}") from e
     if x is None:
         return _padded_token_data(spec, ids, mask)
     return make_row_data(spec, x, y)
 
 
+def _mapped_member(path: Path, name: str) -> np.ndarray | None:
+    """Member `name` of an .npz as a read-only memory map, or None when it is stored compressed.
+
+    np.savez stores members uncompressed, so an array's bytes lie contiguous in the zip: after the
+    member's local header (30 bytes, its name, its extra field) comes the .npy header, then the
+    data. The member's CRC-32 is checked first, reading it once in pieces, so a flipped byte is an
+    error as it is through np.load (which checks it on read).
+    """
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:  # compressed or encrypted
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise ValueError(f"member {info.filename} has no local header")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        f.seek(start)
+        crc, left = 0, info.file_size
+        while left:
+            piece = f.read(min(left, 8 << 20))
+            if not piece:
+                raise ValueError(f"member {info.filename} is truncated")
+            crc, left = zlib.crc32(piece, crc), left - len(piece)
+        if crc != info.CRC:
+            raise ValueError(f"member {info.filename} fails its CRC-32 check (a damaged file)")
+        f.seek(start)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        data_start = f.tell()
+    if dtype.hasobject:
+        raise ValueError(f"member {info.filename} holds Python objects")
+    if data_start - start + math.prod(shape) * dtype.itemsize > info.file_size:
+        raise ValueError(f"member {info.filename} is truncated")
+    if math.prod(shape) == 0:  # an empty array cannot be mapped; nothing to map either
+        return np.empty(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=data_start)
+
+
 def _load_parquet(spec: str, path: Path) -> TokenData:
+    """An `input_ids` column of integer lists, read one row group at a time (never the whole file).
+
+    One pass reads each group's list lengths (the offsets) and checks for nulls; the scan then
+    reads the tokens again for the fingerprint (its hash starts with the token count).
+    """
     if not path.is_file():
         raise SpecError(f"data {spec!r}: no such file")
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
         raise SpecError(f"data {spec!r}: reading .parquet needs pyarrow (pip install 'mtkd[hf]')") from e
     try:
-        table = pq.read_table(path, columns=["input_ids"])
+        file = pq.ParquetFile(path)
+        kind = file.schema_arrow.field("input_ids").type
     except Exception as e:  # not parquet, no such column
         raise SpecError(f"data {spec!r}: cannot read an 'input_ids' column: {brief(e)}") from e
-    column = table.column("input_ids").combine_chunks()
-    import pyarrow as pa
-
-    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) or not pa.types.is_integer(column.type.value_type):
-        raise SpecError(f"data {spec!r}: input_ids must be a column of integer lists, got {column.type}")
-    if column.null_count:
-        raise SpecError(f"data {spec!r}: input_ids has {column.null_count} null rows")
-    offsets = column.offsets.to_numpy().astype(np.int64)
-    values = column.values.to_numpy().astype(np.int64)[offsets[0] :]
-    offsets -= offsets[0]
-    return make_token_data(spec, [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])])
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_integer(kind.value_type):
+        raise SpecError(f"data {spec!r}: input_ids must be a column of integer lists, got {kind}")
+    lengths, groups = [], [0]
+    try:
+        for g in range(file.num_row_groups):
+            column = file.read_row_group(g, columns=["input_ids"]).column(0).combine_chunks()
+            if column.null_count:
+                raise SpecError(f"data {spec!r}: input_ids has {column.null_count} null rows (row group {g})")
+            if column.flatten().null_count:
+                raise SpecError(f"data {spec!r}: input_ids holds null token ids (row group {g})")
+            lengths.append(np.diff(column.offsets.to_numpy()).astype(np.int64))
+            groups.append(groups[-1] + len(column))
+    except SpecError:
+        raise
+    except Exception as e:  # a damaged page
+        raise SpecError(f"data {spec!r}: cannot read an 'input_ids' column: {brief(e)}") from e
+    offsets = _offsets(spec, np.concatenate(lengths) if lengths else np.empty(0, np.int64))
+    return _scan_tokens(spec, ParquetTokens(path, np.array(groups, dtype=np.int64), offsets), offsets)
 
 
 def _load_zarr(spec: str, path: Path) -> RowData:

@@ -26,7 +26,7 @@ from mtkd.pipeline.hf import logits_of, takes_attention_mask
 from mtkd.pipeline.loader import SequenceLoader, as_tensor
 from mtkd.pipeline.metrics import TokenMetrics, classification_metrics
 from mtkd.pipeline.progress import progress_bar
-from mtkd.pipeline.data import IGNORE_LABEL, TokenData, load_data
+from mtkd.pipeline.data import TokenData, load_data
 from mtkd.pipeline.specs import ModelSpec, load_checkpoint, load_student_spec, load_teacher_specs
 
 EVAL_BATCH_SIZE = 1024  # rows per forward pass
@@ -115,7 +115,7 @@ def run_eval(
     tokens = dataset.kind == "tokens"
     if batch_size is None:
         batch_size = EVAL_TOKEN_BATCH_SIZE if tokens else EVAL_BATCH_SIZE
-    if not (dataset.labels != IGNORE_LABEL).any():
+    if not dataset.labelled_rows:
         raise BadInputError(f"data {data!r} has no labels to evaluate against")
     net = spec.build(load_weights=weights is None)
     if weights is not None:

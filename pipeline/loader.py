@@ -128,7 +128,199 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
 
-class BatchLoader:
+def memory_budget_per_process() -> int:
+    """MEMORY_FRACTION of the available memory, shared among this node's processes (torchrun's LOCAL_WORLD_SIZE)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return int(MEMORY_FRACTION * available_memory() / max(local, 1))
+
+
+def choose_mode(stream: bool | None, held_bytes: int, memory_budget: int | None) -> str:
+    """"stream" or "memory": as forced by `stream`, else by whether `held_bytes` fit the budget."""
+    if stream is not None:
+        return "stream" if stream else "memory"
+    budget = memory_budget_per_process() if memory_budget is None else memory_budget
+    return "stream" if held_bytes > budget else "memory"
+
+
+def unit_rows(chunk_rows: int, row_bytes: int, read_bytes: int) -> int:
+    """Rows of one read unit: whole chunks, at least `read_bytes` of `row_bytes` rows."""
+    return chunk_rows * max(1, math.ceil(read_bytes / (chunk_rows * max(row_bytes, 1))))
+
+
+class EpochOrder:
+    """One epoch's order of a loader's items (rows or sequences), the same on every rank.
+
+    Items are grouped into read units: unit u holds items bounds[u]..bounds[u + 1] - 1 (a unit may
+    hold none). The epoch permutes the units by (seed, epoch) and keeps each unit's items in order.
+    """
+
+    def __init__(self, bounds: np.ndarray, seed: int, epoch: int):
+        self.bounds = bounds
+        self.units = _rng(seed, epoch, 0).permutation(len(bounds) - 1)
+        self.starts = np.concatenate([[0], np.cumsum(np.diff(bounds)[self.units])])  # where each unit starts in the order
+
+    def pieces(self, a: int, b: int) -> list[tuple[int, int, int]]:
+        """(unit, first item, end item) of positions [a, b) of the order, in order."""
+        out = []
+        for i in range(int(np.searchsorted(self.starts, a, side="right")) - 1, len(self.units)):
+            if self.starts[i] >= b:
+                break
+            lo, hi = max(a, self.starts[i]) - self.starts[i], min(b, self.starts[i + 1]) - self.starts[i]
+            if hi > lo:
+                u = int(self.units[i])
+                out.append((u, int(self.bounds[u] + lo), int(self.bounds[u] + hi)))
+        return out
+
+
+class _Loader:
+    """What BatchLoader (rows) and SequenceLoader (sequences) share: rank shares, the order of both
+    modes, the streaming windows and the cutting of batches from them. A loader's `items` are its
+    samples (rows or sequences); a subclass says how to read a unit, lay out a window, and cut
+    and assemble a batch.
+    """
+
+    what: str  # "rows" | "sequences", for messages
+    mode: str  # "memory" | "stream"
+    bounds: np.ndarray  # streaming: (num_units + 1,) the first item of each read unit (EpochOrder)
+    window_items: int  # streaming: items shuffled together
+
+    def _setup(self, num_items: int, *, batch_size: int, seed: int, rank: int, world_size: int, device: torch.device | str) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if num_items < world_size:
+            raise ValueError(f"{num_items} {self.what} cannot be split over {world_size} processes")
+        self.num_items = num_items
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda"
+
+    @property
+    def items_per_epoch(self) -> int:
+        """Items this rank sees per epoch (the same on every rank)."""
+        return self.num_items // self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.items_per_epoch / self.batch_size)
+
+    def batches(self, start_epoch: int, stop_epoch: int, start_batch: int = 0) -> Iterator[tuple[int, int, Any]]:
+        """(epoch, batch index, batch) for epochs [start_epoch, stop_epoch), from `start_batch` of the first.
+
+        One iterator spans the epochs so that, streaming, the reader thread runs ahead across an
+        epoch's end: the next epoch's first window is read while this one's last batches train
+        (and while the trainer validates). Close it (contextlib.closing) when leaving early.
+        """
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch {start_batch} is not in [0, {self.batches_per_epoch}]")
+        build = self._stream if self.mode == "stream" else self._memory
+        items = build(start_epoch, stop_epoch, start_batch)
+        return items if self.device.type == "cpu" else _to_device(items, self.device, self.pin)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:
+        """This rank's batches of one epoch from `start_batch` on (see `batches`)."""
+        items = self.batches(epoch, epoch + 1, start_batch)
+        try:
+            for _, _, batch in items:
+                yield batch
+        finally:
+            items.close()  # stops a reader thread at once
+
+    # -- in memory: a full permutation per epoch, rank r takes every W-th item ------------------------
+
+    def _memory(self, start_epoch: int, stop_epoch: int, start_batch: int) -> Iterator[tuple[int, int, Any]]:
+        held = self._read_all()
+        per_rank, bs = self.items_per_epoch, self.batch_size
+        for epoch in range(start_epoch, stop_epoch):
+            order = _rng(self.seed, epoch, 0).permutation(self.num_items)
+            mine = order[self.rank : per_rank * self.world_size : self.world_size]
+            for b in range(start_batch if epoch == start_epoch else 0, self.batches_per_epoch):
+                yield epoch, b, self._gather(mine[b * bs : (b + 1) * bs], held)
+
+    def _read_all(self) -> Any:
+        """Everything `_gather` indexes, read once."""
+        raise NotImplementedError
+
+    def _gather(self, items: np.ndarray, held: Any) -> Any:
+        """The batch of `items` from what `_read_all` holds."""
+        raise NotImplementedError
+
+    # -- streaming: windows of the permuted units, shuffled, read ahead by a thread ------------------
+
+    def _stream(self, start_epoch: int, stop_epoch: int, start_batch: int) -> Iterator[tuple[int, int, Any]]:
+        """Cut batches from the windows that the reader thread hands over (a batch may span several)."""
+        bs, per_rank = self.batch_size, self.items_per_epoch
+        free: list[np.ndarray] = []  # window buffers done with, for the reader to refill (no page faults)
+        windows = _in_background(self._windows(start_epoch, stop_epoch, start_batch, free), capacity=WINDOW_QUEUE)
+        try:
+            pending: list[Any] = []  # the parts of a batch that spans several windows
+            for epoch, w_lo, w_hi, window, buffer in windows:
+                pos = max(w_lo, start_batch * bs) if epoch == start_epoch else w_lo  # this rank's next item
+                while pos < w_hi:
+                    batch_end = min((pos // bs + 1) * bs, per_rank)
+                    lo, hi = pos - w_lo, min(batch_end, w_hi) - w_lo
+                    part = self._cut(window, lo, hi)
+                    pos = hi + w_lo
+                    if pos < batch_end:  # the batch goes on in the next window
+                        pending.append(part)
+                        continue
+                    yield epoch, (pos - 1) // bs, self._assemble([*pending, part])
+                    pending = []
+                window = part = None  # before the buffer goes back: nothing may still view it
+                if buffer is not None:
+                    free.append(buffer)  # every item of this window is cut: the buffer can be refilled
+        finally:
+            windows.close()
+
+    def _windows(self, start_epoch: int, stop_epoch: int, start_batch: int, free: list[np.ndarray]) -> Iterator[tuple]:
+        """(epoch, first, end, window, buffer) per window of this rank (reader thread).
+
+        A window is this rank's items [first, end) of an epoch's order: each rank takes a contiguous
+        stretch of the order, cut into windows of `window_items`, whose items are shuffled by
+        (seed, epoch, rank, window). `window` is what `_cut` takes; `buffer` memory that `_lay_out`
+        may take back from `free` once the window is done with (or None).
+        """
+        per_rank, size = self.items_per_epoch, self.window_items
+        base = self.rank * per_rank  # this rank's stretch of the order: [base, base + per_rank)
+        cached: tuple[int, int, Any] | None = None  # a unit shared by two windows is read once
+
+        def read_unit(epoch: int, u: int) -> Any:
+            nonlocal cached
+            if cached is None or cached[:2] != (epoch, u):
+                cached = (epoch, u, self._read_unit(u))
+            return cached[2]
+
+        for epoch in range(start_epoch, stop_epoch):
+            order = EpochOrder(self.bounds, self.seed, epoch)
+            first = start_batch * self.batch_size if epoch == start_epoch else 0
+            for w in range(first // size, math.ceil(per_rank / size)):
+                w_lo, w_hi = w * size, min((w + 1) * size, per_rank)
+                pieces = [(read_unit(epoch, u), u, lo, hi) for u, lo, hi in order.pieces(base + w_lo, base + w_hi)]
+                shuffle = _rng(self.seed, epoch, 1, self.rank, w).permutation(w_hi - w_lo)
+                yield (epoch, w_lo, w_hi, *self._lay_out(pieces, shuffle, free))
+
+    def _read_unit(self, u: int) -> Any:
+        """What a window needs of read unit u (whole chunks), read in the reader thread."""
+        raise NotImplementedError
+
+    def _lay_out(self, pieces: list[tuple[Any, int, int, int]], shuffle: np.ndarray, free: list[np.ndarray]) -> tuple[Any, np.ndarray | None]:
+        """(window, buffer) from the window's pieces (unit data, unit, first item, end item) in
+        order and the window's shuffle (positions in that order)."""
+        raise NotImplementedError
+
+    def _cut(self, window: Any, lo: int, hi: int) -> Any:
+        """The part of a batch that is positions [lo, hi) of the window's shuffled items."""
+        raise NotImplementedError
+
+    def _assemble(self, parts: list[Any]) -> Any:
+        """One batch from its parts, in order."""
+        raise NotImplementedError
+
+
+class BatchLoader(_Loader):
     """Batches of (inputs, chosen teachers' logits, labels) for one rank, deterministic per epoch.
 
     x: (N, ...) inputs; labels: (N,) int64 with -100 where unknown. `store` and `teachers` give the
@@ -137,6 +329,8 @@ class BatchLoader:
     Streaming: `window_bytes` of logits are shuffled together; reads cover at least `read_bytes`
     of one teacher. Batches arrive on `device` (pinned host memory and non_blocking on CUDA).
     """
+
+    what = "rows"
 
     def __init__(
         self,
@@ -160,14 +354,7 @@ class BatchLoader:
         n = len(self.x)
         if self.labels.shape != (n,):
             raise ValueError(f"labels must have shape ({n},), got {tuple(self.labels.shape)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        if n < world_size:
-            raise ValueError(f"{n} rows cannot be split over {world_size} processes")
+        self._setup(n, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, device=device)
         self.teachers = list(teachers)
         if store is None and self.teachers:
             raise ValueError("teachers given without a store")
@@ -176,12 +363,6 @@ class BatchLoader:
         if store is not None and store.num_rows != n:
             raise ValueError(f"the store has {store.num_rows} rows, the inputs {n}")
         self.store = store
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.device = torch.device(device)
-        self.pin = self.device.type == "cuda"
 
         k, v = len(self.teachers), store.num_classes if store is not None else 0
         dtypes = {store.teacher(t).dtype for t in self.teachers} if store is not None else set()
@@ -189,23 +370,14 @@ class BatchLoader:
         self.logits_dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 else torch.float32 if dtypes else None
         row_bytes = k * v * (torch.finfo(self.logits_dtype).bits // 8 if self.logits_dtype else 0)
         self.logits_bytes = n * row_bytes
-        if store is None:
-            self.mode = "memory"
-        elif stream is not None:
-            self.mode = "stream" if stream else "memory"
-        else:
-            if memory_budget is None:
-                local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-                memory_budget = int(MEMORY_FRACTION * available_memory() / max(local, 1))
-            self.mode = "stream" if self.logits_bytes > memory_budget else "memory"
+        # The inputs are in memory already (rows are loaded whole): only the logits count.
+        self.mode = "memory" if store is None else choose_mode(stream, self.logits_bytes, memory_budget)
         if store is not None:
             # The unit of reading and of the per-epoch permutation: consecutive whole chunks.
-            cr, teacher_row_bytes = store.chunk_rows, max(row_bytes // k, 1)
-            self.read_rows = cr * max(1, math.ceil(read_bytes / (cr * teacher_row_bytes)))
-            self.window_rows = max(MIN_WINDOW_UNITS * self.read_rows, window_bytes // max(row_bytes, 1))
+            self.read_rows = unit_rows(store.chunk_rows, row_bytes // k, read_bytes)
+            self.window_rows = self.window_items = max(MIN_WINDOW_UNITS * self.read_rows, window_bytes // max(row_bytes, 1))
+            self.bounds = np.minimum(np.arange(math.ceil(n / self.read_rows) + 1) * self.read_rows, n)
         self._in_memory: Tensor | None = None  # (K, N, V), read on first use
-
-    # -- sizes -------------------------------------------------------------------------------------
 
     @property
     def num_rows(self) -> int:
@@ -214,42 +386,7 @@ class BatchLoader:
     @property
     def rows_per_epoch(self) -> int:
         """Rows this rank sees per epoch (the same on every rank)."""
-        return self.num_rows // self.world_size
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(self.rows_per_epoch / self.batch_size)
-
-    # -- epochs ------------------------------------------------------------------------------------
-
-    def batches(self, start_epoch: int, stop_epoch: int, start_batch: int = 0) -> Iterator[tuple[int, int, Batch]]:
-        """(epoch, batch index, batch) for epochs [start_epoch, stop_epoch), from `start_batch` of the first.
-
-        One iterator spans the epochs so that, streaming, the reader thread runs ahead across an
-        epoch's end: the next epoch's first window is read while this one's last batches train
-        (and while the trainer validates). Close it (contextlib.closing) when leaving early.
-        """
-        if not 0 <= start_batch <= self.batches_per_epoch:
-            raise ValueError(f"start_batch {start_batch} is not in [0, {self.batches_per_epoch}]")
-        build = self._stream if self.mode == "stream" else self._memory
-        items = build(start_epoch, stop_epoch, start_batch)
-        return items if self.device.type == "cpu" else self._to_device(items)
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        """This rank's batches of one epoch from `start_batch` on (see `batches`)."""
-        items = self.batches(epoch, epoch + 1, start_batch)
-        try:
-            for _, _, batch in items:
-                yield batch
-        finally:
-            items.close()  # stops a reader thread at once
-
-    def _to_device(self, items: Iterator[tuple[int, int, Batch]]) -> Iterator[tuple[int, int, Batch]]:
-        try:
-            for epoch, b, batch in items:
-                yield epoch, b, batch.to(self.device, non_blocking=self.pin)
-        finally:
-            items.close()
+        return self.items_per_epoch
 
     def _take(self, src: Tensor, dim: int, index: Tensor) -> Tensor:
         """index_select, into pinned memory when the batch is bound for a GPU."""
@@ -266,16 +403,6 @@ class BatchLoader:
 
     # -- in memory ---------------------------------------------------------------------------------
 
-    def _memory(self, start_epoch: int, stop_epoch: int, start_batch: int) -> Iterator[tuple[int, int, Batch]]:
-        logits = self._read_all()  # (K, N, V) or None
-        per_rank, bs = self.rows_per_epoch, self.batch_size
-        for epoch in range(start_epoch, stop_epoch):
-            order = _rng(self.seed, epoch, 0).permutation(self.num_rows)
-            mine = torch.from_numpy(order[self.rank : per_rank * self.world_size : self.world_size])
-            for b in range(start_batch if epoch == start_epoch else 0, self.batches_per_epoch):
-                rows = mine[b * bs : (b + 1) * bs]
-                yield epoch, b, self._batch(rows, None if logits is None else self._take(logits, 1, rows))  # (K, B, V)
-
     def _read_all(self) -> Tensor | None:
         """The chosen logits as one (K, N, V) tensor, read once, sequentially, whole chunks."""
         if self.store is None:
@@ -290,35 +417,41 @@ class BatchLoader:
             self._in_memory = out
         return self._in_memory
 
+    def _gather(self, rows: np.ndarray, logits: Tensor | None) -> Batch:
+        rows = torch.from_numpy(rows)
+        return self._batch(rows, None if logits is None else self._take(logits, 1, rows))  # (K, B, V)
+
     # -- streaming ---------------------------------------------------------------------------------
+    # The reader thread uses numpy only: a torch op there would start a second OpenMP team,
+    # competing with the training thread's for the cores. The shuffle is applied in the training
+    # thread, per batch, as the in-memory gather is: the same work there in both modes.
 
-    def _stream(self, start_epoch: int, stop_epoch: int, start_batch: int) -> Iterator[tuple[int, int, Batch]]:
-        """Cut batches from the windows that the reader thread hands over, gathering their logits.
+    def _read_unit(self, u: int) -> list[np.ndarray]:
+        """K x (rows, V): the unit's whole chunks of each teacher."""
+        lo, hi = int(self.bounds[u]), int(self.bounds[u + 1])
+        return [_as_numpy(self.store.read_logits(name, lo, hi), self.logits_dtype) for name in self.teachers]
 
-        The shuffle is applied here, per batch, as the in-memory gather is: the same work in the
-        training thread in both modes, while the reader thread only reads.
-        """
-        bs, per_rank = self.batch_size, self.rows_per_epoch
-        free: list[np.ndarray] = []  # window buffers done with, for the reader to refill (no page faults)
-        windows = _in_background(self._windows(start_epoch, stop_epoch, start_batch, free), capacity=WINDOW_QUEUE)
-        try:
-            pending: list[tuple[Tensor, Tensor]] = []  # (logits, rows) of a batch that spans several windows
-            for epoch, w_lo, w_hi, buffer, logits, order, rows in windows:
-                pos = max(w_lo, start_batch * bs) if epoch == start_epoch else w_lo  # this rank's next row
-                while pos < w_hi:
-                    batch_end = min((pos // bs + 1) * bs, per_rank)
-                    lo, hi = pos - w_lo, min(batch_end, w_hi) - w_lo
-                    part = (self._take(logits, 1, order[lo:hi]), rows[lo:hi])  # (K, b, V), (b,)
-                    pos = hi + w_lo
-                    if pos < batch_end:  # the batch goes on in the next window (a batch may span several)
-                        pending.append(part)
-                        continue
-                    yield epoch, (pos - 1) // bs, self._assemble([*pending, part])
-                    pending = []
-                del logits
-                free.append(buffer)  # every row of this window is gathered: the buffer can be refilled
-        finally:
-            windows.close()
+    def _lay_out(self, pieces, shuffle, free):
+        """The window's logits (K, rows, V) in unit order, copied into a reused buffer; its shuffle;
+        the data rows in shuffled order."""
+        k, v, size = len(self.teachers), self.store.num_classes, len(shuffle)
+        buffer = free.pop() if free else np.empty(k * self.window_rows * v, dtype=_NUMPY_STORAGE[self.logits_dtype])
+        # Contiguous even for a short window: index_select on a strided view is ~30x slower.
+        logits = buffer[: k * size * v].reshape(k, size, v)
+        rows = np.empty(size, dtype=np.int64)
+        at = 0
+        for unit, u, lo, hi in pieces:
+            offset = lo - int(self.bounds[u])  # the piece's first row within its unit
+            for t, part in enumerate(unit):
+                logits[t, at : at + hi - lo] = part[offset : offset + hi - lo]
+            rows[at : at + hi - lo] = np.arange(lo, hi)
+            at += hi - lo
+        window = (_from_numpy(logits, self.logits_dtype), torch.from_numpy(shuffle), torch.from_numpy(rows[shuffle]))
+        return window, buffer
+
+    def _cut(self, window, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        logits, order, rows = window
+        return self._take(logits, 1, order[lo:hi]), rows[lo:hi]  # (K, b, V), (b,)
 
     def _assemble(self, parts: list[tuple[Tensor, Tensor]]) -> Batch:
         if len(parts) == 1:
@@ -327,52 +460,6 @@ class BatchLoader:
             logits, rows = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts])
             logits = logits.pin_memory() if self.pin else logits
         return self._batch(rows, logits)
-
-    def _windows(self, start_epoch: int, stop_epoch: int, start_batch: int, free: list[np.ndarray]) -> Iterator[tuple]:
-        """(epoch, first, end, buffer, logits, order, rows) per window (reader thread).
-
-        A window is this rank's rows [first, end) of an epoch: `logits` (K, end - first, V) as read
-        (a view of `buffer`, taken from `free` when one is there), `order` the window's shuffle
-        (positions in `logits`) and `rows` the data rows in that order. Each epoch permutes the read
-        units (runs of `read_rows` rows: whole chunks); this rank's stretch of the unit sequence is
-        cut into windows of `window_rows`. The thread uses numpy only: a torch op here would start
-        a second OpenMP team, competing with the training thread's for the cores.
-        """
-        store, n, ur, wr = self.store, self.num_rows, self.read_rows, self.window_rows
-        k, v, per_rank = len(self.teachers), store.num_classes, self.rows_per_epoch
-        base = self.rank * per_rank  # this rank's stretch of the sequence: [base, base + per_rank)
-        cached: tuple[int, int, list[np.ndarray]] | None = None  # a unit shared by two windows is read once
-
-        def read_unit(epoch: int, c: int) -> list[np.ndarray]:  # K x (rows, V), whole chunks
-            nonlocal cached
-            if cached is None or cached[:2] != (epoch, c):
-                lo, hi = c * ur, min((c + 1) * ur, n)
-                cached = (epoch, c, [_as_numpy(store.read_logits(name, lo, hi), self.logits_dtype) for name in self.teachers])
-            return cached[2]
-
-        for epoch in range(start_epoch, stop_epoch):
-            # The epoch's unit sequence (the same on every rank) and where each unit starts in it.
-            units = _rng(self.seed, epoch, 0).permutation(math.ceil(n / ur))
-            seq_start = np.concatenate([[0], np.cumsum(np.minimum(ur, n - units * ur))])
-            first = start_batch * self.batch_size if epoch == start_epoch else 0
-            for w in range(first // wr, math.ceil(per_rank / wr)):
-                w_lo, w_hi = w * wr, min((w + 1) * wr, per_rank)
-                a, b = base + w_lo, base + w_hi  # the window's stretch of the unit sequence
-                buffer = free.pop() if free else np.empty(k * wr * v, dtype=_NUMPY_STORAGE[self.logits_dtype])
-                # Contiguous even for a short window: index_select on a strided view is ~30x slower.
-                logits = buffer[: k * (w_hi - w_lo) * v].reshape(k, w_hi - w_lo, v)
-                rows = np.empty(w_hi - w_lo, dtype=np.int64)
-                for i in range(np.searchsorted(seq_start, a, side="right") - 1, len(units)):
-                    if seq_start[i] >= b:
-                        break
-                    lo, hi = max(a, seq_start[i]) - seq_start[i], min(b, seq_start[i + 1]) - seq_start[i]
-                    at = seq_start[i] + lo - a  # where these rows go in the window
-                    for t, unit in enumerate(read_unit(epoch, int(units[i]))):
-                        logits[t, at : at + hi - lo] = unit[lo:hi]
-                    rows[at : at + hi - lo] = np.arange(units[i] * ur + lo, units[i] * ur + hi)
-                order = _rng(self.seed, epoch, 1, self.rank, w).permutation(w_hi - w_lo)
-                logits = _from_numpy(logits, self.logits_dtype)
-                yield epoch, w_lo, w_hi, buffer, logits, torch.from_numpy(order), torch.from_numpy(rows[order])
 
 
 # Logits travel through the reader thread as numpy arrays; bfloat16 as its 16 bits.
@@ -450,20 +537,32 @@ _END = object()
 #     dense   logits (K, P, V) in the store's dtype
 # Padding positions never reach the loss: the trainer selects the real positions with the mask.
 #
-# The same two modes as for rows, over sequences instead of rows:
-# * "memory": the chosen teachers' rows read once, sequentially; each epoch a full permutation of
-#   the sequences; rank r takes every W-th sequence of it (DistributedSampler's split).
-# * "stream": the store's rows are cut into read units of whole chunks (about READ_BYTES of one
-#   teacher); a sequence belongs to the unit its first row lies in. Each epoch permutes the units;
-#   the sequences in that order are cut into equal contiguous stretches per rank, and each rank's
-#   stretch into windows of about `window_bytes` (at least MIN_WINDOW_UNITS units' worth), whose
-#   sequences are shuffled together. A background thread reads a window's rows (whole chunks:
-#   a unit plus the chunk its last sequence runs into) and hands them over; batches are cut in the
-#   training thread. The token ids themselves come from the data (in memory: 8 bytes a position
-#   against the ~12 * k bytes of each sparse teacher's row).
+# The same two modes and the same mechanism as for rows (_Loader), over sequences instead of rows,
+# and with the token ids read like the teachers' rows: a corpus need not fit in memory either.
+# * "memory": when the chosen teachers' rows and the tokens (8 bytes a position, unless the data
+#   holds them in memory already) fit the budget: both read once, sequentially; each epoch a full
+#   permutation of the sequences; rank r takes every W-th sequence of it (DistributedSampler's split).
+# * "stream": otherwise. The store's rows are cut into read units of whole chunks (about
+#   READ_BYTES of one teacher; of tokens without a store); a sequence belongs to the unit its first
+#   row lies in. Each epoch permutes the units; the sequences in that order are cut into equal
+#   contiguous stretches per rank, and each rank's stretch into windows of about `window_bytes`
+#   (at least MIN_WINDOW_UNITS units' worth), whose sequences are shuffled together. A background
+#   thread reads each unit's rows (whole chunks: the unit plus the chunk its last sequence runs
+#   into) and its sequences' tokens, and lays out the window's sequences in shuffled order;
+#   batches are cut in the training thread. Only the windows alive at once (three, as for rows)
+#   hold tokens or teachers' rows.
 # Determinism, resume and DDP: as for rows (the order of epoch e depends only on seed, e, rank,
 # world size, mode and, streaming, the store's chunking and the window size); each rank gets
 # num_seqs // W sequences per epoch.
+
+
+class Tokens(Protocol):
+    """A corpus's tokens concatenated (mtkd.pipeline.data.TokenSource, or an array): `tokens[lo:hi]`
+    reads rows [lo, hi) as integers; `resident` says they are in memory already (arrays are)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: slice) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -535,16 +634,20 @@ class TeacherRows:
         return {"ids": torch.stack(ids), "logprobs": torch.stack(logprobs), "label_logprob": torch.stack(label_logprob)}
 
 
-class SequenceLoader:
+class SequenceLoader(_Loader):
     """Batches of whole token sequences with their teachers' per-position rows (see above).
 
-    `tokens` (num_rows,) and `offsets` (num_seqs + 1,) are the data (TokenData); `teachers` a
-    TeacherRows over a store of the same data, or None for hard-label training.
+    `tokens` (num_rows,) and `offsets` (num_seqs + 1,) are the data (TokenData's); `teachers` a
+    TeacherRows over a store of the same data, or None for hard-label training. The other
+    arguments as BatchLoader's; `memory_budget` covers the teachers' rows and the tokens.
     """
+
+    what = "sequences"
+    TOKEN_BYTES = 8  # a position's token id as held (int64)
 
     def __init__(
         self,
-        tokens: np.ndarray,
+        tokens: Tokens | np.ndarray,
         offsets: np.ndarray,
         *,
         batch_size: int,
@@ -558,42 +661,35 @@ class SequenceLoader:
         window_bytes: int = WINDOW_BYTES,
         read_bytes: int = READ_BYTES,
     ):
-        self.tokens = as_tensor(tokens).long()
+        self.tokens = tokens
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.lengths = np.diff(self.offsets)
-        n_seqs = len(self.lengths)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        if n_seqs < world_size:
-            raise ValueError(f"{n_seqs} sequences cannot be split over {world_size} processes")
-        if teachers is not None and teachers.store.num_rows != len(self.tokens):
-            raise ValueError(f"the store has {teachers.store.num_rows} rows, the data {len(self.tokens)} positions")
+        n_rows = len(tokens)
+        self._setup(len(self.lengths), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, device=device)
+        if int(self.offsets[-1]) != n_rows:
+            raise ValueError(f"the offsets end at {int(self.offsets[-1])}, the tokens hold {n_rows} positions")
+        if teachers is not None and teachers.store.num_rows != n_rows:
+            raise ValueError(f"the store has {teachers.store.num_rows} rows, the data {n_rows} positions")
         self.source = teachers
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.device = torch.device(device)
-        self.pin = self.device.type == "cuda"
-        self.teacher_bytes = 0 if teachers is None else len(self.tokens) * teachers.row_bytes
-        if teachers is None:
-            self.mode = "memory"
-        elif stream is not None:
-            self.mode = "stream" if stream else "memory"
-        else:
-            if memory_budget is None:
-                local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-                memory_budget = int(MEMORY_FRACTION * available_memory() / max(local, 1))
-            self.mode = "stream" if self.teacher_bytes > memory_budget else "memory"
+        self.teacher_bytes = 0 if teachers is None else n_rows * teachers.row_bytes
+        resident = isinstance(tokens, (np.ndarray, Tensor)) or bool(getattr(tokens, "resident", False))
+        self.token_bytes = n_rows * self.TOKEN_BYTES
+        held = self.teacher_bytes + (0 if resident else self.token_bytes)
+        self.mode = "memory" if held == 0 and stream is None else choose_mode(stream, held, memory_budget)
         if teachers is not None:
-            cr = teachers.store.chunk_rows
-            teacher_row_bytes = max(teachers.row_bytes // len(teachers.teachers), 1)
-            self.read_rows = cr * max(1, math.ceil(read_bytes / (cr * teacher_row_bytes)))
-            # Sequences grouped by the read unit their first row lies in (units may be empty).
-            self.unit_of_seq = self.offsets[:-1] // self.read_rows
-            self.num_units = math.ceil(len(self.tokens) / self.read_rows)
-            rows_per_window = max(MIN_WINDOW_UNITS * self.read_rows, window_bytes // max(teachers.row_bytes, 1))
-            self.window_seqs = max(1, math.ceil(rows_per_window * n_seqs / len(self.tokens)))
-        self._in_memory: dict[str, Tensor] | None = None
+            # Whole chunks of the store, at least `read_bytes` of one teacher.
+            self.chunk_rows = teachers.store.chunk_rows
+            self.read_rows = unit_rows(self.chunk_rows, teachers.row_bytes // len(teachers.teachers), read_bytes)
+        else:
+            self.chunk_rows = 1  # tokens have no chunks to keep whole
+            self.read_rows = unit_rows(1, self.TOKEN_BYTES, read_bytes)
+        num_units = math.ceil(n_rows / self.read_rows)
+        # Unit u's sequences: those whose first row lies in rows [u * read_rows, (u + 1) * read_rows).
+        self.bounds = np.searchsorted(self.offsets[:-1], np.arange(num_units + 1) * self.read_rows, side="left")
+        row_bytes = (0 if teachers is None else teachers.row_bytes) + self.TOKEN_BYTES
+        rows_per_window = max(MIN_WINDOW_UNITS * self.read_rows, window_bytes // row_bytes)
+        self.window_seqs = self.window_items = max(1, math.ceil(rows_per_window * self.num_seqs / n_rows))
+        self._in_memory: tuple[Tensor, dict[str, Tensor]] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -602,40 +698,20 @@ class SequenceLoader:
     @property
     def seqs_per_epoch(self) -> int:
         """Sequences this rank sees per epoch (the same on every rank)."""
-        return self.num_seqs // self.world_size
+        return self.items_per_epoch
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(self.seqs_per_epoch / self.batch_size)
+    def _read_tokens(self, lo: int, hi: int) -> Tensor:
+        a = np.asarray(self.tokens[lo:hi], dtype=np.int64)
+        return torch.from_numpy(a if a.flags.writeable else a.copy())
 
-    def batches(self, start_epoch: int, stop_epoch: int, start_batch: int = 0) -> Iterator[tuple[int, int, TokenBatch]]:
-        """(epoch, batch index, batch) for epochs [start_epoch, stop_epoch), from `start_batch` of the first
-        (as BatchLoader.batches; close it when leaving early)."""
-        if not 0 <= start_batch <= self.batches_per_epoch:
-            raise ValueError(f"start_batch {start_batch} is not in [0, {self.batches_per_epoch}]")
-        build = self._stream if self.mode == "stream" else self._memory
-        items = build(start_epoch, stop_epoch, start_batch)
-        return items if self.device.type == "cpu" else _to_device(items, self.device, self.pin)
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[TokenBatch]:
-        items = self.batches(epoch, epoch + 1, start_batch)
-        try:
-            for _, _, batch in items:
-                yield batch
-        finally:
-            items.close()
-
-    # -- one batch -----------------------------------------------------------------------------------
-
-    def _batch(self, seqs: np.ndarray, teachers: dict[str, Tensor]) -> TokenBatch:
-        """Pad the sequences `seqs` into (B, L); `teachers` are their rows, concatenated in order."""
+    def _batch(self, seqs: np.ndarray, tokens: Tensor, teachers: dict[str, Tensor]) -> TokenBatch:
+        """Pad the sequences `seqs` into (B, L); `tokens` (P,) and `teachers` (K, P, ...) are their
+        positions, concatenated in order."""
         lengths = self.lengths[seqs]
         b, width = len(seqs), int(lengths.max())
-        starts = self.offsets[seqs]
         mask = torch.from_numpy(np.arange(width)[None, :] < lengths[:, None])  # (B, L)
-        rows = torch.from_numpy(np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)]))  # (P,)
         input_ids = torch.zeros((b, width), dtype=torch.int64)
-        input_ids[mask] = self.tokens[rows]
+        input_ids[mask] = tokens
         labels = torch.full((b, width), -100, dtype=torch.int64)
         labels[:, :-1] = torch.where(mask[:, 1:], input_ids[:, 1:], -100)  # the next token of the same sequence
         if self.pin:
@@ -643,99 +719,76 @@ class SequenceLoader:
             teachers = {k: v.pin_memory() for k, v in teachers.items()}
         return TokenBatch(input_ids, mask, labels, teachers, torch.from_numpy(np.asarray(seqs)))
 
-    def _rows_of(self, seqs: np.ndarray) -> np.ndarray:
-        return np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in seqs])
+    def _rows_of(self, seqs: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
+        """The positions of sequences `seqs`, concatenated in order (from `starts` instead of their offsets)."""
+        lengths = self.lengths[seqs]
+        starts = self.offsets[seqs] if starts is None else starts
+        ends = np.cumsum(lengths)
+        return np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
 
     # -- in memory -----------------------------------------------------------------------------------
 
-    def _memory(self, start_epoch: int, stop_epoch: int, start_batch: int) -> Iterator[tuple[int, int, TokenBatch]]:
-        every = self._read_all()
-        per_rank, bs = self.seqs_per_epoch, self.batch_size
-        for epoch in range(start_epoch, stop_epoch):
-            order = _rng(self.seed, epoch, 0).permutation(self.num_seqs)
-            mine = order[self.rank : per_rank * self.world_size : self.world_size]
-            for b in range(start_batch if epoch == start_epoch else 0, self.batches_per_epoch):
-                seqs = mine[b * bs : (b + 1) * bs]
-                teachers = {}
-                if every is not None:
-                    rows = torch.from_numpy(self._rows_of(seqs))
-                    teachers = {k: torch.index_select(v, 1, rows) for k, v in every.items()}  # (K, P, ...)
-                yield epoch, b, self._batch(seqs, teachers)
-
-    def _read_all(self) -> dict[str, Tensor] | None:
-        """Every row of the chosen teachers, read once, sequentially, in whole read units."""
-        if self.source is None:
-            return None
+    def _read_all(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """The tokens and every row of the chosen teachers, read once, sequentially, in whole read units."""
         if self._in_memory is None:
             n, step = len(self.tokens), self.read_rows
-            parts = [self.source.read(lo, min(lo + step, n)) for lo in range(0, n, step)]
-            self._in_memory = {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0]}
+            tokens = as_tensor(self.tokens).long() if isinstance(self.tokens, (np.ndarray, Tensor)) else self._read_tokens(0, n)
+            teachers: dict[str, Tensor] = {}
+            if self.source is not None:
+                parts = [self.source.read(lo, min(lo + step, n)) for lo in range(0, n, step)]
+                teachers = {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0]}
+            self._in_memory = (tokens, teachers)
         return self._in_memory
+
+    def _gather(self, seqs: np.ndarray, held: tuple[Tensor, dict[str, Tensor]]) -> TokenBatch:
+        tokens, teachers = held
+        rows = torch.from_numpy(self._rows_of(seqs))
+        return self._batch(seqs, tokens[rows], {k: torch.index_select(v, 1, rows) for k, v in teachers.items()})  # (K, P, ...)
 
     # -- streaming -----------------------------------------------------------------------------------
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        """The epoch's sequence order (the same on every rank): the units permuted, each unit's sequences in order."""
-        units = _rng(self.seed, epoch, 0).permutation(self.num_units)
-        by_unit = np.argsort(self.unit_of_seq, kind="stable")  # sequences grouped by unit, in order
-        counts = np.bincount(self.unit_of_seq, minlength=self.num_units)
-        starts = np.concatenate([[0], np.cumsum(counts)])
-        return np.concatenate([by_unit[starts[u] : starts[u + 1]] for u in units]).astype(np.int64)
+    def _read_unit(self, u: int) -> tuple[int, Tensor, int, dict[str, Tensor]]:
+        """(first token row, tokens, first teacher row, teachers' rows) of unit u's sequences: the
+        tokens exactly, the teachers' rows in whole chunks (possibly a chunk into the next unit)."""
+        lo, hi = int(self.offsets[self.bounds[u]]), int(self.offsets[self.bounds[u + 1]])
+        teachers: dict[str, Tensor] = {}
+        t_lo = lo // self.chunk_rows * self.chunk_rows
+        if self.source is not None:
+            t_hi = min(-(-hi // self.chunk_rows) * self.chunk_rows, len(self.tokens))
+            teachers = self.source.read(t_lo, t_hi)
+        return lo, self._read_tokens(lo, hi), t_lo, teachers
 
-    def _stream(self, start_epoch: int, stop_epoch: int, start_batch: int) -> Iterator[tuple[int, int, TokenBatch]]:
-        bs, per_rank = self.batch_size, self.seqs_per_epoch
-        windows = _in_background(self._windows(start_epoch, stop_epoch, start_batch), capacity=WINDOW_QUEUE)
-        try:
-            pending: list[tuple[np.ndarray, dict[str, Tensor]]] = []  # parts of a batch that spans windows
-            for epoch, w_lo, w_hi, seqs, seq_rows, teachers in windows:
-                pos = max(w_lo, start_batch * bs) if epoch == start_epoch else w_lo  # this rank's next sequence
-                while pos < w_hi:
-                    batch_end = min((pos // bs + 1) * bs, per_rank)
-                    lo, hi = pos - w_lo, min(batch_end, w_hi) - w_lo
-                    r_lo, r_hi = seq_rows[lo], seq_rows[hi]  # the window's rows of sequences lo..hi-1
-                    pending.append((seqs[lo:hi], {k: v[:, r_lo:r_hi] for k, v in teachers.items()}))
-                    pos = hi + w_lo
-                    if pos < batch_end:  # the batch goes on in the next window
-                        continue
-                    parts, pending = pending, []
-                    seq_ids = np.concatenate([p[0] for p in parts])
-                    rows = {k: torch.cat([p[1][k] for p in parts], dim=1) for k in teachers}
-                    yield epoch, (pos - 1) // bs, self._batch(seq_ids, rows)
-        finally:
-            windows.close()
+    def _lay_out(self, pieces, shuffle, free):
+        """The window's sequences in shuffled order, their seq_rows (sequence j's positions are
+        seq_rows[j]..seq_rows[j + 1] - 1 of the window), their tokens (P,) and teachers (K, P, ...)."""
+        seqs = np.concatenate([np.arange(lo, hi) for _, _, lo, hi in pieces])
+        # Where each sequence starts in the window's units laid end to end, tokens and teachers.
+        token_at, teacher_at, token_base, teacher_base = [], [], 0, 0
+        for (t_lo, tokens, r_lo, rows), _, lo, hi in pieces:
+            token_at.append(self.offsets[lo:hi] - t_lo + token_base)
+            teacher_at.append(self.offsets[lo:hi] - r_lo + teacher_base)
+            token_base += len(tokens)
+            teacher_base += next(iter(rows.values())).shape[1] if rows else 0
+        shuffled = seqs[shuffle]
+        tokens = torch.cat([p[0][1] for p in pieces])[torch.from_numpy(self._rows_of(shuffled, np.concatenate(token_at)[shuffle]))]
+        teachers = {}
+        if self.source is not None:
+            index = torch.from_numpy(self._rows_of(shuffled, np.concatenate(teacher_at)[shuffle]))
+            for k in pieces[0][0][3]:
+                teachers[k] = torch.index_select(torch.cat([p[0][3][k] for p in pieces], dim=1), 1, index)
+        seq_rows = np.concatenate([[0], np.cumsum(self.lengths[shuffled])])
+        return (shuffled, seq_rows, tokens, teachers), None
 
-    def _windows(self, start_epoch: int, stop_epoch: int, start_batch: int) -> Iterator[tuple]:
-        """(epoch, first, end, seqs, seq_rows, teachers) per window of this rank (reader thread).
+    def _cut(self, window, lo: int, hi: int) -> tuple[np.ndarray, Tensor, dict[str, Tensor]]:
+        seqs, seq_rows, tokens, teachers = window
+        r_lo, r_hi = seq_rows[lo], seq_rows[hi]  # the window's positions of sequences lo..hi-1
+        return seqs[lo:hi], tokens[r_lo:r_hi], {k: v[:, r_lo:r_hi] for k, v in teachers.items()}
 
-        `seqs` are the window's sequences in their shuffled order; `teachers` their rows
-        concatenated in that order (K, rows, ...), sequence j's rows being seq_rows[j]..seq_rows[j + 1].
-        Rows are read as whole chunks per unit and cut to the window's sequences.
-        """
-        per_rank, ws, cr, n = self.seqs_per_epoch, self.window_seqs, self.source.store.chunk_rows, len(self.tokens)
-        for epoch in range(start_epoch, stop_epoch):
-            order = self._epoch_order(epoch)[self.rank * per_rank : (self.rank + 1) * per_rank]
-            first = start_batch * self.batch_size if epoch == start_epoch else 0
-            for w in range(first // ws, math.ceil(per_rank / ws)):
-                w_lo, w_hi = w * ws, min((w + 1) * ws, per_rank)
-                seqs = order[w_lo:w_hi]
-                # Read each unit's span once, whole chunks: from its first sequence's first row to
-                # its last sequence's last row (possibly a chunk into the next unit).
-                spans: dict[int, tuple[int, dict[str, Tensor]]] = {}
-                for u in np.unique(self.unit_of_seq[seqs]):
-                    members = seqs[self.unit_of_seq[seqs] == u]
-                    lo = int(self.offsets[members].min()) // cr * cr
-                    hi = min(-(-int(self.offsets[members + 1].max()) // cr) * cr, n)
-                    spans[int(u)] = (lo, self.source.read(lo, hi))
-                shuffled = seqs[_rng(self.seed, epoch, 1, self.rank, w).permutation(len(seqs))]
-                pieces: dict[str, list[Tensor]] = {}
-                for s in shuffled:
-                    lo, rows = spans[int(self.unit_of_seq[s])]
-                    a, b = int(self.offsets[s]) - lo, int(self.offsets[s + 1]) - lo
-                    for k, v in rows.items():
-                        pieces.setdefault(k, []).append(v[:, a:b])
-                teachers = {k: torch.cat(v, dim=1) for k, v in pieces.items()}
-                seq_rows = np.concatenate([[0], np.cumsum(self.lengths[shuffled])])
-                yield epoch, w_lo, w_hi, shuffled, seq_rows, teachers
+    def _assemble(self, parts: list[tuple[np.ndarray, Tensor, dict[str, Tensor]]]) -> TokenBatch:
+        seqs = np.concatenate([p[0] for p in parts])
+        tokens = torch.cat([p[1] for p in parts])
+        teachers = {k: torch.cat([p[2][k] for p in parts], dim=1) for k in parts[0][2]}
+        return self._batch(seqs, tokens, teachers)
 
 
 def _to_device(items: Iterator[tuple[int, int, Any]], device: torch.device, pin: bool) -> Iterator[tuple[int, int, Any]]:

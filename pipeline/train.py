@@ -197,7 +197,7 @@ class Trainer:
             raise SpecError(f"student {spec.name!r}: a TorchScript student cannot be trained; give factory = \"MODULE:CALLABLE\"")
         dataset = load_data(config.data)
         tokens = dataset.kind == "tokens"
-        labelled = int((dataset.labels != IGNORE_LABEL).sum())
+        labelled = dataset.labelled_rows  # tokens: counted from the offsets, never read whole
         samples = dataset.num_seqs if tokens else len(dataset)
 
         store: LogitStore | None = None
@@ -226,7 +226,7 @@ class Trainer:
             raise BadInputError(
                 f"student {spec.name!r} outputs {num_classes} classes but store {str(config.store)!r} holds {store.num_classes}"
             )
-        top = int(dataset.labels.max())
+        top = dataset.max_label
         if top >= num_classes:
             what = "token" if tokens else "label"
             raise BadInputError(f"data {config.data!r} has {what} {top} but student {spec.name!r} outputs {num_classes} classes")
@@ -235,10 +235,10 @@ class Trainer:
             val = load_data(config.val_data)
             if val.kind != dataset.kind:
                 raise BadInputError(f"--val-data {config.val_data!r} holds {val.kind}; --data {config.data!r} holds {dataset.kind}")
-            if not (val.labels != IGNORE_LABEL).any():
+            if not val.labelled_rows:
                 raise BadInputError(f"--val-data {config.val_data!r} has no labels")
-            if int(val.labels.max()) >= num_classes:
-                raise BadInputError(f"--val-data {config.val_data!r} has label {int(val.labels.max())}; student outputs {num_classes} classes")
+            if val.max_label >= num_classes:
+                raise BadInputError(f"--val-data {config.val_data!r} has label {val.max_label}; student outputs {num_classes} classes")
             if not tokens:
                 _output_width(model, val, spec.name)
 

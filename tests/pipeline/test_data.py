@@ -203,7 +203,7 @@ SEQS = [np.array([5, 6, 7]), np.array([8]), np.array([9, 10])]
 
 def _check_tokens(data):
     assert data.kind == "tokens" and data.num_rows == len(data) == 6 and data.num_seqs == 3
-    assert data.tokens.tolist() == [5, 6, 7, 8, 9, 10] and data.offsets.tolist() == [0, 3, 4, 6]
+    assert data.tokens[:].tolist() == [5, 6, 7, 8, 9, 10] and data.offsets.tolist() == [0, 3, 4, 6]
     # the label of a position is the next token of its sequence; -100 at each sequence's end
     assert data.labels.tolist() == [6, 7, -100, -100, 10, -100]
     assert data.fingerprint == make_token_data("other name", SEQS).fingerprint
