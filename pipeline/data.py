@@ -459,7 +459,7 @@ def _mapped_member(path: Path, name: str) -> np.ndarray | None:
         f.seek(start)
         crc, left = 0, info.file_size
         while left:
-            piece = f.read(min(left, 8 << 20))
+            piece = f.read(min(left, SCAN_ROWS * 8))  # the scan's piece size: the check holds no more
             if not piece:
                 raise ValueError(f"member {info.filename} is truncated")
             crc, left = zlib.crc32(piece, crc), left - len(piece)

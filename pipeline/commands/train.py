@@ -90,7 +90,7 @@ def train(
         int, typer.Option("--checkpoint-every", min=0, help="Also checkpoint every N batches (0: only at epoch ends).")
     ] = CHECKPOINT_EVERY,
     loader: Annotated[
-        LoaderMode, typer.Option("--loader", help="Logits in memory or streamed from the store; auto: by available memory.")
+        LoaderMode, typer.Option("--loader", help="Teachers' outputs (and token inputs) in memory or streamed; auto: by available memory.")
     ] = LoaderMode.auto,
     as_json: JsonOption = False,
     quiet: QuietOption = False,

@@ -261,3 +261,81 @@ def test_token_refusals(tmp_path):
         load_data(str(tmp_path / "junk.parquet"))
     with pytest.raises(SpecError, match="non-empty list"):
         make_token_data("s", [])
+
+
+# -- token files are read where they lie ------------------------------------------------------------
+
+
+def random_sequences(n: int, *, seed: int = 0, vocab: int = 40, longest: int = 24) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, int(rng.integers(1, longest + 1))) for _ in range(n)]
+
+
+def padded(seqs: list[np.ndarray], dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(s) for s in seqs)
+    ids, mask = np.zeros((len(seqs), width), dtype), np.zeros((len(seqs), width), np.int8)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    return ids, mask
+
+
+def same_tokens(data, reference):
+    assert data.fingerprint == reference.fingerprint and data.max_label == reference.max_label
+    assert np.array_equal(data.offsets, reference.offsets) and np.array_equal(np.asarray(data.tokens), np.asarray(reference.tokens))
+    assert np.array_equal(data.labels, reference.labels)
+
+
+def test_token_npz_and_parquet_load_in_pieces_never_whole(tmp_path, monkeypatch):
+    import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import mtkd.pipeline.data as data_module
+
+    seqs = random_sequences(1500, longest=200)
+    reference = make_token_data("in memory", seqs)
+    whole = reference.num_rows * 8  # ~1.2 MB of int64 tokens
+    ids, mask = padded(seqs)
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)  # stored, not deflated: mapped
+    pq.write_table(pa.table({"input_ids": [s.tolist() for s in seqs]}), tmp_path / "t.parquet", row_group_size=100)
+    monkeypatch.setattr(data_module, "SCAN_ROWS", 1024)  # pieces of 8 KB
+    monkeypatch.setattr(data_module, "PARQUET_CACHE_BYTES", 1)  # keep one decoded row group (~80 KB)
+    for name in ("t.npz", "t.parquet"):
+        load_data(str(tmp_path / name))  # once untraced: the modules Arrow imports lazily are no data
+        tracemalloc.start()
+        try:
+            data = load_data(str(tmp_path / name))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # numpy's allocations are traced, Arrow's own buffers are not: for Parquet this holds the
+        # int64 copies of the row groups. What stays is the offsets, 8 bytes a sequence.
+        assert peak < whole / 4, (name, peak, whole)
+        same_tokens(data, reference)
+        assert data.tokens[5:30000].tolist() == reference.tokens[5:30000].tolist()  # across sequences and row groups
+
+
+def test_a_compressed_npz_is_read_whole_to_the_same_tokens(tmp_path):
+    seqs = random_sequences(50, seed=1)
+    ids, mask = padded(seqs, np.int32)
+    np.savez_compressed(tmp_path / "c.npz", input_ids=ids, attention_mask=mask)  # deflated: cannot be mapped
+    same_tokens(load_data(str(tmp_path / "c.npz")), make_token_data("s", seqs))
+
+
+def test_the_largest_label_skips_each_sequences_first_token():
+    data = make_token_data("s", [np.array([39, 1, 2]), np.array([38, 4])])
+    assert data.max_label == int(data.labels.max()) == 4 and data.labelled_rows == 3
+
+
+def test_a_flipped_byte_in_a_mapped_npz_is_refused(tmp_path):
+    ids, mask = padded(random_sequences(40, seed=2))
+    path = tmp_path / "t.npz"
+    np.savez(path, input_ids=ids, attention_mask=mask)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(ids.tobytes()[:64]) + ids.nbytes // 2  # inside input_ids' data
+    raw[at] ^= 0x04
+    path.write_bytes(bytes(raw))
+    with pytest.raises(SpecError, match="input_ids.npy fails its CRC-32 check") as e:
+        load_data(str(path))
+    assert "t.npz" in str(e.value)

@@ -291,6 +291,10 @@ def test_sequence_order_depends_only_on_seed_and_epoch_and_resumes_at_a_batch(to
     first, again = epoch_batches(a, 2), epoch_batches(b, 2)
     assert [x.seqs.tolist() for x in first] == [x.seqs.tolist() for x in again]
     assert [x.seqs.tolist() for x in epoch_batches(a, 3)] != [x.seqs.tolist() for x in first]
+    _, other_seed = sequence_loader(token_world, mode=mode, seed=4)
+    assert [x.seqs.tolist() for x in epoch_batches(other_seed, 2)] != [x.seqs.tolist() for x in first]
+    _, fresh = sequence_loader(token_world, mode=mode)  # epoch 3 without the epochs before: the same order
+    assert [x.seqs.tolist() for x in epoch_batches(fresh, 3)] == [x.seqs.tolist() for x in epoch_batches(a, 3)]
     rest = epoch_batches(b, 2, start=3)
     assert [x.seqs.tolist() for x in rest] == [x.seqs.tolist() for x in first[3:]]
     assert all(torch.equal(x.teachers["logprobs"], y.teachers["logprobs"]) for x, y in zip(rest, first[3:]))
@@ -317,3 +321,107 @@ def test_streaming_and_memory_give_the_same_sequences_each_epoch(token_world):
         a, b = epoch_batches(stream, epoch), epoch_batches(memory, epoch)
         assert sorted(torch.cat([x.seqs for x in a]).tolist()) == sorted(torch.cat([x.seqs for x in b]).tolist())
     assert [x.seqs.tolist() for x in epoch_batches(stream, 0)] != [x.seqs.tolist() for x in epoch_batches(memory, 0)]
+
+
+# -- token inputs larger than memory ------------------------------------------------------------------
+
+
+class RecordingTokens:
+    """A corpus's tokens that are not in memory (as a mapped .npz or Parquet), recording every read."""
+
+    resident = False
+
+    def __init__(self, tokens):
+        self.tokens, self.reads = tokens, []
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, key):
+        self.reads.append((key.start, key.stop))
+        return self.tokens[key]
+
+
+def assert_same_token_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for name in ("seqs", "input_ids", "attention_mask", "labels"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+        assert x.teachers.keys() == y.teachers.keys()
+        for k in x.teachers:  # bit for bit; label_logprob is NaN at each sequence's end
+            torch.testing.assert_close(x.teachers[k], y.teachers[k], rtol=0, atol=0, equal_nan=True)
+
+
+def test_tokens_beyond_the_memory_budget_stream_in_windows_bit_for_bit(tmp_path):
+    rng = np.random.default_rng(5)
+    seqs = [rng.integers(0, 40, int(rng.integers(1, 30))) for _ in range(500)]
+    ids, mask = np.zeros((len(seqs), 29), np.int32), np.zeros((len(seqs), 29), np.int8)
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)], mask[i, : len(seq)] = seq, 1
+    np.savez(tmp_path / "t.npz", input_ids=ids, attention_mask=mask)
+    data = load_data(str(tmp_path / "t.npz"))  # memory-mapped
+    tokens = RecordingTokens(data.tokens)
+    options = dict(batch_size=16, seed=4, read_bytes=64 * 8, window_bytes=1)  # units of 64 positions, windows of 8 units
+    assert SequenceLoader(tokens, data.offsets, memory_budget=data.num_rows * 8, **options).mode == "memory"
+    loader = SequenceLoader(tokens, data.offsets, memory_budget=data.num_rows * 8 - 1, **options)
+    assert loader.mode == "stream" and loader.read_rows == 64
+    in_memory = np.concatenate(seqs)  # the same tokens, held: the path before streaming
+    held = SequenceLoader(in_memory, data.offsets, stream=True, **options)
+    for epoch in (0, 1):
+        tokens.reads.clear()
+        assert_same_token_batches(epoch_batches(loader, epoch), epoch_batches(held, epoch))
+        # Read a unit at a time (the sequences starting in its 64 positions), each position once an epoch.
+        assert sum(hi - lo for lo, hi in tokens.reads) == data.num_rows
+        assert max(hi - lo for lo, hi in tokens.reads) < 64 + 29 < data.num_rows / 40
+    # The same sequences and tokens as in memory mode, which orders them otherwise.
+    memory = SequenceLoader(in_memory, data.offsets, stream=False, **options)
+
+    def contents(batches):
+        return {int(s): b.input_ids[j][b.attention_mask[j]].tolist() for b in batches for j, s in enumerate(b.seqs)}
+
+    assert contents(epoch_batches(loader, 2)) == contents(epoch_batches(memory, 2)) == {i: s.tolist() for i, s in enumerate(seqs)}
+
+
+def test_a_streamed_store_streams_the_tokens_with_it(token_world):
+    data = load_data(str(token_world.data["train"]))
+    rows = TeacherRows(open_store(token_world.store), LM_TEACHERS, 2.0)
+    tokens = RecordingTokens(data.tokens)
+    held = data.num_rows * (rows.row_bytes + 8)  # the teachers' rows and the tokens
+    options = dict(batch_size=7, seed=3, window_bytes=1, read_bytes=1)
+    fits = SequenceLoader(tokens, data.offsets, teachers=rows, memory_budget=held, **options)
+    loader = SequenceLoader(tokens, data.offsets, teachers=rows, memory_budget=held - 1, **options)
+    assert (fits.mode, loader.mode) == ("memory", "stream")
+    in_memory = SequenceLoader(data.tokens[:], data.offsets, teachers=rows, stream=True, **options)
+    assert_same_token_batches(epoch_batches(loader, 1), epoch_batches(in_memory, 1))
+    assert sum(hi - lo for lo, hi in tokens.reads) == data.num_rows
+    assert max(hi - lo for lo, hi in tokens.reads) <= token_world.chunk_rows + 16  # a unit is one chunk
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 9), min_size=1, max_size=60), batch_size=st.integers(1, 12), world_size=st.integers(1, 3),
+    read_rows=st.integers(1, 20), window_units=st.integers(1, 10), stream=st.booleans(), epoch=st.integers(0, 3),
+    start=st.integers(0, 3),
+)
+def test_any_token_shape_splits_into_disjoint_equal_sequence_shares(lengths, batch_size, world_size, read_rows, window_units,
+                                                                   stream, epoch, start):
+    if len(lengths) < world_size:
+        return
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = np.arange(offsets[-1], dtype=np.int64) % 97  # position-dependent ids
+    shares = []
+    for rank in range(world_size):
+        loader = SequenceLoader(RecordingTokens(tokens), offsets, batch_size=batch_size, seed=11, rank=rank,
+                                world_size=world_size, stream=stream, read_bytes=read_rows * 8,
+                                window_bytes=window_units * read_rows * 8)
+        batches = epoch_batches(loader, epoch)
+        assert len(batches) == loader.batches_per_epoch
+        for b in batches:
+            for j, s in enumerate(b.seqs.tolist()):
+                assert b.input_ids[j][b.attention_mask[j]].tolist() == tokens[offsets[s] : offsets[s + 1]].tolist()
+        resumed = epoch_batches(loader, epoch, start=min(start, loader.batches_per_epoch))
+        assert [b.seqs.tolist() for b in resumed] == [b.seqs.tolist() for b in batches[min(start, len(batches)):]]
+        shares.append(torch.cat([b.seqs for b in batches]).tolist())
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) == len(lengths) // world_size
+    every = [s for share in shares for s in share]
+    assert len(set(every)) == len(every)

@@ -411,6 +411,50 @@ def test_token_metrics_per_epoch_and_the_best_by_validation_perplexity(token_wor
     assert lines[-1]["val_perplexity"] < lines[0]["val_perplexity"] * 1.05
 
 
+def test_torchrun_with_two_cpu_processes_distils_a_token_run_from_disjoint_equal_shares(token_world, tmp_path):
+    # The student writes down, per process, its parameters' sum and every sequence it trains on.
+    record = tmp_path / "seen"
+    record.mkdir()
+    student = token_world.student_toml(f"recording-{tmp_path.name}.toml", "recording_lm", hidden=8, record=json.dumps(str(record)))
+    out, epochs = tmp_path / "run", 4
+    cmd = [
+        str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "mtkd.pipeline.cli", "train",
+        "--student", str(student), "--data", str(token_world.data["train"]), "--store", str(token_world.store),
+        "--out", str(out), "--epochs", str(epochs), "--batch-size", "4", "--lr", "0.02", "--device", "cpu", "--json", "--quiet",
+    ]
+    done = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1  # rank 0 alone reports
+    per_rank = token_world.seqs // 2
+    result = json.loads(reports[0])
+    assert result["world_size"] == 2 and result["steps"] == epochs * math.ceil(per_rank / 4)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "student.pt"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and config["kind"] == "tokens" and config["loss_function"] == "fused_linear_sparse_kd_loss"
+
+    data = load_data(str(token_world.data["train"]))
+    ids = {tuple(data.tokens[a:b].tolist()): s for s, (a, b) in enumerate(zip(data.offsets[:-1], data.offsets[1:]))}
+    assert len(ids) == data.num_seqs  # every sequence told apart by its tokens
+    seen, sums = {}, {}
+    for rank in (0, 1):
+        lines = (record / f"rank-{rank}.txt").read_text().splitlines()
+        sums[rank] = [line for line in lines if line.startswith("P ")]
+        seen[rank] = [ids[tuple(int(t) for t in line.split())] for line in lines if not line.startswith("P ")]
+        assert len(seen[rank]) == epochs * per_rank
+    for e in range(epochs):  # each epoch: equal shares, disjoint, together every sequence
+        a, b = (set(seen[r][e * per_rank : (e + 1) * per_rank]) for r in (0, 1))
+        assert len(a) == len(b) == per_rank and not a & b and len(a | b) == data.num_seqs
+    assert seen[0][:per_rank] != seen[0][per_rank : 2 * per_rank]  # reshuffled each epoch
+    # One model: after every step both processes hold the same parameters (gradients all-reduced,
+    # the output layer's too, although the fused loss applies it outside DDP's forward).
+    assert sums[0] == sums[1] and len(set(sums[0])) > 1
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rows"] for r in lines] == [data.num_rows] * epochs  # both processes' positions counted
+    before, after = sparse_kd_of(token_world, None, student=student), sparse_kd_of(token_world, out, student=student)
+    assert after < 0.8 * before, (before, after)  # measured 0.66
+
+
 def test_a_student_whose_logits_are_not_its_output_layer_falls_back_to_its_logits(token_world, tmp_path):
     scaled = token_world.student_toml("scaled.toml", "scaled_lm", hidden=8)
     out = tmp_path / "run"

@@ -4,7 +4,8 @@ store made by stage one, and student LMs (written under a temporary folder, impo
 
 The LMs are plain PyTorch (fast to build): an embedding, a GRU and an output layer `lm_head`,
 exposing `.hidden(input_ids)` so that the trainer can take the fused-linear path; `scaled_lm`
-multiplies its logits after the output layer (a model the fused path must refuse).
+multiplies its logits after the output layer (a model the fused path must refuse); `recording_lm`
+writes down what each process trains on (for the torchrun test).
 """
 
 from __future__ import annotations
@@ -47,6 +48,32 @@ LMS_SOURCE = textwrap.dedent(
 
     def scaled_lm(**kwargs):
         return TinyLM(scale=2.0, **kwargs)
+
+
+    class RecordingLM(TinyLM):
+        """A TinyLM that, on every training forward, appends to RECORD/rank-R.txt (R: torchrun's
+        RANK) a line with the sum of its parameters and then each real sequence of the batch."""
+
+        def __init__(self, record, **kwargs):
+            super().__init__(**kwargs)
+            self.record = record
+
+        def hidden(self, input_ids, attention_mask=None):
+            if self.training and attention_mask is not None:
+                import os
+
+                with open(os.path.join(self.record, f"rank-{os.environ.get('RANK', '0')}.txt"), "a") as f:
+                    f.write(f"P {float(sum(p.double().sum() for p in self.parameters()))!r}\\n")
+                    for row, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+                        f.write(" ".join(str(t) for t, m in zip(row, mask) if m) + "\\n")
+            return super().hidden(input_ids)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.lm_head(self.hidden(input_ids, attention_mask)) * self.scale
+
+
+    def recording_lm(**kwargs):
+        return RecordingLM(**kwargs)
     '''
 )
 
