@@ -290,8 +290,7 @@ def _scan_tokens(spec: str, source: TokenSource, offsets: np.ndarray) -> TokenDa
             raise SpecError(f"data {spec!r}: sequence {seq} holds a negative token id {int(piece[at - lo])}")
         labelled = np.ones(hi - lo, dtype=bool)
         labelled[firsts[np.searchsorted(firsts, lo) : np.searchsorted(firsts, hi)] - lo] = False
-        if labelled.any():
-            top = max(top, int(piece[labelled].max()))
+        top = max(top, int(np.max(piece, where=labelled, initial=IGNORE_LABEL)))  # no copy of the piece
         h.update(memoryview(np.ascontiguousarray(piece, dtype="<i8")).cast("B"))
     h.update(f"{offsets.shape}".encode())
     h.update(memoryview(np.ascontiguousarray(offsets, dtype="<i8")).cast("B"))

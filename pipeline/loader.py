@@ -19,9 +19,13 @@ Two ways to the same rows (`mode`):
   overlaps training and validation; at most three windows are alive at once.
 
 Both modes assemble a batch the same way in the training thread: the rows' inputs and labels are
-gathered from memory (a data spec is loaded whole, see specs.py) and the logits are a gather (in
-memory) or a slice of the shuffled window (streaming). Labels come from the data, not the store:
-the data given on the command line is what the student trains on.
+gathered from memory (rows are loaded whole, see data.py) and the logits are a gather (in memory)
+or a slice of the shuffled window (streaming). Labels come from the data, not the store: the data
+given on the command line is what the student trains on.
+
+Rows and token sequences (SequenceLoader, at the end) share this one mechanism (_Loader): the
+order of both modes, the rank shares, the windows and the cutting of batches from them; they
+differ in what an item is (a row, a sequence), how a read unit is read and how a batch is laid out.
 
 Determinism: the rows of epoch e, in order, depend only on (seed, e, rank, world_size, mode) and,
 streaming, on the store's chunking and the window size, so a run resumed at (epoch, batch index)
