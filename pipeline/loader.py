@@ -679,7 +679,7 @@ class SequenceLoader(_Loader):
         resident = isinstance(tokens, (np.ndarray, Tensor)) or bool(getattr(tokens, "resident", False))
         self.token_bytes = n_rows * self.TOKEN_BYTES
         held = self.teacher_bytes + (0 if resident else self.token_bytes)
-        self.mode = "memory" if held == 0 and stream is None else choose_mode(stream, held, memory_budget)
+        self.mode = choose_mode(stream, held, memory_budget)  # nothing to hold (tokens in memory, no store): memory
         if teachers is not None:
             # Whole chunks of the store, at least `read_bytes` of one teacher.
             self.chunk_rows = teachers.store.chunk_rows
@@ -766,20 +766,20 @@ class SequenceLoader(_Loader):
         """The window's sequences in shuffled order, their seq_rows (sequence j's positions are
         seq_rows[j]..seq_rows[j + 1] - 1 of the window), their tokens (P,) and teachers (K, P, ...)."""
         seqs = np.concatenate([np.arange(lo, hi) for _, _, lo, hi in pieces])
-        # Where each sequence starts in the window's units laid end to end, tokens and teachers.
-        token_at, teacher_at, token_base, teacher_base = [], [], 0, 0
-        for (t_lo, tokens, r_lo, rows), _, lo, hi in pieces:
-            token_at.append(self.offsets[lo:hi] - t_lo + token_base)
-            teacher_at.append(self.offsets[lo:hi] - r_lo + teacher_base)
-            token_base += len(tokens)
-            teacher_base += next(iter(rows.values())).shape[1] if rows else 0
+        units = [unit for unit, _, _, _ in pieces]  # (first token row, tokens, first teacher row, teachers' rows)
+        # The units' tokens and teachers' rows laid end to end; where each sequence starts in them.
+        tokens = torch.cat([unit[1] for unit in units])
+        token_base = np.cumsum([0] + [len(unit[1]) for unit in units])
+        token_at = np.concatenate([self.offsets[lo:hi] - unit[0] + base for (unit, _, lo, hi), base in zip(pieces, token_base)])
         shuffled = seqs[shuffle]
-        tokens = torch.cat([p[0][1] for p in pieces])[torch.from_numpy(self._rows_of(shuffled, np.concatenate(token_at)[shuffle]))]
+        tokens = tokens[torch.from_numpy(self._rows_of(shuffled, token_at[shuffle]))]  # (P,)
         teachers = {}
         if self.source is not None:
-            index = torch.from_numpy(self._rows_of(shuffled, np.concatenate(teacher_at)[shuffle]))
-            for k in pieces[0][0][3]:
-                teachers[k] = torch.index_select(torch.cat([p[0][3][k] for p in pieces], dim=1), 1, index)
+            rows = {k: torch.cat([unit[3][k] for unit in units], dim=1) for k in units[0][3]}
+            row_base = np.cumsum([0] + [next(iter(unit[3].values())).shape[1] for unit in units])
+            row_at = np.concatenate([self.offsets[lo:hi] - unit[2] + base for (unit, _, lo, hi), base in zip(pieces, row_base)])
+            index = torch.from_numpy(self._rows_of(shuffled, row_at[shuffle]))
+            teachers = {k: torch.index_select(v, 1, index) for k, v in rows.items()}  # (K, P, ...)
         seq_rows = np.concatenate([[0], np.cumsum(self.lengths[shuffled])])
         return (shuffled, seq_rows, tokens, teachers), None
 
