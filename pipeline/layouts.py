@@ -186,8 +186,8 @@ class TopK(Layout):
 
     def reduce(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], RowSummary]:
         z = logits.float()  # (n, V): every normaliser over the teacher's whole vocabulary, in float32
-        lse = torch.stack([torch.logsumexp(z if t == 1.0 else z / t, dim=1) for t in self.temperatures], dim=1)  # (n, T)
-        top, ids = z.topk(self.top_k, dim=1, sorted=False)  # (n, k)
+        lse = normalisers(z, self.temperatures)  # (n, T)
+        top, ids = top_k(z, self.top_k)  # (n, k): raw logits; minus lse[T=1] they are log-probabilities
         # Stored in ascending id order (log-probabilities alike): measured to compress best (README).
         ids, order = ids.sort(dim=1)
         top = top.gather(1, order)
@@ -234,6 +234,74 @@ def retemper(logprobs: torch.Tensor, lse: torch.Tensor, temperatures: tuple[floa
     log p_T = (logprob + lse[T=1]) / T - lse[T], i.e. z / T minus its normaliser."""
     z = logprobs + lse[:, :1]  # the raw logits of the listed classes
     return torch.stack([z / t - lse[:, j : j + 1] for j, t in enumerate(temperatures)])
+
+
+# -- the vocabulary-wide work of a top-k row, done as few times over (n, V) as exactness allows --------
+# On the CPU this is most of stage one's cost beyond the forward (bench/pipeline.py's
+# infer_vs_forward_tokens): two torch.logsumexp calls, a topk and the label gather took longer than a
+# small transformer's whole forward at V = 8192 (measured on 2 cores).
+
+NORMALISER_CHUNK_BYTES = 1 << 20  # CPU: rows per pass that stay in cache (measured flat from 0.5 to 8 MiB)
+GROUP = 8  # top_k: classes per group whose maximum stands for them (measured best of 4, 8, 16, 32)
+
+
+def normalisers(z: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
+    """(n, V) float32 logits -> (n, len(temperatures)): logsumexp(z / T) for each T, over the whole row.
+
+    One max pass, then per temperature exp((z - max) / T) summed. A temperature half of another
+    stored one squares that one's exponentials instead of taking its own (exp(x / T) = exp(x / 2T)^2,
+    exact to float32 rounding; the default 1, 2 needs one exp pass, not two). On the CPU rows go in
+    chunks that stay in cache, so the passes over a chunk read memory once; on CUDA one chunk.
+    Non-finite rows stay non-finite (NaN, where torch.logsumexp may give inf): they are not stored.
+    """
+    n, vocab = z.shape
+    top = z.amax(dim=1)  # (n,)
+    out = torch.empty((n, len(temperatures)), dtype=z.dtype, device=z.device)
+    chunk = n if z.device.type != "cpu" else max(1, NORMALISER_CHUNK_BYTES // (4 * vocab))
+    order = sorted(range(len(temperatures)), key=lambda j: -temperatures[j])  # a T after 2T
+    for start in range(0, n, chunk):
+        rows, shift = z[start : start + chunk], top[start : start + chunk, None]
+        exps: dict[float, torch.Tensor] = {}
+        for j in order:
+            t = temperatures[j]
+            if 2 * t in exps:
+                e = exps[2 * t].square()
+            else:
+                e = rows - shift
+                if t != 1.0:
+                    e.div_(t)
+                e.exp_()
+            exps[t] = e
+            out[start : start + chunk, j] = e.sum(dim=1)
+    scale = torch.tensor(temperatures, dtype=z.dtype, device=z.device)
+    return out.log_().add_(top[:, None] / scale)
+
+
+def top_k(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values of each row of (n, V) `z` and their column ids (int64), in no order.
+
+    Exactly torch.topk's values (ids alike unless values tie). On the CPU torch.topk costs a partial
+    sort of every whole row (measured 30 us a row at V = 8192); here the row's columns are cut into
+    GROUP strided groups of V / GROUP (column c holds classes c, c + V/GROUP, ...), the k groups with
+    the largest maxima are found (recursively, the same way), and only their GROUP * k members are
+    searched: every one of the k largest values lies in those groups, since k groups whose maxima
+    are at least any other group's maximum hold k values at least as large as anything outside.
+    About 0.6 of torch.topk's time (measured). On CUDA torch.topk is one fast kernel: it is used.
+    """
+    n, vocab = z.shape
+    if z.device.type != "cpu" or vocab < 4 * GROUP * k:
+        return z.topk(k, dim=1, sorted=False)
+    z = z.contiguous()
+    width = vocab // GROUP
+    grouped = z[:, : GROUP * width].view(n, GROUP, width)
+    _, columns = top_k(grouped.amax(dim=1), k)  # (n, k) of the width columns
+    members = columns[:, None, :] + torch.arange(0, GROUP * width, width, device=z.device)[None, :, None]
+    candidates = members.view(n, GROUP * k)
+    if vocab > GROUP * width:  # the last vocab % GROUP classes are in no group: always candidates
+        rest = torch.arange(GROUP * width, vocab, device=z.device).expand(n, -1)
+        candidates = torch.cat([candidates, rest], dim=1)
+    values, where = z.gather(1, candidates).topk(k, dim=1, sorted=False)
+    return values, candidates.gather(1, where)
 
 
 def _label_logprob(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

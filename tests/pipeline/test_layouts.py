@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mtkd.pipeline.errors import BadInputError
-from mtkd.pipeline.layouts import Dense, TopK, from_storage, parse_temperatures, retemper, to_storage
+from mtkd.pipeline import layouts
+from mtkd.pipeline.layouts import Dense, TopK, from_storage, normalisers, parse_temperatures, retemper, to_storage, top_k
 
 
 def _logits(n=6, v=11, seed=0):
@@ -40,6 +41,39 @@ def test_topk_reduce_against_a_float64_reference(dtype):
     for j, t in enumerate(layout.temperatures):
         p = torch.softmax(z / t, 1).gather(1, top.indices)
         assert torch.allclose(summary.tail[:, j].double(), 1 - p.sum(1), atol=5 * tol)
+
+
+@pytest.mark.parametrize("vocab", [300, 2053, 4099])  # below the grouping threshold; 2053 % 8 and 4099 % 8 left over
+def test_top_k_gives_torch_topk_values_and_ids(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    z = torch.randperm(40 * vocab, generator=g).view(40, vocab).float() / 7  # distinct values: ids are unique
+    z[3] = -float("inf")
+    z[3, [5, vocab - 1]] = 1.0  # -inf ties fill the rest of this row: values still equal topk's
+    z[4, vocab - 3 :] += 1e6  # the largest values among the classes left over by the groups
+    for k in (1, 8, 32):
+        values, ids = top_k(z, k)
+        ref = z.topk(k, dim=1)
+        assert torch.equal(values.sort(1).values, ref.values.sort(1).values)
+        assert torch.equal(z.gather(1, ids), values)  # ids point at their values ...
+        distinct = torch.arange(40) != 3
+        assert torch.equal(ids[distinct].sort(1).values, ref.indices[distinct].sort(1).values)  # ... torch's where no ties
+        assert all(len(set(row.tolist())) == k for row in ids)  # distinct classes even in the -inf row
+    values, _ = top_k(torch.full((2, 2053), float("nan")), 8)
+    assert values.isnan().all()  # NaN rows stay NaN (and are refused as stored values)
+
+
+def test_normalisers_at_every_temperature_across_chunks(monkeypatch):
+    monkeypatch.setattr(layouts, "NORMALISER_CHUNK_BYTES", 7 * 4 * 301)  # 7 rows a chunk: 43 rows in 7 chunks
+    z = torch.randn(43, 301, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 5
+    temps = (1.0, 0.5, 0.25, 2.0, 3.0, 4.0)  # 0.5 squares 1's exponentials, 0.25 squares 0.5's, 2 squares 4's
+    got = normalisers(z.float(), temps)
+    for j, t in enumerate(temps):
+        assert torch.allclose(got[:, j].double(), torch.logsumexp(z / t, 1), rtol=1e-6, atol=2e-6)  # float32: ulps of lse
+    bad = z.float().clone()
+    bad[0, 3], bad[1] = float("nan"), -float("inf")
+    bad[2, 5] = float("inf")
+    flags = torch.isfinite(normalisers(bad, temps)).all(1)
+    assert flags.tolist()[:4] == [False, False, False, True]
 
 
 def test_retempering_is_exact_at_every_stored_temperature():
