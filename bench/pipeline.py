@@ -11,9 +11,13 @@ cost of a forward pass does not depend on them) and the demo's MLP student on MN
                              the teachers' bare forward rows/s (`forward_throughput`, same batches).
                              Target >= 0.9.
   infer_vs_forward_tokens    the same for language models: stage one's tokens/s (top-64 ids, log-probabilities,
-                             normalisers, label log-probabilities written to the store) over the teachers' bare
-                             forward tokens/s, two random-weight `transformer_lm` teachers at V = --token-vocab
-                             (8192) on random token sequences. Target >= 0.9.
+                             normalisers at T = 1, 2, label log-probabilities written to the store) over the
+                             teachers' bare forward tokens/s, at V = --token-vocab (8192) on --token-seqs random
+                             sequences of 128 tokens. The teachers are the two Transformer shapes `mtkd demo lm`
+                             trains (d_model 128 x 2 layers and 96 x 3, 4 heads), random weights: small LMs, so
+                             that stage one's vocabulary-wide work (normalisers over all V, top-k) weighs as
+                             much beside the forward as it ever does (a larger model hides it), yet real ones
+                             (not a bare embedding + head, which nothing would distil from). Target >= 0.9.
   offline_vs_online_speedup  online KD (every teacher run on every batch, for E epochs) wall time,
                              divided by stage one once plus E epochs of stage two (`run_train --store`),
                              wall time of both library calls. Target >= 5.
@@ -21,17 +25,20 @@ cost of a forward pass does not depend on them) and the demo's MLP student on MN
                              the same with the logits read into memory first, minus 1. Target <= 0.05.
 
 And the same two stage-two figures for language models (`--lm-seqs 0` skips them): token sequences of
-random ids (V = 2048, 128 tokens each; the cost of a forward pass does not depend on the text), three
-built-in teacher LMs of the sizes `mtkd demo lm` trains (two Transformers and a GRU), stage one top-k
-64 at T = 1, 2, and a one-layer GRU student of width 48 distilled through `fused_linear_sparse_kd_loss`:
+random ids (V = 2048, windows of 128 tokens; the cost of a forward pass does not depend on the text), the
+three teacher LMs `mtkd demo lm` trains at its sizes (Transformers d_model 128 x 2 layers and 96 x 3, a
+GRU of embedding 128 and width 384; random weights), stage one top-k 64 at T = 1, 2, and the demo's
+student (a one-layer Transformer of width 48) distilled through `fused_linear_sparse_kd_loss`:
 
   offline_vs_online_speedup_tokens  online KD (the three teachers on every batch, their dense logits
                              into `fused_kd_loss`) for E epochs, over stage one once plus E epochs of
                              stage two. Target >= 5.
   stream_overhead_tokens     as stream_overhead, for the top-k store. Target <= 0.05.
 
-Both sides of every comparison run the same way: the online teachers under stage one's autocast (fp16
-on CUDA), their batches copied from pinned memory as the loader's are.
+Both sides of every comparison run the same way: the online teachers under stage one's autocast
+(`teacher_autocast`: fp16 on CUDA, float32 on the CPU), their batches copied from pinned memory on CUDA
+as the loader's are. `--threads N` fixes torch's CPU threads (on a shared machine one thread per side
+gives steadier ratios); the JSON records it, with the other conditions.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ import torch
 from mtkd.kernels import fused_kd_loss
 from mtkd.pipeline.demos.rows import RowsDemoConfig, toml_table
 from mtkd.pipeline.device import resolve_device
-from mtkd.pipeline.infer import _autocast, forward_throughput, load_teacher, run_infer
+from mtkd.pipeline.infer import forward_throughput, load_teacher, run_infer, teacher_autocast
 from mtkd.pipeline.data import load_data
 from mtkd.pipeline.specs import import_object, load_teacher_specs
 from mtkd.pipeline.config import TrainConfig
@@ -93,7 +100,7 @@ def _online_kd(teachers: Path, data: Path, *, epochs: int, batch_size: int, lr: 
         order = torch.randperm(len(x_all))
         for start in range(0, len(x_all), batch_size):
             x = _gather(x_all, order[start : start + batch_size], device)
-            with torch.inference_mode(), _autocast(device, TEACHER_DTYPE):  # as stage one runs them
+            with torch.inference_mode(), teacher_autocast(device, TEACHER_DTYPE):  # as stage one runs them
                 z = torch.stack([m(x) for m in models])  # (K, B, V)
             loss = fused_kd_loss(student(x), z.clone(), temperature=temperature)  # clone: out of inference mode
             optimizer.zero_grad(set_to_none=True)
@@ -104,8 +111,9 @@ def _online_kd(teachers: Path, data: Path, *, epochs: int, batch_size: int, lr: 
     return time.perf_counter() - started
 
 
-def _infer_vs_forward_tokens(work: Path, args: argparse.Namespace) -> tuple[list[float], list[float]]:
-    """Interleaved pairs of (bare forward tokens/s, stage-one tokens/s) for two LM teachers."""
+def _infer_vs_forward_tokens(work: Path, args: argparse.Namespace) -> dict:
+    """infer_vs_forward_tokens from interleaved pairs of (bare forward tokens/s, stage-one tokens/s),
+    for the demo's two Transformer shapes at V = --token-vocab (module docstring: why these)."""
     from mtkd.pipeline.data import make_token_data
     from mtkd.pipeline.models import transformer_lm
 
@@ -120,13 +128,19 @@ def _infer_vs_forward_tokens(work: Path, args: argparse.Namespace) -> tuple[list
     teachers.write_text("\n".join(tables))
     rng = np.random.default_rng(0)
     data = make_token_data("bench tokens", [rng.integers(0, args.token_vocab, args.token_len) for _ in range(args.token_seqs)])
-    common = {"batch_size": args.token_batch, "device": args.device}
+    common = {"batch_size": args.token_batch, "device": args.device, "dtype": TEACHER_DTYPE}
     forward_throughput(teachers, data, **common)  # unmeasured: first-call allocations
     forward, infer = [], []
     for i in range(args.repeats):
         forward.append(forward_throughput(teachers, data, **common))
-        infer.append(run_infer(teachers, data, work / f"tokens{i}", top_k=64, **common).rows_per_s)
-    return forward, infer
+        infer.append(run_infer(teachers, data, work / f"tokens{i}", top_k=64, temperatures="1,2", **common).rows_per_s)
+    return {
+        "infer_vs_forward_tokens": statistics.median(i / f for i, f in zip(infer, forward)),
+        "measurements_infer_tokens": {"forward_tokens_per_s": forward, "infer_tokens_per_s": infer},
+        "conditions_infer_tokens": {"sequences": args.token_seqs, "length": args.token_len, "vocab": args.token_vocab,
+                                    "batch_size": args.token_batch, "top_k": 64, "temperatures": [1, 2],
+                                    "teachers": ["transformer_lm d_model 128 x 2 layers", "transformer_lm d_model 96 x 3 layers"]},
+    }
 
 
 TEACHER_DTYPE = "float16"  # stage one's default --dtype, and the autocast it implies on CUDA
@@ -143,12 +157,12 @@ def _gather(x: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch
 # -- tokens ----------------------------------------------------------------------------------------
 
 LM_VOCAB, LM_LENGTH = 2048, 128
-LM_TEACHERS = (  # (name, factory, kwargs): the demo's kinds of teacher at the prototype's sizes
-    ("transformer_a", "mtkd.pipeline.models:transformer_lm", {"vocab_size": LM_VOCAB, "d_model": 128, "layers": 2}),
-    ("transformer_b", "mtkd.pipeline.models:transformer_lm", {"vocab_size": LM_VOCAB, "d_model": 96, "layers": 3}),
-    ("gru", "mtkd.pipeline.models:gru_lm", {"vocab_size": LM_VOCAB, "hidden": 192}),
+LM_TEACHERS = (  # (name, factory, kwargs): the teachers `mtkd demo lm` trains, at its sizes
+    ("transformer", "mtkd.pipeline.models:transformer_lm", {"vocab_size": LM_VOCAB, "d_model": 128, "layers": 2, "heads": 4}),
+    ("transformer_deep", "mtkd.pipeline.models:transformer_lm", {"vocab_size": LM_VOCAB, "d_model": 96, "layers": 3, "heads": 4}),
+    ("gru", "mtkd.pipeline.models:gru_lm", {"vocab_size": LM_VOCAB, "embed": 128, "hidden": 384}),
 )
-LM_STUDENT = ("mtkd.pipeline.models:gru_lm", {"vocab_size": LM_VOCAB, "hidden": 48})
+LM_STUDENT = ("mtkd.pipeline.models:transformer_lm", {"vocab_size": LM_VOCAB, "d_model": 48, "layers": 1, "heads": 4})
 
 
 def _setup_tokens(work: Path, seqs: int) -> tuple[Path, Path, Path]:
@@ -181,7 +195,7 @@ def _online_kd_tokens(teachers: Path, data: Path, *, epochs: int, batch_size: in
         order = torch.randperm(len(ids_all))
         for start in range(0, len(ids_all), batch_size):
             ids = _gather(ids_all, order[start : start + batch_size], device)
-            with torch.inference_mode(), _autocast(device, TEACHER_DTYPE):
+            with torch.inference_mode(), teacher_autocast(device, TEACHER_DTYPE):
                 z = torch.stack([m(ids) for m in models]).flatten(1, 2)  # (K, B * L, V)
             loss = fused_kd_loss(student(ids).flatten(0, 1), z.clone(), temperature=temperature)
             optimizer.zero_grad(set_to_none=True)
@@ -201,7 +215,7 @@ def _token_figures(work: Path, args: argparse.Namespace, device: torch.device, *
     for i in range(max(1, args.repeats - 1)):
         store = work / f"lm-store{i}"
         infer_wall.append(run_infer(teachers, str(data), store, batch_size=args.lm_batch_size, device=args.device,
-                                    top_k=64, temperatures="1,2").wall_s)
+                                    dtype=TEACHER_DTYPE, top_k=64, temperatures="1,2").wall_s)
         started = time.perf_counter()
         run_train(TrainConfig(student, str(data), work / f"lm-offline{i}", store=store, epochs=args.epochs, **common))
         offline.append(infer_wall[i] + time.perf_counter() - started)
@@ -222,8 +236,54 @@ def _token_figures(work: Path, args: argparse.Namespace, device: torch.device, *
                                 "stream_epoch_s": stream, "memory_epoch_s": memory},
         "conditions_tokens": {"sequences": args.lm_seqs, "length": LM_LENGTH, "vocab": LM_VOCAB, "top_k": 64,
                               "batch_size": args.lm_batch_size, "teachers": [t[0] for t in LM_TEACHERS],
-                              "student": "gru_lm hidden 48", "loss": json.loads((work / "lm-offline0" / "config.json")
-                                                                              .read_text())["loss_function"]},
+                              "student": "transformer_lm d_model 48, 1 layer",
+                              "loss": json.loads((work / "lm-offline0" / "config.json").read_text())["loss_function"]},
+    }
+
+
+def _rows_figures(work: Path, args: argparse.Namespace, device: torch.device, *, lr: float, temperature: float,
+                  seed: int) -> dict:
+    """infer_vs_forward, offline_vs_online_speedup and stream_overhead, with their measurements."""
+    teachers, student, data = _setup(work, args.rows)
+    common = {"device": args.device, "batch_size": args.batch_size}
+    train = {**common, "lr": lr, "temperature": temperature, "seed": seed}
+
+    # infer_vs_forward: interleaved, so that both see the same machine; one unmeasured forward
+    # pass first, so that neither side pays for first-call allocations.
+    forward_throughput(teachers, str(data), dtype=TEACHER_DTYPE, **common)
+    forward, infer, infer_wall = [], [], []
+    for i in range(args.repeats):
+        forward.append(forward_throughput(teachers, str(data), dtype=TEACHER_DTYPE, **common))
+        result = run_infer(teachers, str(data), work / f"store{i}", dtype=TEACHER_DTYPE, **common)
+        infer.append(result.rows_per_s)
+        infer_wall.append(result.wall_s)
+    store = work / "store0"
+
+    # offline (stage one once + E epochs of stage two) against online KD, alternating.
+    offline, online = [], []
+    for i in range(max(1, args.repeats - 1)):
+        started = time.perf_counter()
+        run_train(TrainConfig(student, str(data), work / f"offline{i}", store=store, epochs=args.epochs, **train))
+        offline.append(infer_wall[i] + time.perf_counter() - started)
+        online.append(_online_kd(teachers, data, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+                                 temperature=temperature, device=device, seed=seed))
+
+    # stream_overhead: median epoch time, streaming vs in memory, alternating.
+    stream, memory = [], []
+    for i in range(max(1, args.repeats - 1)):
+        for mode, sink in ((True, stream), (False, memory)):
+            run = work / f"{'stream' if mode else 'memory'}{i}"
+            run_train(TrainConfig(student, str(data), run, store=store, epochs=args.stream_epochs, stream=mode, **train))
+            sink.append(_epoch_seconds(run))
+    med = statistics.median
+    return {
+        # Medians of the ratios of interleaved pairs: on a shared machine the speed drifts by tens of
+        # percent from one minute to the next, and a pair sees the same drift.
+        "infer_vs_forward": med(i / f for i, f in zip(infer, forward)),
+        "offline_vs_online_speedup": med(on / off for on, off in zip(online, offline)),
+        "stream_overhead": med(s / m for s, m in zip(stream, memory)) - 1,
+        "measurements": {"forward_rows_per_s": forward, "infer_rows_per_s": infer, "infer_wall_s": infer_wall,
+                         "offline_s": offline, "online_s": online, "stream_epoch_s": stream, "memory_epoch_s": memory},
     }
 
 
@@ -234,86 +294,45 @@ def _epoch_seconds(run: Path) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=50_000, help="MNIST-1D rows (inputs of 40 values)")
+    parser.add_argument("--rows", type=int, default=50_000, help="MNIST-1D rows (inputs of 40 values; 0: skip the rows figures)")
     parser.add_argument("--epochs", type=int, default=10, help="stage-two / online KD epochs")
     parser.add_argument("--stream-epochs", type=int, default=4, help="epochs per stream_overhead run")
     parser.add_argument("--batch-size", type=int, default=256, help="batch size of every stage and of online KD")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each measurement")
-    parser.add_argument("--token-seqs", type=int, default=64, help="infer_vs_forward_tokens: sequences")
+    parser.add_argument("--token-seqs", type=int, default=256,
+                        help="infer_vs_forward_tokens: sequences (0: skip it; 256 x 128 tokens are 4 blocks, so that writes "
+                             "overlap the forward as in a long run)")
     parser.add_argument("--token-len", type=int, default=128, help="infer_vs_forward_tokens: tokens per sequence")
     parser.add_argument("--token-vocab", type=int, default=8192, help="infer_vs_forward_tokens: the teachers' V")
     parser.add_argument("--token-batch", type=int, default=16, help="infer_vs_forward_tokens: sequences per batch")
     parser.add_argument("--lm-seqs", type=int, default=512, help="token sequences of the LM figures (0: skip them)")
-    parser.add_argument("--lm-batch-size", type=int, default=16, help="sequences per batch of the LM figures")
+    parser.add_argument("--lm-batch-size", type=int, default=32, help="sequences per batch of the LM figures (the demo's)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--json", dest="json_path", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     lr, temperature, seed = 1e-2, 2.0, 0
 
     work = Path(tempfile.mkdtemp(prefix="mtkd-bench-"))
+    results: dict = {}
     try:
-        teachers, student, data = _setup(work, args.rows)
-        common = {"device": args.device}
-
-        # infer_vs_forward: interleaved, so that both see the same machine; one unmeasured forward
-        # pass first, so that neither side pays for first-call allocations.
-        forward_throughput(teachers, str(data), batch_size=args.batch_size, device=args.device)
-        forward, infer, infer_wall = [], [], []
-        for i in range(args.repeats):
-            forward.append(forward_throughput(teachers, str(data), batch_size=args.batch_size, device=args.device))
-            result = run_infer(teachers, str(data), work / f"store{i}", batch_size=args.batch_size, device=args.device)
-            infer.append(result.rows_per_s)
-            infer_wall.append(result.wall_s)
-        store = work / "store0"
-        token_forward, token_infer = _infer_vs_forward_tokens(work, args)
-
-        # offline (stage one once + E epochs of stage two) against online KD, alternating.
-        offline, online = [], []
-        for i in range(max(1, args.repeats - 1)):
-            started = time.perf_counter()
-            run_train(TrainConfig(student, str(data), work / f"offline{i}", store=store, epochs=args.epochs,
-                                  batch_size=args.batch_size, lr=lr, temperature=temperature, seed=seed, **common))
-            offline.append(infer_wall[i] + time.perf_counter() - started)
-            online.append(_online_kd(teachers, data, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
-                                     temperature=temperature, device=device, seed=seed))
-
-        # stream_overhead: median epoch time, streaming vs in memory, alternating.
-        stream, memory = [], []
-        for i in range(max(1, args.repeats - 1)):
-            for mode, sink in ((True, stream), (False, memory)):
-                run = work / f"{'stream' if mode else 'memory'}{i}"
-                run_train(TrainConfig(student, str(data), run, store=store, epochs=args.stream_epochs,
-                                      batch_size=args.batch_size, lr=lr, temperature=temperature, seed=seed, stream=mode,
-                                      **common))
-                sink.append(_epoch_seconds(run))
-        tokens = _token_figures(work, args, device, lr=lr, temperature=temperature, seed=seed) if args.lm_seqs else {}
+        if args.rows:
+            results.update(_rows_figures(work, args, device, lr=lr, temperature=temperature, seed=seed))
+        if args.token_seqs:
+            results.update(_infer_vs_forward_tokens(work, args))
+        if args.lm_seqs:
+            results.update(_token_figures(work, args, device, lr=lr, temperature=temperature, seed=seed))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    med = statistics.median
-    results = {
-        # Medians of the ratios of interleaved pairs: on a shared machine the speed drifts by tens of
-        # percent from one minute to the next, and a pair sees the same drift.
-        "infer_vs_forward": med(i / f for i, f in zip(infer, forward)),
-        "infer_vs_forward_tokens": med(i / f for i, f in zip(token_infer, token_forward)),
-        "offline_vs_online_speedup": med(on / off for on, off in zip(online, offline)),
-        "stream_overhead": med(s / m for s, m in zip(stream, memory)) - 1,
-        "measurements": {
-            "forward_rows_per_s": forward, "infer_rows_per_s": infer, "infer_wall_s": infer_wall,
-            "forward_tokens_per_s": token_forward, "infer_tokens_per_s": token_infer,
-            "offline_s": offline, "online_s": online, "stream_epoch_s": stream, "memory_epoch_s": memory,
-        },
-        "conditions": {
-            "rows": args.rows, "token_seqs": args.token_seqs, "token_len": args.token_len, "token_vocab": args.token_vocab,
-            "token_batch": args.token_batch, "epochs": args.epochs, "stream_epochs": args.stream_epochs,
-            "batch_size": args.batch_size, "repeats": args.repeats,
-            "teachers": [r.name for r in RowsDemoConfig().teachers], "student": "mlp 40-100-100-10",
-            "device": str(device), "cpu_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
-        },
-        **tokens,
+    results["conditions"] = {
+        "rows": args.rows, "epochs": args.epochs, "stream_epochs": args.stream_epochs, "batch_size": args.batch_size,
+        "repeats": args.repeats, "teachers": [r.name for r in RowsDemoConfig().teachers], "student": "mlp 40-100-100-10",
+        "device": str(device), "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
     }
     targets = {"infer_vs_forward": (">=", 0.9), "infer_vs_forward_tokens": (">=", 0.9), "offline_vs_online_speedup": (">=", 5.0),
                "stream_overhead": ("<=", 0.05), "offline_vs_online_speedup_tokens": (">=", 5.0), "stream_overhead_tokens": ("<=", 0.05)}
@@ -324,7 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
         value = results[key]
         ok = value >= target if op == ">=" else value <= target
         print(f"{key:<34}{value:>10.3f}  {op}{target:>6}  {'ok' if ok else 'MISSED'}")
-    print(f"({args.rows} rows, {args.epochs} epochs, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads)")
+    print(f"({args.rows} rows, {args.token_seqs} + {args.lm_seqs} token sequences, {args.epochs} epochs, {device}, "
+          f"{torch.get_num_threads()} threads)")
     if args.json_path:
         args.json_path.parent.mkdir(parents=True, exist_ok=True)
         args.json_path.write_text(json.dumps(results, indent=2) + "\n")

@@ -395,7 +395,7 @@ def _forward(
     next_block = 0  # index into `blocks` of the first block not yet handed to the writer
     rows_done, reused = 0, False
     try:
-        with torch.inference_mode(), _autocast(dev, config.dtype):
+        with torch.inference_mode(), teacher_autocast(dev, config.dtype):
             for j in needed:
                 r0, r1 = grid.rows(j)
                 touching = [b for b in blocks[next_block:] if ranges[b][0] < r1 and ranges[b][1] > r0]
@@ -565,7 +565,7 @@ def _probe(models: dict[str, torch.nn.Module], grid: BatchGrid, dev: torch.devic
     the right shape. Returns the logits (batch 0 of the forward reuses them)."""
     batch = grid.batch(0, dev)
     outputs: dict[str, torch.Tensor] = {}
-    with torch.inference_mode(), _autocast(dev, dtype):
+    with torch.inference_mode(), teacher_autocast(dev, dtype):
         for name, model in models.items():
             try:
                 outputs[name] = run_teacher(name, model, batch, dev)
@@ -583,7 +583,7 @@ def _check_first_batch(
     """Batch 0's stored values must be finite before the store is made; returns them for reuse."""
     batch = grid.batch(0, dev)
     out = {}
-    with torch.inference_mode(), _autocast(dev, dtype):
+    with torch.inference_mode(), teacher_autocast(dev, dtype):
         for name, logits in first_logits.items():
             arrays, summary = _teacher_rows(layouts[name], logits, batch)
             _stored(name, layouts[name], {k: v.cpu() for k, v in arrays.items()},
@@ -649,9 +649,11 @@ def _who(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _autocast(dev: torch.device, dtype: str):
-    # 16-bit autocast on CUDA only: on CPU it is emulated on most machines and slower than float32,
-    # so CPU teachers run in float32 and their outputs are rounded to --dtype when stored.
+def teacher_autocast(dev: torch.device, dtype: str):
+    """The autocast stage one runs teachers under for `--dtype`: 16-bit on CUDA only (on the CPU it is
+    emulated on most machines and slower than float32, so CPU teachers run in float32 and their
+    outputs are rounded to --dtype when stored). Anything that compares itself with stage one (the
+    benchmark's online KD) runs its teachers under the same."""
     if dev.type == "cuda" and dtype == "float16":
         with torch.autocast("cuda", dtype=torch.float16):
             yield
@@ -705,7 +707,7 @@ def forward_throughput(
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     started = time.perf_counter()
-    with torch.inference_mode(), _autocast(dev, dtype):
+    with torch.inference_mode(), teacher_autocast(dev, dtype):
         for batch in batches:
             for name, model in models.items():
                 run_teacher(name, model, batch, dev)
