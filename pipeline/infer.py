@@ -273,6 +273,7 @@ class BatchGrid:
 
     def __init__(self, data: Data, batch_size: int):
         self.data, self.batch_size = data, batch_size
+        self.labels = data.labels  # once: unlabelled rows build theirs on every access
         if isinstance(data, TokenData):
             firsts = data.offsets[np.arange(0, data.num_seqs, batch_size)]
         else:
@@ -295,7 +296,7 @@ class BatchGrid:
         pin = dev.type == "cuda"
         if isinstance(data, RowData):
             x = torch.from_numpy(data.x[r0:r1])
-            labels = torch.from_numpy(data.labels[r0:r1])
+            labels = torch.from_numpy(self.labels[r0:r1])
             if pin:
                 x, labels = x.pin_memory(), labels.pin_memory()
             return Batch(x.to(dev, non_blocking=True), None, labels.to(dev, non_blocking=True), None)
@@ -306,7 +307,7 @@ class BatchGrid:
         labels = np.full((len(seqs), width), -100, dtype=np.int64)
         mask = np.arange(width)[None, :] < lengths[:, None]  # (B, L) real positions, a prefix of each row
         ids[mask] = data.tokens[r0:r1]
-        labels[mask] = data.labels[r0:r1]
+        labels[mask] = self.labels[r0:r1]
         real = np.flatnonzero(mask.reshape(-1))  # row order: sequence by sequence, position by position
         tensors = [torch.from_numpy(a) for a in (ids, mask.astype(np.int64), labels.reshape(-1), real)]
         if pin:
@@ -436,7 +437,7 @@ def _forward(
                     block = blocks[next_block]
                     if cuda:
                         torch.cuda.current_stream(dev).synchronize()  # the block's copies have landed
-                    writer.put(block, _finish_block(store, config, block, pending.pop(block)))
+                    writer.put(block, _finish_block(store, config, grid, block, pending.pop(block)))
                     next_block += 1
                 if progress is not None:
                     progress(rows_done, total_rows)
@@ -447,10 +448,10 @@ def _forward(
     return rows_done, reused
 
 
-def _finish_block(store: LogitStore, config: InferConfig, block: int, pending: _Pending) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray]]:
+def _finish_block(store: LogitStore, config: InferConfig, grid: BatchGrid, block: int, pending: _Pending) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray]]:
     """A full block's arrays as stored and its stats sums, per teacher; refuses non-finite values."""
     start, stop = store.block_range(block)
-    labels = torch.from_numpy(config.data.labels[start:stop])
+    labels = torch.from_numpy(grid.labels[start:stop])
     return {name: _stored(name, config.layouts[name], pending.buffers[name], pending.summary(name), labels, start) for name in pending.names}
 
 
@@ -594,7 +595,7 @@ def _check_first_batch(
 
 def _batch_labels(grid: BatchGrid, j: int) -> torch.Tensor:
     r0, r1 = grid.rows(j)
-    return torch.from_numpy(grid.data.labels[r0:r1])
+    return torch.from_numpy(grid.labels[r0:r1])
 
 
 def _resolve_layouts(
@@ -604,7 +605,8 @@ def _resolve_layouts(
     """Each teacher's layout from its vocabulary (V of its first batch) and the options; refuses what
     the store or the data cannot hold."""
     layouts: dict[str, Dense | TopK] = {}
-    labelled = data.labels[data.labels >= 0]
+    labels = data.labels
+    labelled = labels[labels >= 0]
     top_label = int(labelled.max()) if len(labelled) else -1
     for name, logits in first_logits.items():
         vocab = int(logits.shape[-1])

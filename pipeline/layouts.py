@@ -136,8 +136,9 @@ class Dense(Layout):
         # the copy into the block's buffer casts on the way, in one pass.
         values = logits if logits.device.type == "cpu" else logits.to(stored)
         # Finite as stored: a row overflows iff its largest magnitude does (the cast is monotone);
-        # amax propagates NaN. One cheap pass instead of isfinite over the cast row.
-        nonfinite = ~torch.isfinite(logits.abs().amax(dim=1).to(stored))
+        # amax and amin propagate NaN. Two reading passes (no |logits| copy) instead of isfinite over
+        # the cast row.
+        nonfinite = ~torch.isfinite(torch.maximum(logits.amax(dim=1), -logits.amin(dim=1)).to(stored))
         keep = labels >= 0
         if not bool(keep.any()):  # unlabelled rows (a transfer set): no stats to compute
             nan = torch.full(labels.shape, float("nan"), device=logits.device)
