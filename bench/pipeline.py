@@ -18,6 +18,9 @@ cost of a forward pass does not depend on them) and the demo's MLP student on MN
                              that stage one's vocabulary-wide work (normalisers over all V, top-k) weighs as
                              much beside the forward as it ever does (a larger model hides it), yet real ones
                              (not a bare embedding + head, which nothing would distil from). Target >= 0.9.
+  infer_vs_forward_dense     (with --dense-vocabs) infer_vs_forward for dense rows at each V given, three MLP
+                             teachers on random inputs: what storing V values a row costs. Target >= 0.9 at
+                             V = 1000.
   offline_vs_online_speedup  online KD (every teacher run on every batch, for E epochs) wall time,
                              divided by stage one once plus E epochs of stage two (`run_train --store`),
                              wall time of both library calls. Target >= 5.
@@ -141,6 +144,35 @@ def _infer_vs_forward_tokens(work: Path, args: argparse.Namespace) -> dict:
                                     "batch_size": args.token_batch, "top_k": 64, "temperatures": [1, 2],
                                     "teachers": ["transformer_lm d_model 128 x 2 layers", "transformer_lm d_model 96 x 3 layers"]},
     }
+
+
+def _infer_vs_forward_dense(work: Path, args: argparse.Namespace) -> dict:
+    """infer_vs_forward at each V of --dense-vocabs: dense rows (SPEC's layout without --top-k), three
+    MLP teachers (40 -> h -> h -> V, h = 100, 200, 300) on --dense-rows random unlabelled inputs of 40
+    values, batch --batch-size, interleaved pairs as above. The forward is cheap beside the V float16
+    values a row stores, so this measures what storing costs: casts, checks, chunk encoding, writes
+    and their fsyncs."""
+    rng = np.random.default_rng(0)
+    np.savez(work / "dense.npz", x=rng.standard_normal((args.dense_rows, 40)).astype(np.float32))
+    data = load_data(str(work / "dense.npz"))
+    common = {"batch_size": args.batch_size, "device": args.device, "dtype": TEACHER_DTYPE}
+    ratios, measured = {}, {}
+    for vocab in args.dense_vocabs:
+        teachers = work / f"dense-{vocab}.toml"
+        teachers.write_text("\n".join(toml_table("[[teachers]]", {
+            "name": f"mlp{h}", "factory": "mtkd.pipeline.models:mlp", "kwargs": {"in_features": 40, "hidden": [h, h], "num_classes": vocab},
+        }) for h in (100, 200, 300)))
+        forward_throughput(teachers, data, **common)  # unmeasured: first-call allocations
+        forward, infer = [], []
+        for i in range(args.repeats):
+            forward.append(forward_throughput(teachers, data, **common))
+            infer.append(run_infer(teachers, data, work / f"dense-{vocab}-{i}", **common).rows_per_s)
+            shutil.rmtree(work / f"dense-{vocab}-{i}")  # V = 10000: 60 kB a row
+        ratios[str(vocab)] = statistics.median(i / f for i, f in zip(infer, forward))
+        measured[str(vocab)] = {"forward_rows_per_s": forward, "infer_rows_per_s": infer}
+    return {"infer_vs_forward_dense": ratios, "measurements_dense": measured,
+            "conditions_dense": {"rows": args.dense_rows, "teachers": "mlp 40-h-h-V, h = 100, 200, 300", "labels": None,
+                                 "batch_size": args.batch_size, "dtype": TEACHER_DTYPE}}
 
 
 TEACHER_DTYPE = "float16"  # stage one's default --dtype, and the autocast it implies on CUDA
@@ -305,6 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--token-len", type=int, default=128, help="infer_vs_forward_tokens: tokens per sequence")
     parser.add_argument("--token-vocab", type=int, default=8192, help="infer_vs_forward_tokens: the teachers' V")
     parser.add_argument("--token-batch", type=int, default=16, help="infer_vs_forward_tokens: sequences per batch")
+    parser.add_argument("--dense-vocabs", type=lambda text: [int(v) for v in text.split(",") if v], default=[],
+                        help="infer_vs_forward_dense at these V, e.g. 100,1000,10000 (default: not measured)")
+    parser.add_argument("--dense-rows", type=int, default=50_000, help="rows of infer_vs_forward_dense")
     parser.add_argument("--lm-seqs", type=int, default=512, help="token sequences of the LM figures (0: skip them)")
     parser.add_argument("--lm-batch-size", type=int, default=32, help="sequences per batch of the LM figures (the demo's)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -321,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if args.rows:
             results.update(_rows_figures(work, args, device, lr=lr, temperature=temperature, seed=seed))
+        if args.dense_vocabs:
+            results.update(_infer_vs_forward_dense(work, args))
         if args.token_seqs:
             results.update(_infer_vs_forward_tokens(work, args))
         if args.lm_seqs:
@@ -343,6 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
         value = results[key]
         ok = value >= target if op == ">=" else value <= target
         print(f"{key:<34}{value:>10.3f}  {op}{target:>6}  {'ok' if ok else 'MISSED'}")
+    for vocab, value in results.get("infer_vs_forward_dense", {}).items():
+        print(f"{'infer_vs_forward_dense V=' + vocab:<34}{value:>10.3f}" + (f"  >={0.9:>6}  {'ok' if value >= 0.9 else 'MISSED'}" if vocab == "1000" else ""))
     print(f"({args.rows} rows, {args.token_seqs} + {args.lm_seqs} token sequences, {args.epochs} epochs, {device}, "
           f"{torch.get_num_threads()} threads)")
     if args.json_path:
