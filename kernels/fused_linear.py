@@ -22,8 +22,8 @@ The default `chunk_rows` makes a chunk's logits about as large as the hidden sta
 N / ceil(V / H), rounded up to a power of two). grad_W is accumulated in W's own dtype, rounded once
 per chunk: a float32 accumulator would be another V x H x 4 bytes (2 GB at 128256 x 4096).
 
-On CUDA (or under TRITON_INTERPRET=1) each chunk runs the Triton kernel; otherwise the reference
-with autograd, in the same chunked structure.
+On CUDA (or under TRITON_INTERPRET=1) each chunk runs the Triton kernel; otherwise the same loss
+and gradient in PyTorch ops (`sparse_cpu.py`), in the same chunked structure.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from mtkd.kernels.reference import (
     FLOAT_DTYPES,
     accumulation_dtype,
     check_sparse_kd_arguments,
-    kd_sparse_loss_rows_ref,
 )
+from mtkd.kernels.sparse_cpu import sparse_kd_rows_and_grad
 
 try:
     from mtkd.kernels.launch import check_teacher_report, refuse_forward_ad, runs_triton, \
@@ -82,18 +82,16 @@ def _rows_of(t: Optional[Tensor], rows: slice, dim: int = 0) -> Optional[Tensor]
     return t[:, rows] if dim == 1 else t[rows]
 
 
-def _chunk_loss_reference(logits, ids, logprobs, weights, labels, mask, options, divisor,
-                          need_grad):
-    """Per-row losses of one chunk (times 1 / divisor) and their gradient, through autograd."""
-    with torch.enable_grad():
-        x = logits.detach().requires_grad_(need_grad)
-        rows = kd_sparse_loss_rows_ref(
-            x, ids, logprobs, temperature=options.temperature, weights=weights, labels=labels,
-            alpha=options.alpha, ignore_index=options.ignore_index, mask=mask)
-        if divisor is not None:
-            rows = rows / divisor
-        grad = torch.autograd.grad(rows.sum(), x)[0] if need_grad else None
-    return rows.detach(), grad
+def _chunk_loss_cpu(logits, ids, logprobs, weights, labels, mask, options, divisor, need_grad):
+    """Per-row losses of one chunk (times 1 / divisor) and their gradient, in PyTorch ops."""
+    rows, grad = sparse_kd_rows_and_grad(
+        logits, ids, logprobs, weights, labels, mask, temperature=options.temperature,
+        alpha=options.alpha, ignore_index=options.ignore_index, need_grad=need_grad)
+    if divisor is not None:
+        rows = rows / divisor
+        if grad is not None:
+            grad = grad.div_(divisor)
+    return rows, grad
 
 
 def _chunk_loss_kernel(logits, ids, logprobs, weights, labels, mask, options, divisor,
@@ -110,8 +108,8 @@ def _chunk_loss_kernel(logits, ids, logprobs, weights, labels, mask, options, di
 
 def chunk_loss(logits, ids, logprobs, weights, labels, mask, options, divisor, need_grad):
     """(rows (n,) times 1 / divisor, dL/dlogits (n, V) or None) for one chunk of logits (n, V):
-    the kernel where it runs (the gradient then replaces the logits), else the reference."""
-    run = _chunk_loss_kernel if runs_triton(logits) else _chunk_loss_reference
+    the kernel where it runs (the gradient then replaces the logits), else `sparse_cpu`."""
+    run = _chunk_loss_kernel if runs_triton(logits) else _chunk_loss_cpu
     return run(logits, ids, logprobs, weights, labels, mask, options, divisor, need_grad)
 
 

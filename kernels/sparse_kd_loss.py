@@ -84,9 +84,8 @@ from mtkd.kernels.reference import (
     accumulation_dtype,
     check_sparse_kd_arguments,
     check_student_logits,
-    kd_sparse_loss_rows_ref,
-    reduce_rows,
 )
+from mtkd.kernels.sparse_cpu import sparse_kd_loss_cpu
 
 # Classes per block of the passes over V, at most; and how many (listed id, other teacher's id)
 # pairs the overlap step compares at once (its 3-D tile).
@@ -558,7 +557,7 @@ def fused_sparse_kd_loss(
         Gradients flow to `student_logits` only, in its dtype.
 
     On CUDA tensors, or CPU tensors while TRITON_INTERPRET=1, this runs the Triton kernel;
-    otherwise `kd_sparse_loss_ref` (same semantics). Nothing waits for the GPU: bad values (NaN or
+    otherwise the same loss and gradient in PyTorch ops (`sparse_cpu.sparse_kd_loss_cpu`). Nothing waits for the GPU: bad values (NaN or
     +inf log-probabilities, negative ids, bad weights or labels) raise ValueError for CPU tensors
     and a device-side assert (`torch._assert_async`) for CUDA tensors. Forward-mode AD raises on
     the kernel path.
@@ -571,11 +570,10 @@ def fused_sparse_kd_loss(
         ignore_index=ignore_index, mask=mask,
     )
     if not runs_triton(s):
-        rows = kd_sparse_loss_rows_ref(
+        return sparse_kd_loss_cpu(
             s, teacher_ids, teacher_logprobs, temperature=temperature, weights=weights,
-            labels=labels, alpha=alpha, ignore_index=ignore_index, mask=mask,
+            labels=labels, alpha=alpha, reduction=reduction, ignore_index=ignore_index, mask=mask,
         )
-        return reduce_rows(rows, mask, reduction)
     refuse_forward_ad(s, "fused_sparse_kd_loss")
     need_grad = s.requires_grad and torch.is_grad_enabled()
     rows, _, report = _sparse_kd_loss_op(

@@ -1,7 +1,9 @@
-"""fused_sparse_kd_loss (the Triton kernel) against the float64 reference.
+"""fused_sparse_kd_loss (the Triton kernel, and its CPU path) against the float64 reference.
 
 Tests without a marker run the kernel on CPU tensors through triton's interpreter (switched on per
-test); tests marked `gpu` run the compiled kernel on CUDA and skip without one.
+test); tests marked `gpu` run the compiled kernel on CUDA and skip without one. Tests parametrised
+`@both_paths` run twice: through the kernel, and as `[cpu_path]` through what CPU tensors take
+without the interpreter (`sparse_cpu.py`, the loss and gradient in PyTorch ops).
 """
 
 import math
@@ -21,9 +23,12 @@ from tests.kernels.checks import assert_close, compile_for_sm90, loss_and_grad, 
 @pytest.fixture(autouse=True)
 def kernel_backend(request):
     """The interpreter for every test here except those marked gpu (compiled, on CUDA) and those
-    marked cpu_path (the reference, as on a machine without a GPU)."""
+    named cpu_path (PyTorch ops, as on a machine without a GPU)."""
     if request.node.get_closest_marker("gpu") is None and "cpu_path" not in request.node.name:
         request.getfixturevalue("triton_interpreter")
+
+
+both_paths = pytest.mark.parametrize("path", ["kernel", "cpu_path"])
 
 
 def check_sparse_kernel(s, ids, lp, grad_out=None, weights=None, **kwargs):
@@ -76,7 +81,8 @@ def matrix():
 
 
 @pytest.mark.parametrize("case", matrix())
-def test_matches_reference(case):
+@both_paths
+def test_matches_reference(path, case):
     N = 5
     s, ids, lp, w, y = make_sparse_inputs(
         case["K"], N, case["V"], case["k"], case["dtype"], extra_classes=case["extra"],
@@ -107,7 +113,8 @@ def test_blocked_over_v_matches_reference(V, block_v):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_class_listed_gives_the_dense_prob_gradient(dtype):
+@both_paths
+def test_every_class_listed_gives_the_dense_prob_gradient(path, dtype):
     K, N, V, T = 3, 4, 29, 2.0
     z = torch.randn(K, N, V, dtype=torch.float64) * 3
     s = (torch.randn(N, V, dtype=torch.float64) * 3).to(dtype)
@@ -119,7 +126,8 @@ def test_every_class_listed_gives_the_dense_prob_gradient(dtype):
     torch.testing.assert_close(grad.double(), dense_grad.double(), rtol=rtol, atol=1e-6)
 
 
-def test_confident_student_keeps_its_tail():
+@both_paths
+def test_confident_student_keeps_its_tail(path):
     """Q_k > 1 - 1e-6 in float32: the kernel's 1 - Q_k comes from float64 sums of exactly the
     same terms (header), not from 1 - sum q."""
     N, V, k = 4, 300, 8
@@ -141,7 +149,8 @@ def test_confident_student_keeps_its_tail():
     assert ((naive_tail - true_tail).abs() / true_tail).max() > 1e-2
 
 
-def test_tails_too_deep_for_the_difference_are_summed_directly():
+@both_paths
+def test_tails_too_deep_for_the_difference_are_summed_directly(path):
     """The student's unlisted mass ~1e-24 of its listed mass (T = 0.1): below what Z - Z_listed
     resolves in float64, so the kernel sums that tail directly (found by hypothesis: the
     difference gave 0, an infinite loss and NaN gradients)."""
@@ -153,7 +162,8 @@ def test_tails_too_deep_for_the_difference_are_summed_directly():
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
 
 
-def test_ids_beyond_v_are_tail_mass_and_lists_of_one():
+@both_paths
+def test_ids_beyond_v_are_tail_mass_and_lists_of_one(path):
     s, ids, lp, w, y = make_sparse_inputs(2, 6, 12, 5, extra_classes=20, weights="K")
     assert (ids >= 12).any()
     check_sparse_kernel(s, ids, lp, weights=w, labels=y, alpha=0.5, temperature=1.5,
@@ -164,7 +174,8 @@ def test_ids_beyond_v_are_tail_mass_and_lists_of_one():
 
 @pytest.mark.parametrize("temperature", [0.05, 0.3, 1.0, 5.0, 20.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_temperatures(dtype, temperature):
+@both_paths
+def test_temperatures(path, dtype, temperature):
     s, ids, lp, w, y = make_sparse_inputs(2, 4, 40, 6, dtype, lp_dtype=torch.float32,
                                           weights="NK", temperature=temperature)
     loss, grad = check_sparse_kernel(s, ids, lp, weights=w, labels=y, alpha=0.7,
@@ -173,7 +184,8 @@ def test_temperatures(dtype, temperature):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_masked_rows_all_masked_and_unlabelled_rows(reduction):
+@both_paths
+def test_masked_rows_all_masked_and_unlabelled_rows(path, reduction):
     s, ids, lp, w, y = make_sparse_inputs(3, 6, 20, 4, weights="NK")
     mask = some_rows_masked(6)
     lp[1, 0, 2] = math.nan  # masked rows are never looked at: no error
@@ -193,7 +205,8 @@ def test_masked_rows_all_masked_and_unlabelled_rows(reduction):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_non_unit_incoming_gradient(reduction):
+@both_paths
+def test_non_unit_incoming_gradient(path, reduction):
     s, ids, lp, w, y = make_sparse_inputs(3, 5, 37, 6, torch.bfloat16, lp_dtype=torch.float32,
                                           weights="NK")
     grad_out = torch.tensor(2.5) if reduction != "none" else \
@@ -202,7 +215,8 @@ def test_non_unit_incoming_gradient(reduction):
                         temperature=2.0, reduction=reduction)
 
 
-def test_strided_inputs():
+@both_paths
+def test_strided_inputs(path):
     K, N, V, k = 2, 4, 37, 5
     s, ids, lp, _, y = make_sparse_inputs(K, N, V, k)
     s_t = s.t().contiguous().t()  # column-major student
@@ -217,7 +231,8 @@ def test_strided_inputs():
                         reduction="none")
 
 
-def test_non_finite_log_probabilities_are_refused():
+@both_paths
+def test_non_finite_log_probabilities_are_refused(path):
     s, ids, lp, _, y = make_sparse_inputs(2, 4, 20, 4)
     for value in (math.nan, math.inf):
         bad = lp.clone()
@@ -245,7 +260,8 @@ def test_gradient_only_when_needed_and_second_backward_fails_loudly():
         loss.backward()
 
 
-def test_empty_batch():
+@both_paths
+def test_empty_batch(path):
     s = torch.zeros(0, 10, requires_grad=True)
     ids, lp = torch.zeros(2, 0, 3, dtype=torch.long), torch.zeros(2, 0, 3)
     assert fused_sparse_kd_loss(s, ids, lp).item() == 0.0
@@ -268,7 +284,7 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(grad, ref_grad)
 
 
-def test_cpu_path_without_the_interpreter_is_the_reference(monkeypatch):
+def test_cpu_path_launches_no_kernel_and_matches_the_reference(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     launches = []
     monkeypatch.setattr(sparse_module, "sparse_kd_loss_forward",
@@ -312,7 +328,8 @@ def close(a, b, T):
     torch.testing.assert_close(a[1], b[1], atol=1e-5 * (1 + T), rtol=1e-4)
 
 
-def test_a_student_tail_below_float32s_range_keeps_the_gradient_finite_and_exact():
+@both_paths
+def test_a_student_tail_below_float32s_range_keeps_the_gradient_finite_and_exact(path):
     # Found by a random run: at T = 0.1 the student's tail is ~1e-40, so r / (1 - Q) overflows float32.
     p = dict(K=1, N=3, V=7, k=5, extra=5, temperature=0.1, alpha=1.0, weights=None, labels=None,
              seed=1252)
@@ -326,7 +343,8 @@ def test_a_student_tail_below_float32s_range_keeps_the_gradient_finite_and_exact
 
 @property_settings
 @given(problems)
-def test_gradient_rows_sum_to_zero_at_alpha_one(p):
+@both_paths
+def test_gradient_rows_sum_to_zero_at_alpha_one(path, p):
     s, ids, lp, kwargs = problem_inputs(p)
     kwargs["alpha"] = 1.0
     loss, grad = loss_and_grad(fused_sparse_kd_loss, s, ids, lp, **kwargs)
@@ -337,7 +355,8 @@ def test_gradient_rows_sum_to_zero_at_alpha_one(p):
 
 @property_settings
 @given(problems)
-def test_a_constant_added_to_the_student_changes_nothing(p):
+@both_paths
+def test_a_constant_added_to_the_student_changes_nothing(path, p):
     s, ids, lp, kwargs = problem_inputs(p)
     shifted = s + torch.randn(p["N"], 1) * 10
     close(loss_and_grad(fused_sparse_kd_loss, shifted, ids, lp, **kwargs),
@@ -346,7 +365,8 @@ def test_a_constant_added_to_the_student_changes_nothing(p):
 
 @property_settings
 @given(problems, st.randoms(use_true_random=False))
-def test_permuting_teachers_with_their_weights_changes_nothing(p, rnd):
+@both_paths
+def test_permuting_teachers_with_their_weights_changes_nothing(path, p, rnd):
     s, ids, lp, kwargs = problem_inputs(p)
     expected = loss_and_grad(fused_sparse_kd_loss, s, ids, lp, **kwargs)
     perm = list(range(p["K"]))
@@ -359,7 +379,8 @@ def test_permuting_teachers_with_their_weights_changes_nothing(p, rnd):
 
 @property_settings
 @given(problems)
-def test_an_extra_id_of_probability_zero_changes_nothing(p):
+@both_paths
+def test_an_extra_id_of_probability_zero_changes_nothing(path, p):
     """Beyond V always; within V when the teacher's listed mass is 1 (see the reference test)."""
     s, ids, lp, kwargs = problem_inputs(p)
     V = p["V"]

@@ -1,0 +1,193 @@
+"""The sparse KD loss and its gradient in one pass of PyTorch ops: what `fused_sparse_kd_loss` and
+`fused_linear_sparse_kd_loss` run on CPU tensors (no GPU, no interpreter).
+
+The maths is the SPEC's, as `reference.py` states it; per row n, with a = s_n / T, log q = log
+softmax(a), and for each teacher k its listed in-range ids S_kn, p_knv = exp(logprob), tail
+r_kn = max(0, 1 - sum_S p) (0 when S_kn covers [0, V)) and the student's unlisted mass
+1 - Q_kn = sum_{v not in S_kn} q_nv:
+
+    KD_n     = T^2 sum_k w_nk [ sum_S p (log p - log q) + r log(r / (1 - Q)) ]
+    dL/ds_n  = alpha T (q_n - p~_n) + (1 - alpha) (softmax(s_n) - onehot(y_n))
+    p~_nj    = sum_k w_nk (p_knj if j in S_kn else q_nj r_kn / (1 - Q_kn))
+
+The reference gets the same numbers through autograd, in a graph of about twice the work; here
+the gradient is assembled directly, so a training step on CPU costs a few element-wise passes
+over the (N, V) logits per teacher: a mask of its unlisted classes, their mass 1 - Q summed
+directly (never 1 minus a sum, so a confident student keeps its tail exactly; in log space where
+it underflows float32), and its share of p~, q times w r / (1 - Q) (formed in log space where
+that factor would overflow, so that q r / (1 - Q) <= r whatever the student's tail).
+
+Validity, masks and value checks are the reference's (`check_sparse_teacher_values`, the same
+replacement of rows outside `mask`), so the CPU path refuses exactly what the reference refuses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mtkd.kernels.reference import (
+    accumulation_dtype,
+    check_sparse_kd_arguments,
+    check_sparse_teacher_values,
+    check_student_logits,
+    normalised_log_weights,
+    reduce_rows,
+)
+
+# A student tail 1 - Q below this is summed in log space (its q's underflow float32 in the sum).
+_DEEP_TAIL = 2.0**-100
+# log(w r / (1 - Q)) beyond this: the factor is formed with each q in log space.
+_LARGE_LOG = 60.0
+
+
+def sparse_kd_rows_and_grad(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    weights: Tensor | None,
+    labels: Tensor | None,
+    mask: Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """(per-row losses L_n (N,) in the accumulation dtype, dL_n/ds_n (N, V) in the student's
+    dtype or None). Arguments are assumed valid (`check_sparse_kd_arguments`); teacher values are
+    checked here. Rows outside `mask` get a zero loss and a zero gradient."""
+    N, V = student_logits.shape
+    K, _, k = teacher_ids.shape
+    acc = accumulation_dtype(student_logits, teacher_logprobs, weights)
+    T = float(temperature)
+    s = student_logits.detach().to(acc)
+    if mask is not None:
+        s = torch.where(mask[:, None], s, 0.0)
+    rows = torch.zeros(N, dtype=acc, device=s.device)
+    grad = torch.zeros(N, V, dtype=acc, device=s.device) if need_grad else None
+
+    if alpha > 0:
+        ids = teacher_ids.detach().long()
+        lp = teacher_logprobs.detach().to(acc)
+        if mask is not None:  # rows outside the mask: distinct ids, no teacher mass
+            keep = mask[None, :, None]
+            ids = torch.where(keep, ids, torch.arange(k, device=ids.device))
+            lp = torch.where(keep, lp, -math.inf)
+        log_w = normalised_log_weights(weights, K, N, acc, s.device, mask)  # (N, K)
+        w = log_w.exp()
+        check_sparse_teacher_values(ids, lp, w > 0)
+        log_q = torch.log_softmax(s / T, dim=-1)  # (N, V)
+        q = log_q.exp()
+        in_range = ids < V  # ids at or beyond V are tail mass
+        # Out-of-range ids point at a spare column V, so one scatter handles every id.
+        spare_ids = torch.where(in_range, ids, V)
+        p = torch.where(in_range, lp.exp(), 0.0)  # (K, N, k)
+        has_tail = in_range.sum(dim=-1) < V  # (K, N): ids are distinct
+        kd = torch.zeros(N, dtype=acc, device=s.device)
+        p_tilde = torch.zeros(N, V + 1, dtype=acc, device=s.device) if need_grad else None
+        unlisted = torch.empty(N, V + 1, dtype=torch.bool, device=s.device)
+        for t in range(K):  # one teacher's (N, V) temporaries at a time
+            on = w[:, t] > 0
+            P = p[t].sum(dim=-1)
+            r = torch.where(has_tail[t], (1 - P).clamp(min=0), 0.0)
+            log_q_ids = log_q.gather(1, torch.where(in_range[t], ids[t], 0))
+            listed_kl = torch.where(p[t] > 0, p[t] * (lp[t] - log_q_ids), 0.0).sum(dim=-1)
+            unlisted.fill_(True).scatter_(1, spare_ids[t], False)
+            q_unlisted = torch.where(unlisted[:, :V], q, 0.0)
+            tail = q_unlisted.sum(dim=-1)  # 1 - Q: the unlisted mass itself, never 1 - sum q
+            log_tail = tail.log()
+            deep = has_tail[t] & (tail < _DEEP_TAIL)
+            if deep.any():  # q underflows there: the same sum in log space
+                log_tail = torch.where(deep, torch.logsumexp(
+                    torch.where(unlisted[:, :V], log_q, -math.inf), dim=-1), log_tail)
+            tail_kl = torch.where(r > 0, r * (torch.log(r) - log_tail), 0.0)
+            kd += torch.where(on, w[:, t] * (listed_kl + tail_kl), 0.0)
+            if need_grad:
+                p_tilde.scatter_add_(1, spare_ids[t], w[:, t, None] * p[t])
+                # w r / (1 - Q): 0 where the teacher has no tail mass or is off the row.
+                log_c = torch.where(on & (r > 0), log_w[:, t] + torch.log(r) - log_tail, -math.inf)
+                if (log_c > _LARGE_LOG).any():  # r / (1 - Q) beyond float range: q c <= r in log space
+                    p_tilde[:, :V] += torch.where(unlisted[:, :V], torch.exp(log_q + log_c[:, None]), 0.0)
+                else:
+                    p_tilde[:, :V].addcmul_(q_unlisted, log_c.exp()[:, None])
+            del q_unlisted
+        rows += alpha * T * T * kd
+        if need_grad:
+            grad += (alpha * T) * (q - p_tilde[:, :V])
+
+    if labels is not None and alpha < 1:
+        labelled = labels != ignore_index
+        if mask is not None:
+            labelled = labelled & mask  # a masked row's label may be anything
+        y = torch.where(labelled, labels, 0).long()
+        log_softmax = torch.log_softmax(s, dim=-1)
+        ce = -log_softmax.gather(1, y[:, None]).squeeze(1)
+        rows += (1 - alpha) * torch.where(labelled, ce, 0.0)
+        if need_grad:
+            ce_grad = log_softmax.exp_()
+            ce_grad.scatter_add_(1, y[:, None], torch.full((N, 1), -1.0, dtype=acc, device=s.device))
+            grad += (1 - alpha) * torch.where(labelled[:, None], ce_grad, 0.0)
+
+    if mask is not None:
+        rows = torch.where(mask, rows, 0.0)
+        if need_grad:
+            grad = torch.where(mask[:, None], grad, 0.0)
+    return rows, None if grad is None else grad.to(student_logits.dtype)
+
+
+class _SparseKDRows(torch.autograd.Function):
+    """Per-row losses whose gradient was computed with them: backward scales it by the incoming
+    per-row gradient."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_ids, teacher_logprobs, weights, labels, mask,
+                temperature, alpha, ignore_index):
+        rows, grad = sparse_kd_rows_and_grad(
+            student_logits, teacher_ids, teacher_logprobs, weights, labels, mask,
+            temperature=temperature, alpha=alpha, ignore_index=ignore_index,
+            need_grad=ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return (None,) * 9
+        return (grad * grad_rows[:, None].to(grad.dtype),) + (None,) * 8
+
+
+def sparse_kd_loss_cpu(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    temperature: float = 1.0,
+    weights: Tensor | None = None,
+    labels: Tensor | None = None,
+    alpha: float = 1.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """`fused_sparse_kd_loss` for CPU tensors (its signature and semantics): checked, reduced,
+    differentiable in `student_logits` through the gradient of this pass."""
+    check_student_logits(student_logits)
+    check_sparse_kd_arguments(
+        *student_logits.shape, student_logits.device, teacher_ids, teacher_logprobs,
+        temperature=temperature, weights=weights, labels=labels, alpha=alpha,
+        reduction=reduction, ignore_index=ignore_index, mask=mask,
+    )
+    if student_logits.requires_grad and torch.is_grad_enabled():
+        rows = _SparseKDRows.apply(
+            student_logits, teacher_ids.detach(), teacher_logprobs.detach(),
+            None if weights is None else weights.detach(), labels, mask, float(temperature),
+            float(alpha), int(ignore_index))
+    else:
+        rows = sparse_kd_rows_and_grad(
+            student_logits, teacher_ids, teacher_logprobs, weights, labels, mask,
+            temperature=temperature, alpha=alpha, ignore_index=ignore_index, need_grad=False)[0]
+    return reduce_rows(rows, mask, reduction)
