@@ -1,4 +1,5 @@
-"""The SPEC's multi-teacher KD losses in plain PyTorch: the CPU path and the yardstick for every test.
+"""The SPEC's multi-teacher KD losses in plain PyTorch through autograd: the yardstick for every test,
+and the dense loss's CPU path (the sparse loss's CPU path is `sparse_cpu.py`, checked against it).
 
 Common to both: student logits s (N, V), temperature T, per-row teacher weights w_nk (normalised to
 sum to one over k), labels y (N,), mask (N,) bool. For each row n:
