@@ -1,7 +1,9 @@
 """Whole-pipeline benchmark: what offline distillation buys, and what the store costs.
 
-    python bench/pipeline.py                      # CPU: about 2 minutes on 2 quiet cores
-    python bench/pipeline.py --device cuda --rows 200000 --json bench/results/pipeline-h200.json
+    python bench/pipeline.py --lm-seqs 0          # rows figures + infer_vs_forward_tokens: minutes on a CPU
+    python bench/pipeline.py --rows 0 --dense-vocabs 100,1000,10000 --dense-rows 20000 --lm-seqs 128 \
+        --stream-epochs 3 --threads 1             # the language-model figures as README reports them (CPU, ~7 min)
+    python bench/pipeline.py --device cuda --rows 200000 --dense-vocabs 100,1000,10000 --json bench/results/pipeline-h200.json
 
 Three figures, each a ratio of two things measured side by side in the same run (repeats interleaved,
 the median of the pairs' ratios), with the demo's teachers (CNN, bidirectional GRU, wide CNN; random weights: the
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -353,6 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="mtkd-bench-"))
     results: dict = {}
+    load_before = os.getloadavg()[0]  # on a shared machine, how loaded it was says how far to trust the rates
     try:
         if args.rows:
             results.update(_rows_figures(work, args, device, lr=lr, temperature=temperature, seed=seed))
@@ -370,6 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device), "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
+        "cpus": os.cpu_count(), "load_average_1min": [load_before, os.getloadavg()[0]],  # at the start, at the end
     }
     targets = {"infer_vs_forward": (">=", 0.9), "infer_vs_forward_tokens": (">=", 0.9), "offline_vs_online_speedup": (">=", 5.0),
                "stream_overhead": ("<=", 0.05), "offline_vs_online_speedup_tokens": (">=", 5.0), "stream_overhead_tokens": ("<=", 0.05)}
