@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     results["conditions"] = {
         "rows": args.rows, "epochs": args.epochs, "stream_epochs": args.stream_epochs, "batch_size": args.batch_size,
-        "repeats": args.repeats, "teachers": [r.name for r in RowsDemoConfig().teachers], "student": "mlp 40-100-100-10",
+        "repeats": args.repeats,
+        **({"teachers": [r.name for r in RowsDemoConfig().teachers], "student": "mlp 40-100-100-10"} if args.rows else {}),
         "device": str(device), "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
