@@ -40,6 +40,8 @@ def test_toy_run_stores_agree_and_the_control_trains_like_dense(bench, tmp_path,
         assert row["topk_id_agreement"] > 0.95  # ties among 16-bit dense logits may swap the k-th id
     assert all(m < 1e-5 for m in checks[control]["tail_mass"]["T=1"].values())
     assert all(0 < m < 1 for m in checks["k8"]["tail_mass"]["T=1"].values())
+    assert all(f == 1.0 for f in checks[control]["label_in_topk"].values())
+    assert all(0 < f < 1 for f in checks["k8"]["label_in_topk"].values())
 
     # The fused-linear sparse loss at k = V is the dense loss and gradient; at k = 8 the tail bucket drops mass.
     grads = result["gradient_check"]["T=1"]
