@@ -42,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,7 +54,6 @@ from mtkd.pipeline.demos.corpus import Corpus, CorpusConfig, build_corpus
 from mtkd.pipeline.evaluate import run_eval
 from mtkd.pipeline.infer import run_infer
 from mtkd.pipeline.models import transformer_lm
-from mtkd.pipeline.specs import load_student_spec
 from mtkd.pipeline.store import open_store
 from mtkd.pipeline.train import run_train
 
@@ -154,8 +154,8 @@ def train_or_reuse(config: TrainConfig) -> dict:
         names = [t["name"] for t in saved.get("teachers") or []]  # the command names the resolved teachers
         if saved["command"] != (config.resolved(names) if config.distil else config).command_line():
             raise SystemExit(f"{config.out} holds another run ({saved['command']}); give another --work")
-        spec = load_student_spec(config.student)
-        same_student = (saved["student"]["factory"], saved["student"]["kwargs"]) == (spec.factory, spec.kwargs)
+        table = tomllib.loads(config.student.read_text())["student"]  # as written here (nothing imported)
+        same_student = (saved["student"]["factory"], saved["student"]["kwargs"]) == (table["factory"], table["kwargs"])
     if same_student:
         history = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
         steps = config.max_steps
@@ -279,6 +279,10 @@ def gradient_check(stores: dict[str, Path], corpus: Corpus, student_run: Path, c
 def train_students(work: Path, corpus: Corpus, stores: dict[str, Path], config: FidelityConfig) -> list[dict]:
     """One run per (seed, store or hard labels, alpha, T): the same student, steps and order each time."""
     (work / "fidelity_lms.py").write_text(LOGITS_LM)
+    # run_train imports it from the TOML's folder; `run_eval(run=...)` resolves the spec from the run's
+    # config.json and does not look there, so a reused run (nothing trained yet) needs it on the path.
+    if str(work) not in sys.path:
+        sys.path.insert(0, str(work))
     factory = "fidelity_lms:logits_transformer_lm" if config.student_head == "logits" else "mtkd.pipeline.models:transformer_lm"
     student = student_toml(work / "student.toml", "student", factory, {"vocab_size": corpus.vocab_size, **STUDENT})
     runs = []
