@@ -1,7 +1,7 @@
 """Top-k fidelity: how much a student loses when its teachers are stored top-k instead of dense.
 
-    python bench/fidelity.py                         # about 15 minutes on 2 loaded CPU cores
-    python bench/fidelity.py --seeds 0,1 --json bench/results/fidelity.json
+    python bench/fidelity.py                         # one seed: about 20 minutes on 2 loaded CPU cores
+    python bench/fidelity.py --seeds 0,1 --control-students --work /tmp/fid --json bench/results/fidelity.json
 
 Everything goes through the real pipeline, the library functions behind the commands:
 1. corpus: `mtkd.pipeline.demos.corpus.build_corpus` (the standard library's own .py files, a BPE
