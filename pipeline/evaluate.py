@@ -27,7 +27,7 @@ from mtkd.pipeline.loader import SequenceLoader, as_tensor
 from mtkd.pipeline.metrics import TokenMetrics, classification_metrics
 from mtkd.pipeline.progress import progress_bar
 from mtkd.pipeline.data import TokenData, load_data
-from mtkd.pipeline.specs import ModelSpec, load_checkpoint, load_student_spec, load_teacher_specs
+from mtkd.pipeline.specs import ModelSpec, load_checkpoint, load_student_spec, load_teacher_specs, run_student_folder
 
 EVAL_BATCH_SIZE = 1024  # rows per forward pass
 EVAL_TOKEN_BATCH_SIZE = 16  # sequences per forward pass: about as many positions as a batch of rows
@@ -189,6 +189,7 @@ def _resolve_model(
             source=config_path,
             factory=student["factory"],
             kwargs=dict(student.get("kwargs") or {}),
+            folder=run_student_folder(config, run),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise BadInputError(f"run {str(run)!r}: config.json is unreadable ({type(e).__name__}: {e})") from e

@@ -99,6 +99,7 @@ class ModelSpec:
     checkpoint: Path | None = None
     torchscript: Path | None = None
     run: Path | None = None
+    folder: Path | None = None  # where MODULE imports from besides the current directory; None: source's folder
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, as stored in store attributes and run configs."""
@@ -153,7 +154,8 @@ class ModelSpec:
                     return torch.jit.load(str(self.torchscript), map_location=map_location)
             except Exception as e:
                 raise CheckpointError(f"model {self.name!r}: cannot load TorchScript {str(self.torchscript)!r}: {brief(e)}") from e
-        factory = import_object(self.factory or "", what=f"model {self.name!r} factory", folder=self.source.parent)
+        factory = import_object(self.factory or "", what=f"model {self.name!r} factory",
+                                folder=self.folder if self.folder is not None else self.source.parent)
         try:
             model = factory(**self.kwargs)
         except Exception as e:
@@ -238,13 +240,22 @@ def _from_run(name: str, source: Path, run: Path) -> ModelSpec:
     if not config_path.is_file() or not weights.is_file():
         raise SpecError(f"{source}: model {name!r}: run {str(run)!r} is not a finished mtkd train run (needs config.json and student.pt)")
     try:
-        student = json.loads(config_path.read_text())["student"]
+        config = json.loads(config_path.read_text())
+        student = config["student"]
         factory, kwargs = student["factory"], dict(student.get("kwargs") or {})
     except (ValueError, KeyError, TypeError) as e:
         raise SpecError(f"{source}: model {name!r}: {str(config_path)!r} holds no student spec ({brief(e)})") from e
     if not isinstance(factory, str):
         raise SpecError(f"{source}: model {name!r}: the student of run {str(run)!r} has no factory")
-    return ModelSpec(name=name, source=source, factory=factory, kwargs=kwargs, checkpoint=weights, run=run)
+    return ModelSpec(name=name, source=source, factory=factory, kwargs=kwargs, checkpoint=weights, run=run,
+                     folder=run_student_folder(config, run))
+
+
+def run_student_folder(config: dict[str, Any], run: Path) -> Path:
+    """Where a run's student factory imports from: its student TOML's folder, as when it trained
+    (config.json's paths.student), else the run directory."""
+    student = (config.get("paths") or {}).get("student") if isinstance(config, dict) else None
+    return Path(student).parent if isinstance(student, str) else Path(run)
 
 
 def load_teacher_specs(path: str | Path) -> list[ModelSpec]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -104,3 +106,24 @@ def test_a_teacher_table_works_as_the_model(token_world):
         run_eval(str(token_world.data["val"]), model=token_world.teachers)
     with pytest.raises(BadInputError, match="'zz'"):
         run_eval(str(token_world.data["val"]), model=token_world.teachers, teacher="zz")
+
+
+def test_a_run_whose_factory_sits_beside_its_toml_evaluates_as_it_trained(token_world, tmp_path):
+    """`mtkd train` imports MODULE from the student TOML's folder; eval of the run (and a `run =`
+    teacher) must find it there too, from any directory."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "beside_the_toml.py").write_text(
+        "from mtkd.pipeline.models import gru_lm\n\n\ndef lm(vocab_size):\n    return gru_lm(vocab_size, hidden=8)\n")
+    (models / "student.toml").write_text('[student]\nname = "s"\nfactory = "beside_the_toml:lm"\nkwargs = { vocab_size = 40 }\n')
+    run = tmp_path / "run"
+    run_train(TrainConfig(models / "student.toml", str(token_world.data["train"]), run, max_steps=1, batch_size=8))
+    (tmp_path / "teachers.toml").write_text('[[teachers]]\nname = "mine"\nrun = "run"\n')
+    sys.modules.pop("beside_the_toml", None)
+    sys.path[:] = [p for p in sys.path if p != str(models)]  # as in a fresh `mtkd eval` process
+    measured = run_eval(str(token_world.data["val"]), run=run, batch_size=5)
+    assert measured["kind"] == "tokens" and np.isfinite(measured["perplexity"])
+    sys.modules.pop("beside_the_toml", None)
+    sys.path[:] = [p for p in sys.path if p != str(models)]
+    as_teacher = run_eval(str(token_world.data["val"]), model=tmp_path / "teachers.toml", teacher="mine", batch_size=5)
+    assert as_teacher["perplexity"] == pytest.approx(measured["perplexity"])
