@@ -208,7 +208,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, make_
         path = os.readlink(f"/proc/self/fd/{fd}")
         if "/logits/c/" in path:
             synced.append(path)
-            if len(synced) == 3:  # the third chunk finds the disk full
+            if "/logits/c/2/" in path:  # block 2's chunk finds the disk full (blocks are written in parallel)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd)
 
@@ -218,7 +218,10 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, make_
     monkeypatch.undo()
     store = tmp_path / "s.zarr"
     assert not list(store.rglob("*.partial"))
-    assert open_store(store).done_blocks("a") == {0, 1}
+    # Blocks are written by several threads at once: a block after the failed one may be whole and
+    # recorded too (each block is valid on its own); the failed one never is.
+    done = open_store(store).done_blocks("a")
+    assert {0, 1} <= done and 2 not in done
     assert invoke("verify", store).exit_code == 0
     assert invoke(*infer_args(toml, data, store)).exit_code == 0  # and the rerun completes it
     assert invoke("verify", store).exit_code == 0
