@@ -67,3 +67,46 @@ def _val_accuracy(run: Path) -> list[float]:
     """Validation accuracy per epoch from a run's metrics.jsonl (train --val-data writes it)."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r["val_accuracy"] for r in rows if r.get("val_accuracy") is not None]
+
+
+def plot_lm_demo(out: Path, result: dict[str, Any]) -> str | None:
+    """Write out/perplexity.png: each model's validation perplexity, and both students' validation
+    perplexity per epoch (runs out/runs/baseline and out/runs/distilled). None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display: write the file only
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    bars = [(f"teacher\n{n.replace('_', chr(10))}", m["perplexity"], TEACHER) for n, m in result["teachers"].items()]
+    bars += [("ensemble", result["ensemble"]["perplexity"], ENSEMBLE),
+             ("baseline", result["baseline_student"]["perplexity"], BASELINE),
+             ("distilled", result["distilled_student"]["perplexity"], DISTILLED)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    drawn = left.bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
+    left.bar_label(drawn, labels=[f"{b[1]:.1f}" for b in bars], fontsize=8, padding=2)
+    left.set_ylabel("validation perplexity (lower is better)")
+    left.set_title("Python stdlib: validation perplexity per model")
+    left.tick_params(axis="x", labelsize=8)
+    for run, label, colour in (("baseline", "baseline (next tokens only)", BASELINE),
+                               ("distilled", "distilled (teachers' top-k + next tokens)", DISTILLED)):
+        curve = _val_metric(out / "runs" / run, "val_perplexity")
+        right.plot(range(1, len(curve) + 1), curve, marker="o", label=label, color=colour)
+    right.set_xlabel("epoch")
+    right.xaxis.get_major_locator().set_params(integer=True)
+    right.set_ylabel("validation perplexity")
+    right.set_yscale("log")
+    right.set_title("students per epoch")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "perplexity.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def _val_metric(run: Path, key: str) -> list[float]:
+    """One validation metric per epoch from a run's metrics.jsonl (train --val-data writes it)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r[key] for r in rows if r.get(key) is not None]
