@@ -63,10 +63,17 @@ def test_demo_help_shows_an_example():
     assert "Example" in result.output and "mtkd demo rows" in result.output and "lm:" in result.output
 
 
-def test_the_lm_demo_says_it_is_not_built_yet_and_writes_nothing(tmp_path):
-    result = CliRunner().invoke(app, ["demo", "lm", "--out", str(tmp_path / "lm"), "--json"])
-    assert result.exit_code == 1
-    assert json.loads(result.stdout.strip().splitlines()[-1])["error"]["message"].startswith("mtkd demo lm is not built")
+def test_the_lm_demo_is_wired_to_its_refusals(tmp_path):
+    """`mtkd demo lm` runs the language-model demo (its run: tests/pipeline/demos/test_lm.py); bad
+    input stops it before any work, exit 2."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["demo", "lm", "--out", str(tmp_path / "old"), "--json"])
+    assert result.exit_code == 2
+    assert "not an empty folder" in json.loads(result.stdout.strip().splitlines()[-1])["error"]["message"]
+    assert [p.name for p in (tmp_path / "old").iterdir()] == ["keep.txt"]
+    result = CliRunner().invoke(app, ["demo", "lm", "--transfer-size", "5", "--out", str(tmp_path / "lm")])
+    assert result.exit_code == 2 and "--transfer-size" in result.output
     assert not (tmp_path / "lm").exists()
 
 
