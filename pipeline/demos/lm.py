@@ -23,38 +23,27 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mtkd.pipeline.demos.corpus import Corpus, CorpusConfig, build_corpus
 from mtkd.pipeline.demos.plot import plot_lm_demo
-from mtkd.pipeline.demos.rows import toml_table
+from mtkd.pipeline.demos.rows import Recipe, toml_table
 from mtkd.pipeline.errors import BadInputError
 
 MODELS = "mtkd.pipeline.models"
 
 
 @dataclass(frozen=True)
-class LMRecipe:
-    """A model of the demo and how `mtkd train` trains it on the next tokens (vocab_size is added)."""
-
-    name: str
-    factory: str
-    kwargs: dict[str, Any]
-    epochs: int
-    lr: float
-
-
-@dataclass(frozen=True)
 class LMDemoConfig:
     corpus: CorpusConfig = CorpusConfig()
-    teachers: tuple[LMRecipe, ...] = (
-        LMRecipe("transformer", f"{MODELS}:transformer_lm", {"d_model": 128, "layers": 2, "heads": 4}, epochs=3, lr=3e-3),
-        LMRecipe("transformer_deep", f"{MODELS}:transformer_lm", {"d_model": 96, "layers": 3, "heads": 4}, epochs=3, lr=3e-3),
-        LMRecipe("gru", f"{MODELS}:gru_lm", {"embed": 128, "hidden": 384}, epochs=2, lr=5e-3),
+    teachers: tuple[Recipe, ...] = (
+        Recipe("transformer", f"{MODELS}:transformer_lm", {"d_model": 128, "layers": 2, "heads": 4}, epochs=3, lr=3e-3),
+        Recipe("transformer_deep", f"{MODELS}:transformer_lm", {"d_model": 96, "layers": 3, "heads": 4}, epochs=3, lr=3e-3),
+        Recipe("gru", f"{MODELS}:gru_lm", {"embed": 128, "hidden": 384}, epochs=2, lr=5e-3),
     )
-    student: LMRecipe = LMRecipe("student", f"{MODELS}:transformer_lm", {"d_model": 32, "layers": 1, "heads": 4},
+    student: Recipe = Recipe("student", f"{MODELS}:transformer_lm", {"d_model": 32, "layers": 1, "heads": 4},
                                  epochs=2, lr=1e-2)
     top_k: int = 64
     temperatures: tuple[float, ...] = (1.0, 2.0)
@@ -100,14 +89,14 @@ def run_lm_demo(out: str | Path, config: LMDemoConfig = LMDemoConfig(), *, quiet
     log(f"data: {len(corpus.train_files)} train files ({corpus.train_tokens} tokens), {len(corpus.validation_files)} "
         f"validation files ({corpus.validation_tokens} tokens), vocabulary {corpus.vocab_size} ({wall['data']:.1f} s)")
 
-    def spec_file(recipe: LMRecipe, command: str) -> Path:
+    def spec_file(recipe: Recipe, command: str) -> Path:
         path = out / "models" / f"{recipe.name}.toml"
         kwargs = {**recipe.kwargs, "vocab_size": corpus.vocab_size}
         path.write_text(f"# {command}\n" + toml_table("[student]", {"name": recipe.name, "factory": recipe.factory,
                                                                    "kwargs": kwargs}))
         return path
 
-    def train_run(recipe: LMRecipe, run: str, store: Path | None = None, seed: int = config.seeds[0]) -> None:
+    def train_run(recipe: Recipe, run: str, store: Path | None = None, seed: int = config.seeds[0]) -> None:
         spec = spec_file(recipe, f"mtkd train --student {recipe.name}.toml --data ../data/train.npz --out ../runs/{run}")
         options: dict[str, Any] = {}
         if store is not None:

@@ -39,8 +39,8 @@ TRANSFER_SEED = 1234  # chunk i is drawn with seed TRANSFER_SEED + i (the labell
 
 
 @dataclass(frozen=True)
-class TeacherRecipe:
-    """A teacher of the demo: its model and how `mtkd train` trains it on the labels."""
+class Recipe:
+    """A model of a demo and how `mtkd train` trains it: factory, kwargs, epochs, lr (both demos)."""
 
     name: str
     factory: str
@@ -52,10 +52,10 @@ class TeacherRecipe:
 @dataclass(frozen=True)
 class RowsDemoConfig:
     transfer_size: int = 50_000
-    teachers: tuple[TeacherRecipe, ...] = (
-        TeacherRecipe("cnn", f"{MODELS}:cnn1d", {"channels": 64}, epochs=30, lr=3e-3),
-        TeacherRecipe("gru", f"{MODELS}:gru", {"hidden": 64}, epochs=40, lr=1e-2),
-        TeacherRecipe("cnn_wide", f"{MODELS}:cnn1d", {"channels": 32, "kernel_size": 9}, epochs=30, lr=3e-3),
+    teachers: tuple[Recipe, ...] = (
+        Recipe("cnn", f"{MODELS}:cnn1d", {"channels": 64}, epochs=30, lr=3e-3),
+        Recipe("gru", f"{MODELS}:gru", {"hidden": 64}, epochs=40, lr=1e-2),
+        Recipe("cnn_wide", f"{MODELS}:cnn1d", {"channels": 32, "kernel_size": 9}, epochs=30, lr=3e-3),
     )
     student_kwargs: dict[str, Any] = field(default_factory=lambda: {"in_features": 40, "hidden": [100, 100], "num_classes": 10})
     # Distillation: mean of teacher probabilities at T=2, KD term only, 30 epochs at lr 1e-2.

@@ -10,7 +10,8 @@ import json
 import pytest
 
 from mtkd.pipeline.demos.corpus import CorpusConfig
-from mtkd.pipeline.demos.lm import LMDemoConfig, LMRecipe, run_lm_demo
+from mtkd.pipeline.demos.lm import LMDemoConfig, run_lm_demo
+from mtkd.pipeline.demos.rows import Recipe
 from mtkd.pipeline.errors import BadInputError
 from mtkd.pipeline.store import open_store
 
@@ -19,10 +20,10 @@ MODELS = "mtkd.pipeline.models"
 
 def tiny_config() -> LMDemoConfig:
     teachers = (
-        LMRecipe("transformer", f"{MODELS}:transformer_lm", {"d_model": 32, "layers": 1, "heads": 2}, epochs=3, lr=1e-2),
-        LMRecipe("gru", f"{MODELS}:gru_lm", {"hidden": 32}, epochs=3, lr=1e-2),
+        Recipe("transformer", f"{MODELS}:transformer_lm", {"d_model": 32, "layers": 1, "heads": 2}, epochs=3, lr=1e-2),
+        Recipe("gru", f"{MODELS}:gru_lm", {"hidden": 32}, epochs=3, lr=1e-2),
     )
-    student = LMRecipe("student", f"{MODELS}:transformer_lm", {"d_model": 16, "layers": 1, "heads": 2}, epochs=2, lr=1e-2)
+    student = Recipe("student", f"{MODELS}:transformer_lm", {"d_model": 16, "layers": 1, "heads": 2}, epochs=2, lr=1e-2)
     return LMDemoConfig(corpus=CorpusConfig(max_bytes=60_000, vocab_size=300, window=32), teachers=teachers,
                         student=student, top_k=8, batch_size=16, seeds=(0, 1), device="cpu")
 
