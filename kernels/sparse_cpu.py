@@ -82,7 +82,8 @@ def sparse_kd_rows_and_grad(
         log_q = torch.log_softmax(s / T, dim=-1)  # (N, V)
         q = log_q.exp()
         in_range = ids < V  # ids at or beyond V are tail mass
-        # Out-of-range ids point at a spare column V, so one scatter handles every id.
+        # Out-of-range ids point at a spare column V, so one scatter handles every id (never
+        # clamped to V - 1: their write there would unlist the last class when it is listed too).
         spare_ids = torch.where(in_range, ids, V)
         p = torch.where(in_range, lp.exp(), 0.0)  # (K, N, k)
         has_tail = in_range.sum(dim=-1) < V  # (K, N): ids are distinct

@@ -162,3 +162,20 @@ def test_kernel_path_gradients(triton_interpreter, dtype, reduction):
     for name, a, b in zip(("loss", "hidden", "weight", "bias"), got, expected):
         assert a.dtype == (torch.float32 if name == "loss" else dtype)
         torch.testing.assert_close(a.double(), b, **tol[dtype], msg=name)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, None])
+def test_ids_across_the_vocabulary_boundary_in_chunks(chunk_rows):
+    """The CPU chunks with the last class V - 1 listed beside ids at V, V + 1 and padding ids
+    near 2^31, the same ids repeated across teachers, against the reference on whole logits."""
+    N, H, V, K = 5, 4, 10, 2
+    hidden, weight, bias, _, _, w, y = linear_inputs(N, H, V, K, 3, weights="NK")
+    rows = [[9, 10, 3], [9, 2**31 - 1, 10], [V - 1, V + 1, 0], [2**31 - 2, 9, 2**31 - 1], [8, 9, 10]]
+    ids = torch.tensor([rows, rows[::-1]], dtype=torch.int32)  # (K, N, 3)
+    lp = torch.tensor([0.3, 0.2, 0.3], dtype=torch.float64).log().expand(K, N, 3)
+    kwargs = dict(weights=w, labels=y, alpha=0.7, temperature=1.3, reduction="none")
+    grad_out = torch.linspace(0.5, 2.0, N, dtype=torch.float64)
+    got = grads_of(fused(ids, lp, chunk_rows, **kwargs), hidden, weight, bias, grad_out)
+    expected = grads_of(materialised(ids, lp, **kwargs), hidden, weight, bias, grad_out)
+    for name, a, b in zip(("loss", "hidden", "weight", "bias"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)

@@ -391,6 +391,80 @@ def test_an_extra_id_of_probability_zero_changes_nothing(path, p):
                         torch.cat([lp, zero], 2), **kwargs), expected, p["temperature"])
 
 
+# Ids across the student's vocabulary boundary: the last class V - 1 beside ids at V, V + 1 and
+# the padding ids near 2^31 (a teacher with a larger or padded vocabulary), repeated across teachers.
+
+
+def boundary_pool(V):
+    """Every class of a small student, and ids just past it and at the padding end of int32."""
+    return sorted(set(range(V)) | {V, V + 1, 2**31 - 2, 2**31 - 1})
+
+
+@st.composite
+def boundary_problems(draw):
+    V = draw(st.sampled_from([1, 10, 40]))
+    K, N, k = draw(st.sampled_from([1, 3])), draw(st.integers(1, 3)), draw(st.sampled_from([3, 5]))
+    pool = boundary_pool(V)
+    beside = [V - 1, V]  # the pattern that matters most: V - 1 and V in one list
+    ids = []
+    for _ in range(K * N):
+        listed = draw(st.lists(st.sampled_from(pool), min_size=k, max_size=k, unique=True))
+        if draw(st.booleans()):
+            listed = beside + [i for i in listed if i not in beside][:k - 2]
+        ids.append(draw(st.permutations(listed)))
+    return dict(V=V, K=K, N=N, k=k, ids=ids, seed=draw(st.integers(0, 2**16)),
+                full=draw(st.booleans()), zeros=draw(st.booleans()),
+                temperature=draw(st.sampled_from([0.5, 1.0, 4.0])),
+                alpha=draw(st.sampled_from([0.4, 1.0])),
+                weights=draw(st.sampled_from([None, "NK"])),
+                ids_dtype=draw(st.sampled_from([torch.int32, torch.int64])))
+
+
+def boundary_inputs(p):
+    """Student logits and teachers listing `p["ids"]`: listed probabilities summing to 1 (`full`)
+    or to less (a tail), some of them 0 (`zeros`), float32."""
+    torch.manual_seed(p["seed"])
+    K, N, k, V = p["K"], p["N"], p["k"], p["V"]
+    s = torch.randn(N, V) * 3
+    ids = torch.tensor(p["ids"], dtype=p["ids_dtype"]).reshape(K, N, k)
+    raw = torch.rand(K, N, k + 1, dtype=torch.float64) + 0.05
+    if p["zeros"]:
+        raw[..., 0] = 0.0  # a listed id of probability 0 (log -inf)
+    mass = raw[..., :k] / (raw[..., :k] if p["full"] else raw).sum(dim=-1, keepdim=True)
+    w = torch.rand(N, K) + 0.1 if p["weights"] == "NK" else None
+    y = torch.randint(0, V, (N,)) if p["alpha"] < 1 else None
+    return s, ids, mass.log().float(), w, y
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(boundary_problems())
+@both_paths
+def test_ids_across_the_vocabulary_boundary_match_the_reference(path, p):
+    s, ids, lp, w, y = boundary_inputs(p)
+    check_sparse_kernel(s, ids, lp, weights=w, labels=y, temperature=p["temperature"],
+                        alpha=p["alpha"], reduction="none")
+
+
+@pytest.mark.parametrize("listed", [[3, 9, 10], [9, 10, 3], [3, 8, 10], [9, 10, 2**31 - 1]])
+@both_paths
+def test_the_last_class_beside_an_id_beyond_v_is_listed(path, listed):
+    """The SPEC's sum written out by hand for one row, V = 10: class 9 listed beside an id >= V
+    is in S (its own term, and out of the student's tail 1 - Q); the id >= V is tail mass."""
+    V = 10
+    s = torch.randn(1, V, dtype=torch.float64)
+    p = [0.3, 0.2, 0.3]
+    q = torch.softmax(s[0], dim=0).tolist()
+    in_s = [(i, pi) for i, pi in zip(listed, p) if i < V]
+    r = 1 - sum(pi for _, pi in in_s)
+    expected = sum(pi * math.log(pi / q[i]) for i, pi in in_s) \
+        + r * math.log(r / (1 - sum(q[i] for i, _ in in_s)))
+    ids = torch.tensor([[listed]])
+    lp = torch.tensor([[p]], dtype=torch.float64).log()
+    loss, _ = check_sparse_kernel(s, ids, lp)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+
 # The compiled kernel.
 
 
