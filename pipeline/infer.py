@@ -64,6 +64,9 @@ from mtkd.pipeline.store import LogitStore, create_store, default_chunk_rows, op
 WRITE_QUEUE_BLOCKS = 2  # full blocks waiting for the writer; bounds host memory to a few blocks
 WRITER_THREADS = 4  # block parts written at once (their fsyncs overlap)
 DEFAULT_BATCH = {"rows": 512, "tokens": 16}  # rows, or whole sequences, per forward pass
+# Said of bad teacher output found once writing began (exit 2 all the same: the input's fault).
+RESUMABLE = ("nothing of that block is written; the store is left valid and resumable (the blocks already recorded stay): "
+             "fix the teacher and rerun the same `mtkd infer` to continue")
 
 
 @dataclass(frozen=True)
@@ -335,6 +338,16 @@ def run_teacher(name: str, model: torch.nn.Module, batch: Batch, dev: torch.devi
     return out.to(dev) if out.device != dev else out
 
 
+def _check_width(name: str, layout: Dense | TopK, logits: torch.Tensor, r0: int, r1: int) -> None:
+    """Every batch of a teacher gives the vocabulary of its first (the one the store records): a
+    column more or fewer would be stored as other classes, or normalised over too few."""
+    vocab = int(logits.shape[-1])
+    if vocab != layout.vocab_size:
+        raise TeacherOutputError(
+            f"teacher {name!r} gave {vocab} classes on rows {r0}..{r1 - 1}, but {layout.vocab_size} on its first batch "
+            "(as the store records it)")
+
+
 def _teacher_rows(layout: Dense | TopK, logits: torch.Tensor, batch: Batch) -> tuple[dict[str, torch.Tensor], RowSummary]:
     """A batch's logits -> the layout's arrays and summary for the batch's store rows, on the device.
     Token batches are cut to their real positions (row order) first: padding never reaches the
@@ -416,6 +429,7 @@ def _forward(
                                 f"teacher {name!r} raised on rows {r0}..{r1 - 1} ({brief(error)}); the blocks finished "
                                 "before it are written, valid and kept: rerun the same `mtkd infer` to continue"
                             ) from error
+                        _check_width(name, config.layouts[name], logits, r0, r1)
                         arrays, summary = _teacher_rows(config.layouts[name], logits, batch)
                         del logits  # (B, L, V) can be the largest tensor alive: free it before the next teacher
                     for b in touching:
@@ -441,6 +455,9 @@ def _forward(
                     next_block += 1
                 if progress is not None:
                     progress(rows_done, total_rows)
+    except TeacherOutputError as error:  # bad output found after writing began: say what is kept
+        writer.close(raise_error=False)
+        raise TeacherOutputError(f"{error}; {RESUMABLE}") from error
     except BaseException:
         writer.close(raise_error=False)  # blocks already handed over are whole and valid: keep them
         raise
@@ -459,7 +476,7 @@ def _stored(name: str, layout: Dense | TopK, arrays: dict[str, torch.Tensor], su
     """Host tensors of one block -> (the numpy arrays written, the block's stats sums)."""
     if bool(summary.nonfinite.any()):
         row = row0 + int(summary.nonfinite.nonzero()[0, 0])
-        raise TeacherOutputError(f"teacher {name!r} returned NaN/inf at row {row} (stored as {layout.dtype}); that block is not recorded")
+        raise TeacherOutputError(f"teacher {name!r} returned NaN/inf at row {row} (stored as {layout.dtype})")
     specs = {a.name: a for a in layout.arrays()}
     stored = {k: to_storage(v.to(specs[k].torch_dtype), specs[k].dtype) for k, v in arrays.items()}
     return stored, StatsSums.of_block(summary, labels, layout)

@@ -31,25 +31,47 @@ NAN_MARKER = 1e4  # an input row whose first feature is this makes an "Odd" teac
 
 ODD_TEACHERS_SOURCE = textwrap.dedent(
     '''
-    """Teachers that misbehave on purpose (written by tests/pipeline/conftest.py)."""
+    """Teachers that misbehave on purpose (written by tests/pipeline/conftest.py).
+
+    Both take `after` (the first `after` forward calls, batches, behave: "wider after batch N") and
+    `fixed_by` (a path: once a file is there the teacher behaves, as if its code had been fixed while
+    its spec stays the same). Modes "wide" / "narrow" give one class more / fewer.
+    """
+    import os
     import time
 
     import torch
     from torch import nn
 
 
-    class Odd(nn.Module):
-        def __init__(self, in_features=8, num_classes=3, mode="ok", sleep=0.0):
+    class Misbehaving(nn.Module):
+        def behaves(self):
+            self.calls = getattr(self, "calls", 0) + 1
+            fixed = self.fixed_by is not None and os.path.exists(self.fixed_by)
+            return self.mode == "ok" or fixed or self.calls <= self.after
+
+        def bent_width(self, out):
+            if self.mode == "wide":
+                return torch.cat([out, out[..., :1]], dim=-1)
+            return out[..., :-1] if self.mode == "narrow" else out
+
+
+    class Odd(Misbehaving):
+        def __init__(self, in_features=8, num_classes=3, mode="ok", sleep=0.0, after=0, fixed_by=None):
             super().__init__()
             self.linear = nn.Linear(in_features, num_classes)
-            self.mode, self.sleep = mode, sleep
+            self.mode, self.sleep, self.after, self.fixed_by = mode, sleep, after, fixed_by
 
         def forward(self, x):
             if self.sleep:
                 time.sleep(self.sleep)
             flat = x.flatten(1)
             out = self.linear(flat)
-            if self.mode == "nan":
+            if self.behaves():
+                return out
+            if self.mode in ("wide", "narrow"):
+                out = self.bent_width(out)
+            elif self.mode == "nan":
                 out = out.masked_fill(flat[:, :1] > 1e3, float("nan"))
             elif self.mode == "rows":
                 out = out[1:]
@@ -62,20 +84,24 @@ ODD_TEACHERS_SOURCE = textwrap.dedent(
         return Odd(**kwargs)
 
 
-    class OddLM(nn.Module):
+    class OddLM(Misbehaving):
         """A causal LM (each position sees only its own token) that can misbehave: mode "last" returns
         (B, V) (the last position only), "short" one position too few, "nan" NaN at token 13."""
 
-        def __init__(self, vocab_size=40, classes=None, mode="ok", sleep=0.0):
+        def __init__(self, vocab_size=40, classes=None, mode="ok", sleep=0.0, after=0, fixed_by=None):
             super().__init__()
             self.embed = nn.Embedding(vocab_size, classes or vocab_size)  # ids < vocab_size -> logits over classes
-            self.mode, self.sleep = mode, sleep
+            self.mode, self.sleep, self.after, self.fixed_by = mode, sleep, after, fixed_by
 
         def forward(self, input_ids):
             if self.sleep:
                 time.sleep(self.sleep)
             out = self.embed(input_ids) * 3.0
-            if self.mode == "last":
+            if self.behaves():
+                return out
+            if self.mode in ("wide", "narrow"):
+                out = self.bent_width(out)
+            elif self.mode == "last":
                 out = out[:, -1]
             elif self.mode == "short":
                 out = out[:, :-1]

@@ -160,6 +160,52 @@ def test_refuses_a_teacher_returning_nan_mid_run(tmp_path, make_data, make_teach
     assert 2 in store.missing_blocks("nan") and not store.teacher("nan").complete
 
 
+# -- bad output found once writing began: exit 2, the store valid and resumable ---------------------
+
+# (kind, mode, labelled, the message's culprit). Each teacher behaves for its first `after` batches
+# (forward calls), then: one class more or fewer (labelled: the class it drops is some row's label;
+# else no label falls there), NaN (rows whose first feature is the NaN marker), one position fewer.
+BENT_LATER = [
+    ("rows", "wide", True, "gave 4 classes on rows 24..31, but 3 on its first batch"),
+    ("rows", "narrow", True, "gave 2 classes on rows 24..31, but 3 on its first batch"),
+    ("rows", "narrow", False, "gave 2 classes on rows 24..31, but 3 on its first batch"),
+    ("rows", "nan", True, "returned NaN/inf at row 37"),
+    ("tokens", "wide", True, "gave 41 classes on rows"),
+    ("tokens", "narrow", True, "gave 39 classes on rows"),
+    ("tokens", "narrow", False, "gave 39 classes on rows"),
+    ("tokens", "short", True, "expected (4, "),
+]
+
+
+@pytest.mark.parametrize(("kind", "mode", "labelled", "culprit"), BENT_LATER)
+def test_a_teacher_bent_after_some_batches_leaves_a_valid_store_a_rerun_finishes(
+        tmp_path, make_data, make_tokens, make_teachers, odd_teachers, kind, mode, labelled, culprit):
+    fix = tmp_path / "fixed"  # once it exists the teacher behaves: its code fixed, its spec the same
+    kwargs = {"mode": mode, "after": 0 if mode == "nan" else 3, "fixed_by": str(fix)}
+    if kind == "rows":
+        toml = make_teachers([{"name": "bent", "factory": "mtkd_test_teachers:odd", "kwargs": kwargs}])
+        data = make_data(64, labelled=labelled, nan_row=37 if mode == "nan" else None)
+        args = ["--batch-size", 8, "--chunk-rows", 16]
+    else:
+        toml = make_teachers([{"name": "bent", "factory": "mtkd_test_teachers:odd_lm", "kwargs": kwargs}])
+        data = make_tokens(24, vocab=40 if labelled else 30)  # labelled: next tokens up to 39, the class dropped
+        args = ["--batch-size", 4, "--chunk-rows", 16, "--top-k", 4]
+    def command(out):
+        return invoke("infer", "--teachers", toml, "--data", data, "--out", tmp_path / out, "--quiet", *args)
+
+    message = refused(command("s.zarr"), "teacher 'bent'", culprit, "valid and resumable", "rerun the same `mtkd infer`")
+    store = open_store(tmp_path / "s.zarr")
+    assert store.missing_blocks("bent") and not store.teacher("bent").complete
+    if mode != "nan":  # the first three batches were stored (blocks of 16 rows: at least the first)
+        assert 0 in store.done_blocks("bent"), message
+    assert invoke("verify", tmp_path / "s.zarr").exit_code == 0  # what is recorded is whole and right
+
+    fix.touch()
+    assert command("s.zarr").exit_code == 0  # the rerun continues the store, never refuses it
+    assert command("one_go.zarr").exit_code == 0
+    assert snapshot(tmp_path / "s.zarr") == snapshot(tmp_path / "one_go.zarr")
+
+
 @pytest.mark.parametrize("mode", ["rows", "3d"])
 def test_refuses_a_teacher_returning_the_wrong_shape(tmp_path, make_data, make_teachers, odd_teachers, mode):
     toml = make_teachers([{"name": "bent", "factory": "mtkd_test_teachers:odd", "kwargs": {"mode": mode}}])
