@@ -58,7 +58,7 @@ from mtkd.pipeline.layouts import (
     to_storage,
 )
 from mtkd.pipeline.report import StatsSums
-from mtkd.pipeline.specs import ModelSpec, brief, check_out_path, load_teacher_specs
+from mtkd.pipeline.specs import ModelSpec, brief, check_out_path, load_teacher_specs, spec_differences
 from mtkd.pipeline.store import LogitStore, create_store, default_chunk_rows, open_store
 
 WRITE_QUEUE_BLOCKS = 2  # full blocks waiting for the writer; bounds host memory to a few blocks
@@ -564,6 +564,9 @@ def _check_same_teacher(store: LogitStore, spec: ModelSpec, weights: str | None,
         stored = f"weights sha256 {info.weights_sha256[:12]}" if info.weights_sha256 else "no checkpoint (its factory's own weights)"
         given = f"{source} has sha256 {weights[:12]}" if weights else "this spec gives no checkpoint"
         raise StoreMismatchError(f"{where} from {stored}, but {given}; rename the teacher or use another store")
+    differences = spec_differences(info.spec, spec.to_dict())
+    if differences:
+        raise StoreMismatchError(f"{where} built with {'; '.join(differences)} in this spec; rename the teacher or use another store")
     layout = info.layout
     if top_k is not None and (not isinstance(layout, TopK) or layout.top_k != top_k):
         stored = f"top-k {layout.top_k}" if isinstance(layout, TopK) else "dense"

@@ -167,6 +167,41 @@ class ModelSpec:
         return model
 
 
+# What makes a model, of a stored spec (`ModelSpec.to_dict`): the paths of its weight files are left
+# out (a project moved elsewhere is the same teacher), their bytes are what `weights_sha256` compares.
+IDENTITY_KEYS = ("factory", "kwargs")
+
+
+def _identity(spec: dict[str, Any]) -> dict[str, Any]:
+    """The identity keys a spec dict records, JSON-normalised (as stored: tuples are lists), with a
+    from_pretrained directory's path left out of its kwargs."""
+    out = {key: json.loads(json.dumps(spec[key])) for key in IDENTITY_KEYS if key in spec}
+    if hf.is_from_pretrained(out.get("factory")) and isinstance(out.get("kwargs"), dict):
+        out["kwargs"] = {k: v for k, v in out["kwargs"].items() if k != hf.PRETRAINED_KEY}
+    return out
+
+
+def spec_differences(stored: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """How a spec dict differs from a stored one in what builds the model ("kwargs.hidden [16], not
+    [32]"); empty when it builds the same. Keys a stored spec does not record are not compared."""
+    old, new = _identity(stored), _identity(given)
+    differences = []
+    for key in old:
+        a, b = old[key], new.get(key)
+        if key == "kwargs" and isinstance(a, dict) and isinstance(b, dict):
+            differences += [f"kwargs.{k} {_shown(a, k)}, not {_shown(b, k)}" for k in sorted(set(a) | set(b)) if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+        elif a != b:
+            differences.append(f"{key} {json.dumps(a)}, not {json.dumps(b)}")
+    return differences
+
+
+_ABSENT = object()
+
+
+def _shown(kwargs: dict[str, Any], key: str) -> str:
+    return json.dumps(kwargs[key]) if key in kwargs else "(not given)"
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

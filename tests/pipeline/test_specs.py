@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mtkd.pipeline.errors import CheckpointError, SpecError
-from mtkd.pipeline.specs import load_student_spec, load_teacher_specs
+from mtkd.pipeline.specs import load_student_spec, load_teacher_specs, spec_differences
 
 # TorchScript is deprecated by recent torch but is a model format SPEC accepts.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -135,3 +135,18 @@ def test_checkpoint_refusals(tmp_path):
 
 class _Pickled:
     """Not a tensor: loading it needs full unpickling, which weights_only refuses."""
+
+
+def test_spec_differences_name_what_builds_another_model_and_ignore_where_files_lie():
+    stored = {"name": "a", "factory": "m:f", "kwargs": {"hidden": [16], "depth": 2}, "checkpoint": "/old/a.pt",
+              "torchscript": None, "run": None}
+    moved = {**stored, "checkpoint": "/new/place/a.pt"}
+    assert spec_differences(stored, moved) == []
+    assert spec_differences(stored, {**stored, "kwargs": {"hidden": (16,), "depth": 2}}) == []  # as JSON stores it
+    assert spec_differences(stored, {**stored, "kwargs": {"hidden": [32]}}) == [
+        "kwargs.depth 2, not (not given)", "kwargs.hidden [16], not [32]"]
+    assert spec_differences(stored, {**stored, "factory": "m:g"}) == ['factory "m:f", not "m:g"']
+    assert spec_differences({"name": "a"}, moved) == []  # a spec that records no factory or kwargs
+    hub = {"name": "h", "factory": "transformers:AutoModelForCausalLM.from_pretrained",
+           "kwargs": {"pretrained_model_name_or_path": "/old/dir"}}
+    assert spec_differences(hub, {**hub, "kwargs": {"pretrained_model_name_or_path": "/new/dir"}}) == []

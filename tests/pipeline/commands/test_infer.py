@@ -84,6 +84,41 @@ def test_refuses_same_named_teacher_with_another_checkpoint(tmp_path, store_of, 
     assert snapshot(store_of) == before
 
 
+def _factory_toml(path, hidden):
+    """A teacher of its factory's own seeded weights: no checkpoint, so no weights hash."""
+    path.write_text('[[teachers]]\nname = "a"\nfactory = "mtkd.pipeline.models:mlp"\n'
+                    f"kwargs = {{ in_features = 8, hidden = {hidden}, num_classes = 3 }}\n")
+    return path
+
+
+def test_refuses_a_same_named_teacher_with_other_kwargs_and_no_checkpoint(tmp_path, make_data):
+    data = make_data(20)
+    args = ("--data", data, "--out", tmp_path / "s.zarr", "--quiet")
+    assert invoke("infer", "--teachers", _factory_toml(tmp_path / "t.toml", [16]), *args).exit_code == 0
+    assert open_store(tmp_path / "s.zarr").teacher("a").weights_sha256 is None
+    before = snapshot(tmp_path / "s.zarr")
+    result = invoke("infer", "--teachers", _factory_toml(tmp_path / "wider.toml", [16, 4]), *args, "--json")
+    refused(result, "teacher 'a'", "kwargs.hidden [16], not [16, 4]")
+    assert json.loads(result.stdout.strip().splitlines()[-1])["error"]["kind"] == "StoreMismatchError"
+    assert snapshot(tmp_path / "s.zarr") == before
+
+
+def test_the_same_teacher_from_a_moved_project_is_the_stored_one(tmp_path, make_data, make_teachers):
+    """Identity is what builds the model (factory, kwargs, the weights' bytes), not where the TOML
+    and its checkpoint lie: the project copied elsewhere finds its teachers complete."""
+    data = make_data(20)
+    toml = make_teachers([{"name": "a"}], folder=tmp_path / "here")
+    assert invoke("infer", "--teachers", toml, "--data", data, "--out", tmp_path / "s.zarr", "--quiet").exit_code == 0
+    (tmp_path / "there").mkdir()
+    for name in ("teachers.toml", "a.pt"):
+        (tmp_path / "there" / name).write_bytes((tmp_path / "here" / name).read_bytes())
+    before = snapshot(tmp_path / "s.zarr")
+    result = invoke("infer", "--teachers", tmp_path / "there" / "teachers.toml", "--data", data, "--out", tmp_path / "s.zarr", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["skipped_teachers"] == ["a"]
+    assert snapshot(tmp_path / "s.zarr") == before
+
+
 def test_refuses_teachers_with_different_class_counts(tmp_path, make_data, make_teachers):
     toml = make_teachers([{"name": "three"}, {"name": "four", "num_classes": 4}])
     result = invoke("infer", "--teachers", toml, "--data", make_data(20), "--out", tmp_path / "s.zarr")
