@@ -410,11 +410,26 @@ def load_data(spec: str) -> Data:
     )
 
 
+# The arrays an .npz may hold, by the kind its first array names (SPEC v3: unknown arrays are an error).
+NPZ_ARRAYS = {"x": ("x", "y"), "input_ids": ("input_ids", "attention_mask", "labels")}
+
+
+def _check_npz_arrays(spec: str, names: list[str]) -> None:
+    """One kind per file, and no array that kind does not know: a stray array is never ignored."""
+    kinds = [key for key in NPZ_ARRAYS if key in names]
+    if len(kinds) > 1:
+        raise SpecError(f"data {spec!r} holds both 'x' (rows) and 'input_ids' (tokens): one kind of data per file")
+    unknown = sorted(set(names) - set(NPZ_ARRAYS[kinds[0]])) if kinds else []
+    if unknown:
+        raise SpecError(f"data {spec!r}: unknown arrays {unknown} beside {kinds[0]!r} (known: {', '.join(NPZ_ARRAYS[kinds[0]])})")
+
+
 def _load_npz(spec: str, path: Path) -> Data:
     if not path.is_file():
         raise SpecError(f"data {spec!r}: no such file")
     try:
         with np.load(path, allow_pickle=False) as f:
+            _check_npz_arrays(spec, list(f.files))
             if "input_ids" in f:
                 mapped = {name: _mapped_member(path, name) for name in ("input_ids", "attention_mask") if name in f}
                 # A member stored compressed cannot be mapped: np.load reads it whole.

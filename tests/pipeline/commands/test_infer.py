@@ -298,6 +298,18 @@ def test_refuses_bad_data_spec(tmp_path, make_teachers):
     assert not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.parametrize(("arrays", "culprits"), [
+    ({"x": np.zeros((4, 8), np.float32), "input_ids": np.ones((4, 3), np.int64)}, ("both 'x'", "'input_ids'")),
+    ({"x": np.zeros((4, 8), np.float32), "labels": np.zeros(4, np.int64)}, ("unknown arrays ['labels']", "'x'")),
+    ({"input_ids": np.ones((4, 3), np.int64), "mask": np.ones((4, 3), np.int64)}, ("unknown arrays ['mask']", "'input_ids'")),
+])
+def test_refuses_an_npz_of_two_kinds_or_with_unknown_arrays(tmp_path, make_teachers, arrays, culprits):
+    np.savez(tmp_path / "mixed.npz", **arrays)
+    result = invoke("infer", "--teachers", make_teachers([{"name": "a"}]), "--data", tmp_path / "mixed.npz", "--out", tmp_path / "s.zarr")
+    refused(result, "mixed.npz", *culprits)
+    assert not (tmp_path / "s.zarr").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refusal only without CUDA")
 def test_refuses_cuda_without_a_gpu(tmp_path, make_data, make_teachers):
     result = invoke("infer", "--teachers", make_teachers([{"name": "a"}]), "--data", make_data(10), "--out", tmp_path / "s.zarr", "--device", "cuda")
