@@ -405,6 +405,7 @@ def _forward(
     ranges = {b: store.block_range(b) for b in blocks}
     needed = sorted({j for b in blocks for j in grid.overlapping(*ranges[b])})
     writer = _BlockWriter(store)
+    vocabs = input_vocabs(models) if isinstance(grid.data, TokenData) else {}
     pending: dict[int, _Pending] = {}
     next_block = 0  # index into `blocks` of the first block not yet handed to the writer
     rows_done, reused = 0, False
@@ -415,6 +416,7 @@ def _forward(
                 touching = [b for b in blocks[next_block:] if ranges[b][0] < r1 and ranges[b][1] > r0]
                 names = [name for name in models if any(name in work[b] for b in touching)]
                 batch = grid.batch(j, dev)
+                _check_token_ids(grid, j, batch, {name: vocabs[name] for name in names if name in vocabs})
                 for name in names:
                     if j == 0 and name in first_rows:
                         arrays, summary = first_rows.pop(name)  # the validation batch: same rows, same outputs
@@ -585,6 +587,7 @@ def _probe(models: dict[str, torch.nn.Module], grid: BatchGrid, dev: torch.devic
     """Run batch 0 through every teacher before anything is written: it must run and give logits of
     the right shape. Returns the logits (batch 0 of the forward reuses them)."""
     batch = grid.batch(0, dev)
+    _check_token_ids(grid, 0, batch, input_vocabs(models))
     outputs: dict[str, torch.Tensor] = {}
     with torch.inference_mode(), teacher_autocast(dev, dtype):
         for name, model in models.items():
@@ -594,8 +597,50 @@ def _probe(models: dict[str, torch.nn.Module], grid: BatchGrid, dev: torch.devic
                 raise
             except Exception as e:
                 first_line = (str(e).strip().splitlines() or [""])[0]
-                raise TeacherOutputError(f"teacher {name!r} fails on the first batch: {type(e).__name__}: {first_line}") from e
+                raise TeacherOutputError(f"teacher {name!r} fails on the first batch: {type(e).__name__}: {first_line}"
+                                         f"{_largest_token(grid, 0, batch)}") from e
     return outputs
+
+
+def input_vocabs(models: dict[str, torch.nn.Module]) -> dict[str, int]:
+    """How many token ids each teacher embeds, where it shows it: the rows of its input embedding
+    (Hugging Face's `get_input_embeddings`, else its one nn.Embedding)."""
+    vocabs = {}
+    for name, model in models.items():
+        get = getattr(model, "get_input_embeddings", None)
+        embedding = get() if callable(get) else None
+        if embedding is None:
+            found = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+            embedding = found[0] if len(found) == 1 else None
+        weight = getattr(embedding, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            vocabs[name] = int(weight.shape[0])
+    return vocabs
+
+
+def _check_token_ids(grid: BatchGrid, j: int, batch: Batch, vocabs: dict[str, int]) -> None:
+    """Token batch j's ids within the input embedding of every teacher in `vocabs`, before any
+    forward: an id beyond it raises an IndexError, or on CUDA a device-side assert that ends the
+    process. (Padding is id 0.)"""
+    if batch.attention_mask is None or not vocabs:
+        return
+    ids = batch.inputs
+    top = int(ids.max())  # one number per batch: its only host sync
+    for name, vocab in vocabs.items():
+        if top >= vocab:
+            seq, pos = (int(i) for i in (ids >= vocab).nonzero()[0])
+            raise TeacherOutputError(
+                f"data {grid.data.spec!r}: sequence {j * grid.batch_size + seq} holds token id {int(ids[seq, pos])} at "
+                f"position {pos}, beyond teacher {name!r}'s {vocab} token ids (its input embedding)")
+
+
+def _largest_token(grid: BatchGrid, j: int, batch: Batch) -> str:
+    """Where a token batch's largest id is, said after a teacher failed on it ("" for rows)."""
+    if batch.attention_mask is None:
+        return ""
+    ids = batch.inputs
+    seq, pos = divmod(int(ids.argmax()), ids.shape[1])
+    return f" (the batch's largest token id: {int(ids[seq, pos])}, sequence {j * grid.batch_size + seq} position {pos})"
 
 
 def _check_first_batch(

@@ -100,6 +100,9 @@ class GRULM(nn.Module):
         out, _ = self.gru(self.embed(input_ids))  # (B, L, H)
         return out
 
+    def get_input_embeddings(self) -> nn.Embedding:  # Hugging Face's name: stage one checks ids against it
+        return self.embed
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.hidden(input_ids))  # (B, L, V)
 
@@ -122,6 +125,9 @@ class TransformerLM(nn.Module):
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab_size)
+
+    def get_input_embeddings(self) -> nn.Embedding:  # Hugging Face's name: stage one checks ids against it
+        return self.embed
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[1]

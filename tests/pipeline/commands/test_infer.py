@@ -460,10 +460,25 @@ def test_refuses_an_lm_returning_b_v_or_another_length(tmp_path, make_tokens, ma
 
 def test_refuses_token_ids_beyond_a_teachers_vocabulary(tmp_path, make_tokens, make_teachers):
     toml = make_teachers([{"name": "small", "factory": LM["factory"], "kwargs": {"vocab_size": 20, "hidden": 4}}])
-    # the model itself may fail on ids beyond its embedding, or return logits over 20 classes: refused either way
-    result = invoke("infer", "--teachers", toml, "--data", make_tokens(4, vocab=LM_VOCAB), "--out", tmp_path / "t.zarr")
-    refused(result, "teacher 'small'")
+    data = make_tokens(4, vocab=LM_VOCAB)
+    with np.load(data) as f:  # the first id the teacher cannot embed, sequence by sequence
+        ids = np.where(f["attention_mask"] == 1, f["input_ids"], 0)
+    seq, pos = (int(i) for i in np.argwhere(ids >= 20)[0])
+    result = invoke("infer", "--teachers", toml, "--data", data, "--out", tmp_path / "t.zarr")
+    refused(result, "teacher 'small'", f"sequence {seq} holds token id {ids[seq, pos]} at position {pos}", "20 token ids")
     assert not (tmp_path / "t.zarr").exists()
+
+
+def test_a_token_id_beyond_the_vocabulary_in_a_later_batch_leaves_a_valid_store(tmp_path, make_teachers):
+    ids = np.random.default_rng(0).integers(0, 20, (12, 6))
+    ids[9, 0] = 33  # in batch 2 (4 sequences a batch), blocks written before it; a first token is no label
+    np.savez(tmp_path / "late.npz", input_ids=ids)
+    toml = make_teachers([{"name": "small", "factory": LM["factory"], "kwargs": {"vocab_size": 20, "hidden": 4}}])
+    args = ("--teachers", toml, "--data", tmp_path / "late.npz", "--out", tmp_path / "t.zarr", "--batch-size", 4, "--chunk-rows", 8)
+    refused(invoke("infer", *args), "teacher 'small'", "sequence 9 holds token id 33 at position 0", "valid and resumable")
+    store = open_store(tmp_path / "t.zarr")
+    assert store.done_blocks("small") and store.missing_blocks("small")
+    assert invoke("verify", tmp_path / "t.zarr").exit_code == 0
 
 
 def test_refuses_labels_at_a_teachers_vocabulary(tmp_path, make_teachers, odd_teachers):
