@@ -18,6 +18,11 @@ import sys
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+try:  # typer >= 0.20 carries its own copy of click; its errors are that copy's classes
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
+
 from mtkd.pipeline.errors import MtkdError
 
 _JSON_FLAG = "--json"
@@ -40,6 +45,26 @@ def _untyped_flags(params: list) -> list:
     return params
 
 
+def _usage_error(e: click_errors.ClickException, as_json: bool) -> None:
+    """click's own errors (a bad or missing option, an unknown command) as one line `error: ...` on
+    stderr (and the JSON line under --json), exit 2, instead of typer's boxed usage text."""
+    if isinstance(e, _HELP_INSTEAD):  # `mtkd` alone: the help, as asked by no_args_is_help
+        raise e
+    if isinstance(e, click_errors.BadParameter):  # typer's enum check words it "Value error, 'x' is not one of"
+        e.message = e.message.replace("Value error, ", "", 1)
+    message = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    if as_json:
+        _print_json_error(type(e).__name__, message)
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(e.exit_code) from e
+
+
+_HELP_INSTEAD = getattr(click_errors, "NoArgsIsHelpError", ())
+
+
 class _MtkdCommand(TyperCommand):
     """A command whose flags show no value type in --help."""
 
@@ -55,7 +80,10 @@ class _MtkdGroup(TyperGroup):
 
     def parse_args(self, ctx, args):
         ctx.meta["mtkd.json"] = _json_requested(list(args))
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except click_errors.ClickException as e:  # `mtkd --bogus`
+            _usage_error(e, ctx.meta["mtkd.json"])
 
     def invoke(self, ctx):
         as_json = ctx.meta.get("mtkd.json", False)
@@ -78,15 +106,8 @@ class _MtkdGroup(TyperGroup):
             raise typer.Exit(1) from e
         except (typer.Exit, typer.Abort):
             raise
-        except Exception as e:
-            # Usage errors (click's, exit 2) and bugs (exit 1): typer still prints them on stderr as
-            # before; the JSON line only adds what a script reading stdout needs.
-            if isinstance(e, typer.BadParameter):  # typer's enum check words it "Value error, 'x' is not one of"
-                e.message = e.message.replace("Value error, ", "", 1)
-            if as_json:
-                message = e.format_message() if hasattr(e, "format_message") else str(e)
-                _print_json_error(type(e).__name__, " ".join(message.split()))
-            raise
+        except click_errors.ClickException as e:  # usage errors (exit 2): one line, like every refusal
+            _usage_error(e, as_json)
 
 
 app = typer.Typer(

@@ -83,6 +83,39 @@ def test_json_on_a_usage_error_ends_stdout_with_the_error():
     assert error["kind"] == "MissingParameter" and "--data" in error["message"]
 
 
+INFER = ["infer", "--teachers", "{toml}", "--data", "x.npz", "--out", "{out}"]
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+@pytest.mark.parametrize(("args", "culprit"), [
+    ([*INFER, "--top-k", "abc"], "'--top-k'"),
+    ([*INFER, "--batch-size", "0"], "'--batch-size': Input should be greater than or equal to 1"),
+    ([*INFER, "--dtype", "float64"], "'float64' is not one of"),
+    (["infer", "--teachers", "{missing}", "--data", "x.npz", "--out", "{out}"], "'--teachers'"),
+    (["train", "--epochs", "-1"], "'--epochs'"),
+    (["eval"], "Missing option '--data'"),
+    (["--bogus"], "No such option: --bogus"),
+    (["infe"], "No such command 'infe'. Did you mean 'infer'?"),
+])
+def test_usage_errors_are_one_line_like_every_refusal(tmp_path, args, culprit, as_json):
+    """click's own errors (a value of the wrong type, out of range, not a choice, a missing file or
+    option, an unknown option or command): `error: ...` in one line on stderr, exit 2, never typer's
+    boxed usage text; the JSON line under --json."""
+    (tmp_path / "t.toml").write_text('[[teachers]]\nname = "a"\nfactory = "mtkd.pipeline.models:mlp"\n')
+    places = {"toml": tmp_path / "t.toml", "missing": tmp_path / "missing.toml", "out": tmp_path / "s.zarr"}
+    argv = [a.format(**places) for a in args] + (["--json"] if as_json else [])
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert message.startswith("error: ") and "\n" not in message and culprit in message, message
+    assert "Usage:" not in result.output and "╭" not in result.output
+    if as_json:
+        assert culprit in last_json_line(result.stdout)["error"]["message"]
+    else:
+        assert not result.stdout.strip()
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_json_after_a_bare_double_dash_is_an_argument_not_the_flag(tmp_path):
     result = CliRunner().invoke(app, ["inspect", "--", "--json"])
     assert result.exit_code == 2
