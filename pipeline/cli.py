@@ -108,6 +108,10 @@ class _MtkdGroup(TyperGroup):
             raise
         except click_errors.ClickException as e:  # usage errors (exit 2): one line, like every refusal
             _usage_error(e, as_json)
+        except Exception as e:  # a bug (exit 1): its traceback as before; the JSON line for scripts
+            if as_json:
+                _print_json_error(type(e).__name__, " ".join(str(e).split()))
+            raise
 
 
 app = typer.Typer(
