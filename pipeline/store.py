@@ -230,7 +230,7 @@ class LogitStore:
     def labels(self) -> np.ndarray:
         """(N,) int64: class or next token, -100 where none. Every chunk must be there and read, and
         each block's labels must be those its teachers' completion records name (CorruptStoreError)."""
-        values = self._data_array("labels")
+        values = self.stored_data("labels")
         self._check_data_digests("labels", values)
         return values
 
@@ -239,7 +239,7 @@ class LogitStore:
         Checked like `labels`."""
         if self.kind != "tokens":
             raise BadInputError(f"store {str(self.path)!r} holds {self.kind}, not token sequences")
-        values = self._data_array(OFFSETS)
+        values = self.stored_data(OFFSETS)
         self._check_data_digests(OFFSETS, values)
         return values
 
@@ -404,8 +404,6 @@ class LogitStore:
             return f"its completion record comes from a store of other data (fingerprint {str(record.get('store'))[:12]})"
         if record.get("teacher") != self.identity(name):
             return "its completion record comes from another teacher (other spec or weights)"
-        if record.get("layout") != _jsonable(self.layout(name).attrs()):
-            return f"its completion record names layout {record.get('layout')}, not the teacher's attributes"
         expected = record.get("chunks", {}).get(key)
         seen = [len(raw), _crc(raw)]
         if expected != seen:
@@ -416,8 +414,9 @@ class LogitStore:
     def identity(self, name: str) -> str:
         """A digest of the teacher's spec and weights' hash, as stored (what its records are bound to)."""
         if name not in self._identities:
-            info = self.teacher(name)
-            self._identities[name] = _digest(json.dumps({"spec": info.spec, "weights_sha256": info.weights_sha256}, sort_keys=True).encode())
+            attrs = zarr.open_group(self.path / "teachers" / name, mode="r").attrs
+            identity = {"spec": attrs.get("spec") or {}, "weights_sha256": attrs.get("weights_sha256")}
+            self._identities[name] = _digest(json.dumps(identity, sort_keys=True).encode())
         return self._identities[name]
 
     def block_record(self, name: str, block: int, chunks: dict[str, bytes | memoryview]) -> dict[str, Any]:
@@ -442,16 +441,16 @@ class LogitStore:
         from the data `check_data` accepted, else as stored."""
         data = self._source
         if data is None:
-            offsets = self._data_array(OFFSETS) if self.kind == "tokens" else None
-            return {"inputs": None, **_data_digests(self._data_array("labels"), offsets, start, stop)}
+            offsets = self.stored_data(OFFSETS) if self.kind == "tokens" else None
+            return {"inputs": None, **_data_digests(self.stored_data("labels"), offsets, start, stop)}
         if self._source_labels is None:
             self._source_labels = np.asarray(data.labels, dtype=np.int64)
         inputs = data.x[start:stop] if self.kind == "rows" else data.tokens[start:stop]
         offsets = data.offsets if self.kind == "tokens" else None
         return {"inputs": _digest(np.ascontiguousarray(inputs)), **_data_digests(self._source_labels, offsets, start, stop)}
 
-    def _data_array(self, key: str) -> np.ndarray:
-        """labels or sequences/offsets, chunk by chunk: each must be there (they are written whole with
+    def stored_data(self, key: str) -> np.ndarray:
+        """labels or sequences/offsets as stored (not checked against the records), chunk by chunk: each must be there (they are written whole with
         the store) and decode. A missing or damaged one raises CorruptStoreError naming it."""
         try:
             array = self._array(key)
@@ -472,6 +471,11 @@ class LogitStore:
                 raise CorruptStoreError(f"{what} does not read ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); {fix}") from e
         return np.concatenate(parts)[:n].astype(np.int64, copy=False) if parts else np.empty(0, dtype=np.int64)
 
+    @staticmethod
+    def data_digest(key: str, values: np.ndarray, start: int, stop: int) -> str:
+        """The digest a record holds of rows [start, stop) of the labels, or of the offsets in it."""
+        return (_offsets_digest if key == OFFSETS else _labels_digest)(values, start, stop)
+
     def _check_data_digests(self, key: str, values: np.ndarray) -> None:
         """Each recorded block's labels (or offsets), as stored, must be those its bound records name."""
         field_name = "offsets" if key == OFFSETS else "labels"
@@ -482,7 +486,7 @@ class LogitStore:
                     continue
                 start, stop = self.block_range(block)
                 if block not in digests:
-                    digests[block] = (_offsets_digest if key == OFFSETS else _labels_digest)(values, start, stop)
+                    digests[block] = self.data_digest(key, values, start, stop)
                 if record.get(field_name) != digests[block]:
                     raise CorruptStoreError(
                         f"store {str(self.path)!r}: the {key} of block {block} (rows {start}..{stop - 1}) are not those teacher "
