@@ -243,6 +243,13 @@ class LogitStore:
         self._check_data_digests(OFFSETS, values)
         return values
 
+    def check_labels(self) -> None:
+        """Raise CorruptStoreError unless the labels (and offsets) read whole and are those the records
+        name (stage two trains on the data's own labels, but never from a store whose labels are damaged)."""
+        self.labels()
+        if self.kind == "tokens":
+            self.offsets()
+
     def block_range(self, block: int) -> tuple[int, int]:
         """[start, stop) rows of one block."""
         if not 0 <= block < self.num_blocks:
