@@ -910,6 +910,8 @@ def decode_chunk(array: zarr.Array, coords: tuple[int, ...], raw: bytes) -> np.n
         decode = getattr(codec, "_decode_sync", None)
         data = decode(data, spec) if decode is not None else zarr_sync(codec._decode_single(data, spec))
     values = data.as_numpy_array()
+    if not values.flags.writeable:  # decompressed into immutable bytes: torch wants to own writable memory
+        values = values.copy()
     if values.shape != tuple(array.metadata.chunk_grid.chunk_shape):
         raise ValueError(f"chunk decodes to shape {values.shape}, not {tuple(array.metadata.chunk_grid.chunk_shape)}")
     return values
