@@ -9,7 +9,8 @@
       teachers/<name>/<array>     the layout's arrays (layouts.py): dense `logits`, or `topk_ids`,
                                   `topk_logprobs`, `lse`, `label_logprob`
       teachers/<name>/block_stats (num_blocks, S) float64: the sums each block adds to the teacher's stats
-      teachers/<name>/done        (num_blocks,) uint8: 1 once the block's rows are written (one file per block)
+      teachers/<name>/done        (num_blocks,) str: each block's completion record, a JSON document (one
+                                  file per block, "" where none; an earlier mtkd's: uint8 1, "unbound")
 
 This module knows blocks, records, chunks and checksums; what the arrays hold is the layout's.
 Rows are grouped into blocks of `chunk_rows` rows; one block is one chunk of every array of every
@@ -23,6 +24,16 @@ Why it is built this way:
   lose another's record; a block without its record is simply computed again. The teacher's
   `complete` and `stats` attributes are derived from the records by whoever sees the last one,
   idempotently (the same bytes every time: the sums are added in block order).
+- A block's record binds its chunks to their place (`block_record`): the block's index and rows, the
+  store's data (fingerprint), the teacher (digest of its spec and weights), its layout attributes
+  (layout, dtype, vocab_size, top_k, temperatures: stored, so that repair can restore an edited one),
+  digests of the block's input rows, labels and sequence boundaries, and each chunk's length and the
+  crc32c it ends with. Every reader checks each chunk it reads against the record (the bytes in hand:
+  no second pass), and the labels and offsets against the records' digests: a chunk copied from
+  another block or store, swapped, or labels of other data are errors, never data.
+- Opening checks the structure (`structure_problems`, metadata and records only): num_rows,
+  chunk_rows, num_classes against the arrays; each teacher's layout attributes against its records
+  and arrays. A contradiction is CorruptStoreError pointing at `mtkd verify --repair`.
 - Every array's chunks end in zarr's crc32c checksum (Crc32cCodec), so a damaged chunk is an error
   on read, never data. Floats are filled with NaN (bfloat16: the bits of a bfloat16 NaN), ids with
   -1, so a row never written cannot pass as data.
@@ -36,7 +47,10 @@ codecs and writes directly: through zarr's async machinery one small chunk costs
 a process killed at any moment leaves either the old or the new file, never half of one.
 
 Format-1 stores (dense rows, no checksums, `weights_sha256`) open, inspect and train as before;
-they are not written to.
+they are not written to. Format-2 stores of an earlier mtkd (one-byte records) open, train and verify
+as before: their records bind nothing ("unbound records"), so only their checksums are checked; a
+teacher of theirs resumed keeps writing such records. The format stays 2: what changed is what a
+record holds, and an earlier mtkd, which lists records and never reads them, still reads these stores.
 """
 
 from __future__ import annotations

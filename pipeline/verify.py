@@ -8,23 +8,32 @@ dense `logits`, or `topk_ids`, `topk_logprobs`, `lse`, `label_logprob`, and form
 `block_stats`):
 - a recorded block's chunks are all there ("record-without-chunk"), decode ("checksum": the crc32c
   codec's mismatch, format 2; "unreadable": a truncated or resized chunk), hold finite values
-  ("non-finite"; `label_logprob` is NaN exactly where a row has no label, by design) and top-k ids
-  inside the teacher's vocabulary ("invalid");
+  ("non-finite"; `label_logprob` is NaN exactly where a row has no label, by design), top-k ids
+  inside the teacher's vocabulary ("invalid"), and are the chunks the block's record names
+  ("misplaced": copied from another block or store, swapped, a record from elsewhere);
+- labels and sequences/offsets, chunk by chunk: there, readable, and the data every bound record of a
+  block names (labels copied from other data: "misplaced");
 - a chunk without its completion record ("chunk-without-record"): damage when the teacher says it is
   complete (its record was lost); otherwise the leftover of an interrupted write that `mtkd infer`
   recomputes, reported but not damage;
-- attributes against the arrays ("attribute"): `num_rows` and `chunk_rows` against every array's
-  shape and chunks, a dense teacher's width against its vocabulary, `top_k` against the ids kept,
-  `logical_dtype` and the teacher's `dtype` against the dtype actually stored (float16 bits read as
-  bfloat16 would train on garbage), a token store's sequence offsets against its rows.
+- attributes against the arrays and records ("attribute"): the structural check every reader makes
+  at open (store.structure_problems: num_rows, chunk_rows, num_classes against the arrays; a
+  teacher's layout, dtype, vocab_size, top_k and temperatures against what its records name and its
+  arrays hold), plus every array's shape and chunks and its `logical_dtype` against the dtype stored
+  (float16 bits read as bfloat16 would train on garbage), and a token store's offsets against its rows;
+- records of an earlier mtkd ("unbound-records", a note): they name no chunk, so checksums alone.
 
 Repair (`--repair`) makes the store say only what is true, so that rerunning the same `mtkd infer`
 recomputes exactly the damaged blocks: a damaged block loses its record (first) and its chunks; a
-teacher with damage loses `complete` (and its stats, which described the damaged data); an attribute
-that contradicts the stored dtype is rewritten from it, and a store-level count from the arrays when
-they all agree. What cannot be repaired (arrays that disagree with one another) is said so.
+teacher with damage loses `complete` (and its stats, which described the damaged data); a damaged
+labels or offsets chunk is dropped, and the same `mtkd infer` rewrites it from the data. A wrong
+attribute is restored from what proves it, never by dropping good blocks: a teacher's layout
+attributes from its records (or, for unbound records, its arrays' widths and stored dtype), a
+store-level count from the arrays when they all agree. What nothing proves is said so, unrepaired.
 
-What verify cannot see: a whole chunk moved to another block's place (its checksum is its own).
+What verify cannot see: a record and all its block's chunks replaced together by those of the same
+teacher (same spec and weights) on the same data and rows, which are the same bytes; and, in
+unbound records, chunks in the wrong place.
 
 Readers (stage two, `mtkd inspect`) refuse a NaN/inf in a recorded block as they read it
 (`LogitStore.read_logits`); their errors point here.
