@@ -219,14 +219,15 @@ class LogitStore:
         self._identities: dict[str, str] = {}  # teacher -> digest of its spec and weights
         self._source: Data | None = None  # the data, once `check_data` accepted it (stage one binds blocks to it)
         self._source_labels: np.ndarray | None = None
+        self._stored: tuple[np.ndarray, np.ndarray | None] | None = None  # labels, offsets as stored (writing without data)
 
     # Picklable for DataLoader workers: zarr handles are reopened lazily on the other side.
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_arrays", "_source", "_source_labels")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_arrays", "_source", "_source_labels", "_stored")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._arrays, self._source, self._source_labels = {}, None, None
+        self._arrays, self._source, self._source_labels, self._stored = {}, None, None, None
 
     def __repr__(self) -> str:
         return f"LogitStore({str(self.path)!r}, {self.kind}, rows={self.num_rows}, classes={self.num_classes}, teachers={self.teachers})"
@@ -461,9 +462,10 @@ class LogitStore:
         data in hand), "labels", and "offsets" (tokens: the sequence boundaries in [start, stop]),
         from the data `check_data` accepted, else as stored."""
         data = self._source
-        if data is None:
-            offsets = self.stored_data(OFFSETS) if self.kind == "tokens" else None
-            return {"inputs": None, **_data_digests(self.stored_data("labels"), offsets, start, stop)}
+        if data is None:  # a tool writing blocks without the data (write_logits_block): as stored, read once
+            if self._stored is None:
+                self._stored = (self.stored_data("labels"), self.stored_data(OFFSETS) if self.kind == "tokens" else None)
+            return {"inputs": None, **_data_digests(*self._stored, start, stop)}
         if self._source_labels is None:
             self._source_labels = np.asarray(data.labels, dtype=np.int64)
         inputs = data.x[start:stop] if self.kind == "rows" else data.tokens[start:stop]
