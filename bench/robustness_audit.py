@@ -11,6 +11,12 @@
    to the bytes of the undamaged store.
 3. Kills: `mtkd infer` in a subprocess, SIGKILLed at a random moment, then run again to the end;
    the store must equal, byte for byte, one that was never interrupted.
+4. Token-path corruptions (issue 16) of a finished top-k store (two GRU LMs, V 256, k 16, T 1 and 2,
+   8 blocks) and a second store of other data: chunks copied from the other store or swapped between
+   blocks, a whole block copied, labels copied, a teacher's arrays swapped between blocks, vocab_size /
+   top_k / temperatures edited, damaged labels and offsets chunks, a deleted topk_ids chunk. Each must
+   make `mtkd verify` exit 2 and `mtkd train` (and `mtkd inspect`) exit 2 without a traceback; then
+   `verify --repair` and the same `mtkd infer` must give back the undamaged store's bytes.
 
 Prints one line per case that does not hold and a summary table; `--json` writes every case.
 """
@@ -298,6 +304,133 @@ def check_corruption(w: World, label: str, damage) -> dict:
     return {"case": label, "detected": detected, "kinds": kinds, "clean_after_repair": clean, "identical_after_rerun": identical}
 
 
+# -- 4. token-path corruptions (issue 16) ------------------------------------------------------------
+
+VOCAB, SEQS, SEQ_LEN, TOKEN_CHUNK = 256, 48, 12, 64
+
+
+class TokenWorld:
+    """Token data (and other data), two GRU LM teachers with checkpoints, a student, and two finished
+    top-k stores: `store` of the data and `other` of the other data."""
+
+    def __init__(self, root: Path):
+        from mtkd.pipeline.models import gru_lm
+
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(1)
+        for name, seed in (("tokens.npz", 0), ("other_tokens.npz", 1)):
+            ids = np.random.default_rng(seed).integers(0, VOCAB, (SEQS, SEQ_LEN))
+            mask = np.ones_like(ids)
+            mask[::5, SEQ_LEN - 3 :] = 0  # some shorter sequences
+            np.savez(root / name, input_ids=ids, attention_mask=mask)
+        del rng
+        lines = []
+        for seed, name in enumerate(("g1", "g2")):
+            torch.manual_seed(seed)
+            torch.save(gru_lm(VOCAB, hidden=16).state_dict(), root / f"{name}.pt")
+            lines += ["[[teachers]]", f'name = "{name}"', 'factory = "mtkd.pipeline.models:gru_lm"',
+                      f"kwargs = {{ vocab_size = {VOCAB}, hidden = 16 }}", f'checkpoint = "{name}.pt"', ""]
+        self.teachers = root / "lm_teachers.toml"
+        self.teachers.write_text("\n".join(lines))
+        self.student = root / "lm_student.toml"
+        self.student.write_text(f'[student]\nname = "s"\nfactory = "mtkd.pipeline.models:gru_lm"\n'
+                                f"kwargs = {{ vocab_size = {VOCAB}, hidden = 8 }}\n")
+        self.store, self.other = root / "lm.zarr", root / "lm_other.zarr"
+        self.infer(self.store)
+        self.infer(self.other, root / "other_tokens.npz")
+        self.pristine = snapshot(self.store)
+
+    def infer(self, store: Path, data: Path | None = None):
+        result = invoke("infer", "--teachers", self.teachers, "--data", data or self.root / "tokens.npz", "--out", store,
+                        "--top-k", 16, "--temperatures", "1,2", "--chunk-rows", TOKEN_CHUNK, "--batch-size", 8,
+                        "--device", "cpu", "--quiet")
+        assert result.exit_code == 0, result.output
+        return result
+
+    def train(self, store: Path, *extra):
+        return invoke("train", "--student", self.student, "--data", self.root / "tokens.npz", "--store", store,
+                      "--out", self.root / "lm_run", "--max-steps", 2, "--batch-size", 8, "--device", "cpu", "--quiet", *extra)
+
+
+def _chunk_path(store: Path, teacher: str, array: str, block: int) -> Path:
+    folder = store / "teachers" / teacher / array / "c" / str(block)
+    return folder if folder.is_file() else folder / "0"
+
+
+def _copy_from(other: Path, rel: str, store: Path) -> None:
+    shutil.copyfile(other / rel, store / rel)
+
+
+def token_corruptions(w: TokenWorld) -> dict:
+    o = w.other
+    rows_arrays = ("topk_ids", "topk_logprobs", "lse", "label_logprob", "block_stats")
+
+    def chunk_from_other(store):
+        shutil.copyfile(_chunk_path(o, "g1", "topk_ids", 2), _chunk_path(store, "g1", "topk_ids", 2))
+
+    def block_from_other(store):  # every array's chunk and the record: a whole block of other data
+        for a in rows_arrays:
+            shutil.copyfile(_chunk_path(o, "g1", a, 3), _chunk_path(store, "g1", a, 3))
+        shutil.copyfile(o / "teachers/g1/done/c/3", store / "teachers/g1/done/c/3")
+
+    def block_arrays_from_other(store):  # every array's chunk, the record kept
+        for a in rows_arrays:
+            shutil.copyfile(_chunk_path(o, "g1", a, 3), _chunk_path(store, "g1", a, 3))
+
+    def labels_from_other(store):
+        shutil.copyfile(o / "labels/c/0", store / "labels/c/0")
+
+    def arrays_swapped(store):  # a teacher's arrays swapped between blocks 1 and 5 (records kept)
+        for a in rows_arrays:
+            _swap(_chunk_path(store, "g2", a, 1), _chunk_path(store, "g2", a, 5))
+
+    def attr(key, value):
+        return lambda s: _edit_json(s / "teachers" / "g1" / "zarr.json", lambda m: m["attributes"].update({key: value}))
+
+    def damage(path: Path):
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0x20
+        path.write_bytes(bytes(raw))
+
+    return {
+        "tokens: topk_ids chunk copied from a store of other data": chunk_from_other,
+        "tokens: whole block (chunks and record) copied from a store of other data": block_from_other,
+        "tokens: a block's five arrays copied from a store of other data": block_arrays_from_other,
+        "tokens: labels copied from a store of other data": labels_from_other,
+        "tokens: two topk_logprobs chunks swapped": lambda s: _swap(_chunk_path(s, "g1", "topk_logprobs", 0), _chunk_path(s, "g1", "topk_logprobs", 6)),
+        "tokens: a teacher's arrays swapped between two blocks": arrays_swapped,
+        "tokens: vocab_size edited 256 -> 128": attr("vocab_size", 128),
+        "tokens: top_k edited 16 -> 8": attr("top_k", 8),
+        "tokens: temperatures relabelled [1, 2] -> [1, 3]": attr("temperatures", [1.0, 3.0]),
+        "tokens: damaged labels chunk": lambda s: damage(s / "labels/c/0"),
+        "tokens: damaged offsets chunk": lambda s: damage(s / "sequences/offsets/c/0"),
+        "tokens: topk_ids chunk of a recorded block deleted": lambda s: _chunk_path(s, "g2", "topk_ids", 4).unlink(),
+    }
+
+
+def check_token_corruption(w: TokenWorld, label: str, damage) -> dict:
+    store = w.root / "lm_damaged.zarr"
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.rmtree(w.root / "lm_run", ignore_errors=True)
+    shutil.copytree(w.store, store)
+    damage(store)
+    found = invoke("verify", store, "--json", "--quiet")
+    kinds = []
+    if found.stdout.strip():
+        kinds = sorted({f["kind"] for f in json.loads(found.stdout.strip().splitlines()[-1])["findings"] if f["damage"]})
+    train = w.train(store, *(["-T", "3"] if "temperatures" in label else []))
+    inspect = invoke("inspect", store, "--quiet", "--json")
+    traceback = any(r.exception is not None and not isinstance(r.exception, SystemExit) for r in (found, train, inspect))
+    repair = invoke("verify", store, "--repair", "--quiet")
+    w.infer(store)
+    after = invoke("verify", store, "--quiet")
+    return {"case": label, "detected": found.exit_code == 2, "kinds": kinds, "train_exit": train.exit_code,
+            "train_message": (train.stderr.strip().splitlines() or [""])[-1][:300], "inspect_exit": inspect.exit_code,
+            "traceback": traceback, "repaired": repair.stdout.count("repaired "), "clean_after_rerun": after.exit_code == 0,
+            "identical_after_rerun": snapshot(store) == w.pristine}
+
+
 # -- 3. kills ----------------------------------------------------------------------------------------
 
 
@@ -356,6 +489,9 @@ def main() -> None:
         w = World(Path(tmp))
         bad = [check_bad_input(w, label, args) for label, args in bad_inputs(w)]
         corrupt = [check_corruption(w, label, damage) for label, damage in corruptions().items()]
+        tw = TokenWorld(Path(tmp) / "tokens")
+        assert tw.train(tw.store).exit_code == 0, "training on the undamaged token store must work"
+        tokens = [check_token_corruption(tw, label, damage) for label, damage in token_corruptions(tw).items()]
         kills = check_kills(w, a.kills, a.seed)
     for r in bad:
         if not r["ok"]:
@@ -363,6 +499,10 @@ def main() -> None:
     for r in corrupt:
         if not (r["detected"] and r["identical_after_rerun"]):
             print(f"corruption: {r['case']}: detected {r['detected']} {r['kinds']}, identical after repair and rerun {r['identical_after_rerun']}")
+    for r in tokens:
+        if not (r["detected"] and r["train_exit"] == 2 and not r["traceback"] and r["identical_after_rerun"]):
+            print(f"token corruption: {r['case']}: detected {r['detected']} {r['kinds']}, train exit {r['train_exit']}, "
+                  f"inspect exit {r['inspect_exit']}, traceback {r['traceback']}, identical after repair and rerun {r['identical_after_rerun']}")
     for r in kills:
         if not r["identical"]:
             print(f"kill: {r['case']}: rerun exit {r['rerun_exit']}, not identical")
@@ -370,9 +510,13 @@ def main() -> None:
     print(f"bad inputs: {len(bad)} tried, {sum(r['ok'] for r in bad)} refused cleanly ({usage} of them by typer's parser)")
     print(f"corruptions: {len(corrupt)} tried, {sum(r['detected'] for r in corrupt)} detected by verify, "
           f"{sum(r['identical_after_rerun'] for r in corrupt)} bit-identical after verify --repair and the rerun")
+    print(f"token corruptions: {len(tokens)} tried, {sum(r['detected'] for r in tokens)} detected by verify, "
+          f"{sum(r['train_exit'] == 2 for r in tokens)} refused by train (exit 2), {sum(r['inspect_exit'] == 2 for r in tokens)} by inspect, "
+          f"{sum(r['traceback'] for r in tokens)} tracebacks, {sum(r['identical_after_rerun'] for r in tokens)} bit-identical after "
+          "verify --repair and the same infer")
     print(f"kills: {len(kills)} tried, {sum(r['identical'] for r in kills)} resumed bit-identical")
     if a.json:
-        a.json.write_text(json.dumps({"bad_inputs": bad, "corruptions": corrupt, "kills": kills}, indent=2))
+        a.json.write_text(json.dumps({"bad_inputs": bad, "corruptions": corrupt, "token_corruptions": tokens, "kills": kills}, indent=2))
 
 
 if __name__ == "__main__":

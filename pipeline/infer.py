@@ -185,6 +185,7 @@ def run_infer(
     store = _open_existing(out)
     if store is not None:
         store.check_data(data)
+        store.restore_data(data)  # labels/offsets chunks that `mtkd verify --repair` dropped: rewritten from the data
     weights = {spec.name: spec.weights_sha256() for spec in specs}
     skipped = []
     for spec in specs:

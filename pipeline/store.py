@@ -9,7 +9,8 @@
       teachers/<name>/<array>     the layout's arrays (layouts.py): dense `logits`, or `topk_ids`,
                                   `topk_logprobs`, `lse`, `label_logprob`
       teachers/<name>/block_stats (num_blocks, S) float64: the sums each block adds to the teacher's stats
-      teachers/<name>/done        (num_blocks,) uint8: 1 once the block's rows are written (one file per block)
+      teachers/<name>/done        (num_blocks,) str: each block's completion record, a JSON document (one
+                                  file per block, "" where none; an earlier mtkd's: uint8 1, "unbound")
 
 This module knows blocks, records, chunks and checksums; what the arrays hold is the layout's.
 Rows are grouped into blocks of `chunk_rows` rows; one block is one chunk of every array of every
@@ -23,6 +24,16 @@ Why it is built this way:
   lose another's record; a block without its record is simply computed again. The teacher's
   `complete` and `stats` attributes are derived from the records by whoever sees the last one,
   idempotently (the same bytes every time: the sums are added in block order).
+- A block's record binds its chunks to their place (`block_record`): the block's index and rows, the
+  store's data (fingerprint), the teacher (digest of its spec and weights), its layout attributes
+  (layout, dtype, vocab_size, top_k, temperatures: stored, so that repair can restore an edited one),
+  digests of the block's input rows, labels and sequence boundaries, and each chunk's length and the
+  crc32c it ends with. Every reader checks each chunk it reads against the record (the bytes in hand:
+  no second pass), and the labels and offsets against the records' digests: a chunk copied from
+  another block or store, swapped, or labels of other data are errors, never data.
+- Opening checks the structure (`structure_problems`, metadata and records only): num_rows,
+  chunk_rows, num_classes against the arrays; each teacher's layout attributes against its records
+  and arrays. A contradiction is CorruptStoreError pointing at `mtkd verify --repair`.
 - Every array's chunks end in zarr's crc32c checksum (Crc32cCodec), so a damaged chunk is an error
   on read, never data. Floats are filled with NaN (bfloat16: the bits of a bfloat16 NaN), ids with
   -1, so a row never written cannot pass as data.
@@ -36,12 +47,17 @@ codecs and writes directly: through zarr's async machinery one small chunk costs
 a process killed at any moment leaves either the old or the new file, never half of one.
 
 Format-1 stores (dense rows, no checksums, `weights_sha256`) open, inspect and train as before;
-they are not written to.
+they are not written to. Format-2 stores of an earlier mtkd (one-byte records) open, train and verify
+as before: their records bind nothing ("unbound records"), so only their checksums are checked; a
+teacher of theirs resumed keeps writing such records. The format stays 2: what changed is what a
+record holds, and an earlier mtkd, which lists records and never reads them, still reads these stores.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -59,7 +75,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from mtkd.pipeline.data import Data
 from mtkd.pipeline.errors import BadInputError, CorruptStoreError, IncompleteStoreError, StoreMismatchError
-from mtkd.pipeline.layouts import Dense, Layout, SparseRows, TopK, layout_from_attrs
+from mtkd.pipeline.layouts import STORAGE, Dense, Layout, SparseRows, TopK, layout_from_attrs
 from mtkd.pipeline.staging import remove_stale, staging_dir
 
 FORMAT = 2
@@ -95,8 +111,12 @@ class TeacherInfo:
         return self.layout.dtype
 
 
-def open_store(path: str | os.PathLike, *, mode: str = "r") -> LogitStore:
-    """Open an existing store for reading ("r") or for writing blocks and teachers ("r+")."""
+def open_store(path: str | os.PathLike, *, mode: str = "r", check: bool = True) -> LogitStore:
+    """Open an existing store for reading ("r") or for writing blocks and teachers ("r+").
+
+    `check`: refuse (CorruptStoreError) a store whose attributes contradict its arrays or its
+    completion records (`structure_problems`; cheap: metadata and records, no chunk is read).
+    Only `mtkd verify` opens without, to report and repair what the check would refuse."""
     if mode not in ("r", "r+"):
         raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
     path = Path(path)
@@ -120,7 +140,13 @@ def open_store(path: str | os.PathLike, *, mode: str = "r") -> LogitStore:
             f"store {str(path)!r} has format {meta['format']}; this mtkd reads it but writes only format {FORMAT} stores: "
             "write the teachers into a new store"
         )
-    return LogitStore(path, meta, mode)
+    store = LogitStore(path, meta, mode)
+    if check:
+        problems = structure_problems(store)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise CorruptStoreError(f"{problems[0].message}{more}; run `mtkd verify {path} --repair`")
+    return store
 
 
 def create_store(path: str | os.PathLike, *, data: Data, num_classes: int, chunk_rows: int) -> tuple[LogitStore, bool]:
@@ -152,20 +178,20 @@ def create_store(path: str | os.PathLike, *, data: Data, num_classes: int, chunk
             "labels", shape=(n,), chunks=(min(n, LABEL_CHUNK_ROWS),), dtype="int64", fill_value=-100,
             compressors=[Crc32cCodec()], dimension_names=["row"],
         )
-        labels[...] = data.labels
+        _write_data_chunks(tmp / "labels", labels, np.asarray(data.labels, dtype=np.int64))  # every chunk, even all -100
         if data.kind == "tokens":
             offsets = root.create_group("sequences").create_array(
                 "offsets", shape=data.offsets.shape, chunks=(min(len(data.offsets), LABEL_CHUNK_ROWS),), dtype="int64",
                 fill_value=-1, compressors=[Crc32cCodec()], dimension_names=["sequence_boundary"],
             )
-            offsets[...] = data.offsets
+            _write_data_chunks(tmp / OFFSETS, offsets, data.offsets)
         root.create_group("teachers")
         created = _publish(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     store = open_store(path, mode="r+")
+    store.check_data(data)  # also binds the blocks written through `store` to `data`
     if not created:
-        store.check_data(data)
         if store.num_classes != num_classes:
             raise StoreMismatchError(
                 f"store {str(path)!r} holds {store.num_classes} classes; the teachers give {num_classes}"
@@ -189,14 +215,19 @@ class LogitStore:
         self.dataset_spec: str = meta["dataset"]["spec"]
         self._arrays: dict[str, zarr.Array] = {}
         self._layouts: dict[str, Dense | TopK] = {}
+        self._records: dict[str, dict[int, dict[str, Any]]] = {}  # teacher -> block -> its record (read once)
+        self._identities: dict[str, str] = {}  # teacher -> digest of its spec and weights
+        self._source: Data | None = None  # the data, once `check_data` accepted it (stage one binds blocks to it)
+        self._source_labels: np.ndarray | None = None
+        self._stored: tuple[np.ndarray, np.ndarray | None] | None = None  # labels, offsets as stored (writing without data)
 
     # Picklable for DataLoader workers: zarr handles are reopened lazily on the other side.
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_arrays"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_arrays", "_source", "_source_labels", "_stored")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._arrays = {}
+        self._arrays, self._source, self._source_labels, self._stored = {}, None, None, None
 
     def __repr__(self) -> str:
         return f"LogitStore({str(self.path)!r}, {self.kind}, rows={self.num_rows}, classes={self.num_classes}, teachers={self.teachers})"
@@ -212,14 +243,27 @@ class LogitStore:
         return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file())
 
     def labels(self) -> np.ndarray:
-        """(N,) int64: class or next token, -100 where none."""
-        return np.asarray(self._array("labels")[...], dtype=np.int64)
+        """(N,) int64: class or next token, -100 where none. Every chunk must be there and read, and
+        each block's labels must be those its teachers' completion records name (CorruptStoreError)."""
+        values = self.stored_data("labels")
+        self._check_data_digests("labels", values)
+        return values
 
     def offsets(self) -> np.ndarray:
-        """(num_seqs + 1,) int64 (token stores): sequence i is rows offsets[i] .. offsets[i + 1] - 1."""
+        """(num_seqs + 1,) int64 (token stores): sequence i is rows offsets[i] .. offsets[i + 1] - 1.
+        Checked like `labels`."""
         if self.kind != "tokens":
             raise BadInputError(f"store {str(self.path)!r} holds {self.kind}, not token sequences")
-        return np.asarray(self._array("sequences/offsets")[...], dtype=np.int64)
+        values = self.stored_data(OFFSETS)
+        self._check_data_digests(OFFSETS, values)
+        return values
+
+    def check_labels(self) -> None:
+        """Raise CorruptStoreError unless the labels (and offsets) read whole and are those the records
+        name (stage two trains on the data's own labels, but never from a store whose labels are damaged)."""
+        self.labels()
+        if self.kind == "tokens":
+            self.offsets()
 
     def block_range(self, block: int) -> tuple[int, int]:
         """[start, stop) rows of one block."""
@@ -290,33 +334,188 @@ class LogitStore:
                 f"({self.num_rows} rows, fingerprint {self.fingerprint[:12]}), not from {data.spec!r} "
                 f"({data.num_rows} rows, fingerprint {data.fingerprint[:12]})"
             )
+        self._source, self._source_labels = data, None  # blocks written from now on are bound to it
 
     def read(self, name: str, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Rows [start, stop) of every array of a teacher, as stored (checksums verified by zarr).
+        """Rows [start, stop) of every array of a teacher, as stored.
 
-        A chunk that does not read (checksum mismatch, truncated, missing metadata), or bits declared
-        another logical dtype, raises CorruptStoreError naming the teacher and the first bad block."""
+        Each recorded block's chunk is read as one file, checked against its completion record (its
+        length and the crc32c it ends with: a chunk copied from another block or store, or swapped,
+        is refused), then decoded by the array's codecs (the crc32c verified). A chunk that is missing,
+        does not read or is not the recorded one, a NaN/inf, or bits declared another logical dtype,
+        raises CorruptStoreError naming the teacher, the array and the first bad block. Rows of
+        unrecorded blocks read as the fill (NaN / -1): never data."""
         if not 0 <= start <= stop <= self.num_rows:
             raise IndexError(f"rows [{start}, {stop}) out of range (store has {self.num_rows})")
-        out = {}
+        blocks = range(start // self.chunk_rows, -(-stop // self.chunk_rows)) if stop > start else range(0)
+        out, misplaced = {}, None
         for spec in self.layout(name).arrays():
-            key = f"teachers/{name}/{spec.name}"
-            try:
-                array = self._array(key)
-                self._check_logical_dtype(name, array, spec)
-                out[spec.name] = np.ascontiguousarray(array[start:stop])
-            except (ValueError, OSError) as e:  # Crc32cCodec: "Stored and computed checksum do not match"
-                first, last = start // self.chunk_rows, max(stop - 1, start) // self.chunk_rows
-                for block in range(first, last + 1) if first < last else ():
-                    self.read(name, *self.block_range(block))  # raises naming the block that fails
-                blocks = f"block {first}" if first == last else f"blocks {first}..{last}"
-                raise CorruptStoreError(
-                    f"store {str(self.path)!r}: teacher {name!r}, {blocks}: the {spec.name} do not read "
-                    f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); run `mtkd verify {self.path}`"
-                ) from e
+            array = self._array(f"teachers/{name}/{spec.name}")
+            self._check_logical_dtype(name, array, spec)
+            parts = []
+            for block in blocks:
+                b0, b1 = self.block_range(block)
+                values, wrong = self._read_chunk(name, spec.name, array, block)
+                parts.append(values[max(start, b0) - b0 : min(stop, b1) - b0])
+                if wrong is not None and misplaced is None:
+                    misplaced = (block, wrong)
+            out[spec.name] = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts)) if parts else (
+                np.empty((0, *spec.row_shape), dtype=spec.dtype)
+            )
             if spec.name in FINITE_ARRAYS:
                 self._require_finite(name, start, out[spec.name], spec.logical_dtype or "float32", spec.name)
+        if misplaced is not None:  # after the finite checks: NaN written over a chunk is named as such
+            raise CorruptStoreError(misplaced_message(self.path, name, *misplaced))
         return out
+
+    def _read_chunk(self, name: str, key: str, array: zarr.Array, block: int) -> tuple[np.ndarray, str | None]:
+        """One block's whole chunk of teachers/<name>/<key>, decoded, and why it is not the chunk its
+        record names (None: it is, or the record is an earlier mtkd's, which names nothing)."""
+        coords = (block,) + (0,) * (len(array.shape) - 1)
+        record = self.record(name, block)
+        path = self.path / "teachers" / name / key / array.metadata.encode_chunk_key(coords)
+        try:
+            raw = _read_file(path)
+        except FileNotFoundError:
+            if record is None:  # not written yet: the fill (NaN, -1), never data
+                return np.full(array.metadata.chunk_grid.chunk_shape, array.metadata.fill_value, dtype=array.dtype), None
+            raise CorruptStoreError(
+                f"store {str(self.path)!r}: teacher {name!r}, block {block}: recorded, but its {key} chunk is missing; "
+                f"run `mtkd verify {self.path} --repair`, then `mtkd infer` again"
+            ) from None
+        try:
+            values = decode_chunk(array, coords, raw)
+        except Exception as e:  # noqa: BLE001 - Crc32cCodec: "Stored and computed checksum do not match"; a wrong size
+            raise CorruptStoreError(
+                f"store {str(self.path)!r}: teacher {name!r}, block {block}: the {key} do not read "
+                f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); run `mtkd verify {self.path}`"
+            ) from e
+        return values, self.binding_error(name, block, key, raw)
+
+    # -- completion records: what binds a block's chunks to it -------------------------------------
+
+    def record(self, name: str, block: int) -> dict[str, Any] | None:
+        """The completion record of one block (see `block_record`); UNBOUND for one written by an
+        earlier mtkd (one byte, naming nothing); None when the block is not recorded. Records are
+        never rewritten (repair removes them), so each is read once."""
+        cache = self._records.setdefault(name, {})
+        if block not in cache:
+            done = self._array(f"teachers/{name}/done")
+            path = self.path / "teachers" / name / "done" / done.metadata.encode_chunk_key((block,))
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                return None
+            cache[block] = parse_record(done, block, raw, f"store {str(self.path)!r}: teacher {name!r}, block {block}", self.path)
+        return cache[block]
+
+    def records(self, name: str) -> dict[int, dict[str, Any]]:
+        """Every recorded block's record (CorruptStoreError if one does not parse)."""
+        return {block: record for block in sorted(self.done_blocks(name)) if (record := self.record(name, block)) is not None}
+
+    def binding_error(self, name: str, block: int, key: str, raw: bytes | memoryview) -> str | None:
+        """Why the chunk `raw` of array `key` is not the one block `block`'s record names (None: it is,
+        or the record is unbound). Cheap: the record is in hand, the chunk's crc32c ends its bytes."""
+        record = self.record(name, block)
+        if record is None or record is UNBOUND:
+            return None
+        start, stop = self.block_range(block)
+        if record.get("block") != block or record.get("rows") != [start, stop]:
+            return f"its completion record is that of block {record.get('block')} (rows {record.get('rows')})"
+        if record.get("store") != self.fingerprint:
+            return f"its completion record comes from a store of other data (fingerprint {str(record.get('store'))[:12]})"
+        if record.get("teacher") != self.identity(name):
+            return "its completion record comes from another teacher (other spec or weights)"
+        expected = record.get("chunks", {}).get(key)
+        seen = [len(raw), _crc(raw)]
+        if expected != seen:
+            named = f"{expected[0]} bytes, crc32c {expected[1]:08x}" if isinstance(expected, list) and len(expected) == 2 else "no such chunk"
+            return f"its {key} chunk ({seen[0]} bytes, crc32c {seen[1]:08x}) is not the one its record names ({named})"
+        return None
+
+    def identity(self, name: str) -> str:
+        """A digest of the teacher's spec and weights' hash, as stored (what its records are bound to)."""
+        if name not in self._identities:
+            attrs = zarr.open_group(self.path / "teachers" / name, mode="r").attrs
+            identity = {"spec": attrs.get("spec") or {}, "weights_sha256": attrs.get("weights_sha256")}
+            self._identities[name] = _digest(json.dumps(identity, sort_keys=True).encode())
+        return self._identities[name]
+
+    def block_record(self, name: str, block: int, chunks: dict[str, bytes | memoryview]) -> dict[str, Any]:
+        """What block `block` of `name` records once its `chunks` (array -> stored bytes) are durable:
+        its index and rows, the store's data (fingerprint), the teacher (spec and weights), its layout
+        attributes, digests of the block's input rows, labels and (tokens) sequence boundaries, and
+        each chunk's length and crc32c. The same bytes whoever writes the block, however often."""
+        start, stop = self.block_range(block)
+        return {
+            "block": block,
+            "rows": [start, stop],
+            "store": self.fingerprint,
+            "teacher": self.identity(name),
+            "layout": _jsonable(self.layout(name).attrs()),
+            **self.data_digests(start, stop),
+            "chunks": {key: [len(raw), _crc(raw)] for key, raw in sorted(chunks.items())},
+        }
+
+    def data_digests(self, start: int, stop: int) -> dict[str, str | None]:
+        """Digests of rows [start, stop): "inputs" (the data's input rows or tokens; None without the
+        data in hand), "labels", and "offsets" (tokens: the sequence boundaries in [start, stop]),
+        from the data `check_data` accepted, else as stored."""
+        data = self._source
+        if data is None:  # a tool writing blocks without the data (write_logits_block): as stored, read once
+            if self._stored is None:
+                self._stored = (self.stored_data("labels"), self.stored_data(OFFSETS) if self.kind == "tokens" else None)
+            return {"inputs": None, **_data_digests(*self._stored, start, stop)}
+        if self._source_labels is None:
+            self._source_labels = np.asarray(data.labels, dtype=np.int64)
+        inputs = data.x[start:stop] if self.kind == "rows" else data.tokens[start:stop]
+        offsets = data.offsets if self.kind == "tokens" else None
+        return {"inputs": _digest(np.ascontiguousarray(inputs)), **_data_digests(self._source_labels, offsets, start, stop)}
+
+    def stored_data(self, key: str) -> np.ndarray:
+        """labels or sequences/offsets as stored (not checked against the records), chunk by chunk: each must be there (they are written whole with
+        the store) and decode. A missing or damaged one raises CorruptStoreError naming it."""
+        try:
+            array = self._array(key)
+        except Exception as e:  # noqa: BLE001 - zarr raises several types for a missing/broken array
+            raise CorruptStoreError(f"store {str(self.path)!r}: the {key} array does not open ({type(e).__name__}); "
+                                    f"run `mtkd verify {self.path} --repair`") from e
+        (n,), (rows,) = array.shape, array.metadata.chunk_grid.chunk_shape
+        parts = []
+        for i in range(-(-n // rows)):
+            path = self.path / key / array.metadata.encode_chunk_key((i,))
+            what = f"store {str(self.path)!r}: {key} chunk {i} (entries {i * rows}..{min(n, (i + 1) * rows) - 1})"
+            fix = f"run `mtkd verify {self.path} --repair`, then the same `mtkd infer`: it rewrites it from the data"
+            try:
+                parts.append(decode_chunk(array, (i,), _read_file(path)))
+            except FileNotFoundError:
+                raise CorruptStoreError(f"{what} is missing; {fix}") from None
+            except Exception as e:  # noqa: BLE001 - the codec's checksum error, or a chunk of the wrong size
+                raise CorruptStoreError(f"{what} does not read ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); {fix}") from e
+        return np.concatenate(parts)[:n].astype(np.int64, copy=False) if parts else np.empty(0, dtype=np.int64)
+
+    @staticmethod
+    def data_digest(key: str, values: np.ndarray, start: int, stop: int) -> str:
+        """The digest a record holds of rows [start, stop) of the labels, or of the offsets in it."""
+        return (_offsets_digest if key == OFFSETS else _labels_digest)(values, start, stop)
+
+    def _check_data_digests(self, key: str, values: np.ndarray) -> None:
+        """Each recorded block's labels (or offsets), as stored, must be those its bound records name."""
+        field_name = "offsets" if key == OFFSETS else "labels"
+        digests: dict[int, str | None] = {}
+        for name in self.teachers:
+            for block, record in self.records(name).items():
+                if record is UNBOUND:
+                    continue
+                start, stop = self.block_range(block)
+                if block not in digests:
+                    digests[block] = self.data_digest(key, values, start, stop)
+                if record.get(field_name) != digests[block]:
+                    raise CorruptStoreError(
+                        f"store {str(self.path)!r}: the {key} of block {block} (rows {start}..{stop - 1}) are not those teacher "
+                        f"{name!r}'s completion record names (copied from other data?); run `mtkd verify {self.path} --repair`, "
+                        "then the same `mtkd infer` rewrites them"
+                    )
 
     def _require_finite(self, name: str, start: int, raw: np.ndarray, dtype: str, what: str) -> None:
         """Raise CorruptStoreError if a recorded block holds NaN/inf: stage one never records one, so
@@ -397,8 +596,8 @@ class LogitStore:
                 "done",
                 shape=(self.num_blocks,),
                 chunks=(1,),  # one file per block: concurrent writers never share a record
-                dtype="uint8",
-                fill_value=0,
+                dtype=str,  # each record a JSON document (`block_record`); "" where a block is not recorded
+                fill_value="",
                 compressors=None,
                 dimension_names=["block"],
             )
@@ -417,6 +616,7 @@ class LogitStore:
         start, stop = self.block_range(block)
         folder = self.path / "teachers" / name
         specs = self.layout(name).arrays()
+        chunks: dict[str, memoryview] = {}  # array -> the bytes written, which the record binds
         if set(arrays) != {a.name for a in specs}:
             raise ValueError(f"block {block} of {name!r} needs arrays {sorted(a.name for a in specs)}, got {sorted(arrays)}")
         for a in specs:
@@ -425,12 +625,17 @@ class LogitStore:
                 raise ValueError(
                     f"block {block} of {name!r}: {a.name} needs {(stop - start, *a.row_shape)} {a.dtype}, got {values.shape} {values.dtype}"
                 )
-            self._write_chunk(folder, a.name, (block,) + (0,) * len(a.row_shape), values, durable=True)
-        self._write_chunk(folder, "block_stats", (block, 0), np.asarray(stats, dtype=np.float64)[None], durable=True)
+            chunks[a.name] = self._write_chunk(folder, a.name, (block,) + (0,) * len(a.row_shape), values, durable=True)
+        chunks["block_stats"] = self._write_chunk(folder, "block_stats", (block, 0), np.asarray(stats, dtype=np.float64)[None], durable=True)
         # Synced too: a record that a crash could turn into an empty file must not depend on the file
         # system's mount options for what it says (one more fsync per block, small beside the chunks').
         done = self._array(f"teachers/{name}/done")
-        _write_file(folder / "done" / done.metadata.encode_chunk_key((block,)), b"\x01", durable=True)
+        if done.dtype.kind == "u":  # a teacher made by an earlier mtkd: its records stay one byte (unbound)
+            payload: bytes | memoryview = b"\x01"
+        else:
+            text = json.dumps(self.block_record(name, block, chunks), sort_keys=True, separators=(",", ":"))
+            payload = _encode(done, (block,), np.array([text], dtype=object))
+        _write_file(folder / "done" / done.metadata.encode_chunk_key((block,)), payload, durable=True)
 
     def mark_complete(self, name: str, stats: dict[str, Any]) -> None:
         """Record that every block of `name` is written, with its stats. Idempotent: same bytes each time."""
@@ -458,6 +663,7 @@ class LogitStore:
         self.block_range(block)
         folder = self.path / "teachers" / name
         (folder / "done" / self._array(f"teachers/{name}/done").metadata.encode_chunk_key((block,))).unlink(missing_ok=True)
+        self._records.get(name, {}).pop(block, None)
         for child in sorted(folder.iterdir()):
             if child.name != "done" and (child / "zarr.json").is_file():
                 array = self._array(f"teachers/{name}/{child.name}")
@@ -470,17 +676,36 @@ class LogitStore:
         self._require_teacher(name)
         zarr.open_group(self.path / "teachers" / name, mode="r+").attrs.update({"complete": False, "stats": {}})
 
+    def restore_data(self, data: Data) -> list[str]:
+        """Write the labels and (tokens) offsets chunks that are missing (dropped by `mtkd verify
+        --repair`) from `data`, which `check_data` accepted; returns what was written. Stage one
+        calls it on every run, so that the same `mtkd infer` rewrites them."""
+        self._require_writable()
+        self.check_data(data)
+        written = []
+        for key, values in (("labels", np.asarray(data.labels, dtype=np.int64)), (OFFSETS, data.offsets if self.kind == "tokens" else None)):
+            if values is not None:
+                written += [f"{key} chunk {i}" for i in _write_data_chunks(self.path / key, self._array(key), values, only_missing=True)]
+        return written
+
+    def with_attrs(self, fixes: dict[str, Any]) -> LogitStore:
+        """This store as if its root attributes held `fixes` (what the arrays prove), for judging the rest."""
+        meta = {**dict(zarr.open_group(self.path, mode="r").attrs["mtkd"]), **fixes}
+        return LogitStore(self.path, meta, self.mode)
+
     # -- internals ----------------------------------------------------------------------------------
 
-    def _write_chunk(self, folder: Path, key: str, coords: tuple[int, ...], values: np.ndarray, *, durable: bool) -> None:
-        """Encode one whole chunk with the array's codecs (zarr's own) and write it atomically."""
+    def _write_chunk(self, folder: Path, key: str, coords: tuple[int, ...], values: np.ndarray, *, durable: bool) -> memoryview:
+        """Encode one whole chunk with the array's codecs (zarr's own) and write it atomically; returns its bytes."""
         array = self._array(f"teachers/{folder.name}/{key}")
         chunk_shape = array.metadata.chunk_grid.chunk_shape
         if values.shape != chunk_shape:  # the last block: zarr stores edge chunks padded to full size
             padded = np.full(chunk_shape, array.metadata.fill_value, dtype=values.dtype)
             padded[tuple(slice(0, n) for n in values.shape)] = values
             values = padded
-        _write_file(folder / key / array.metadata.encode_chunk_key(coords), _encode(array, coords, values), durable=durable)
+        raw = _encode(array, coords, values)
+        _write_file(folder / key / array.metadata.encode_chunk_key(coords), raw, durable=durable)
+        return raw
 
     def _array(self, key: str) -> zarr.Array:
         if key not in self._arrays:
@@ -495,6 +720,139 @@ class LogitStore:
     def _require_writable(self) -> None:
         if self.mode != "r+":
             raise PermissionError(f"store {str(self.path)!r} is open read-only")
+
+
+# -- the structural check at open ---------------------------------------------------------------------
+
+PER_BLOCK_ARRAYS = ("block_stats", "done")  # one entry per block, not per row
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An attribute that contradicts the arrays or the completion records. `fix`: what the arrays
+    and records prove it is (None: nothing proves it), for the store (teacher None) or a teacher."""
+
+    message: str
+    teacher: str | None = None
+    fix: dict[str, Any] | None = None
+
+
+def structure_problems(store: LogitStore) -> list[Problem]:
+    """The store's attributes against its arrays' shapes and its completion records, without reading
+    a chunk of data (metadata and the small records only): num_rows, chunk_rows and num_classes
+    against the arrays; each teacher's layout attributes (layout, dtype, vocab_size, top_k,
+    temperatures) against the layout its records name and its arrays' shapes and dtypes. Shared by
+    every reader (`open_store`) and by `mtkd verify`, which repairs from the fixes."""
+    problems = store_problems(store)
+    fixes = {k: v for p in problems if p.fix for k, v in p.fix.items()}
+    if any(p.fix is None for p in problems):
+        return problems  # the store's own counts are unknown: its teachers cannot be judged against them
+    checked = store.with_attrs(fixes) if fixes else store
+    for name in checked.teachers:
+        problems += teacher_problems(checked, name)
+    return problems
+
+
+def store_problems(store: LogitStore) -> list[Problem]:
+    """num_rows against the labels and the teachers' rows, chunk_rows against the teachers' chunks,
+    num_classes against the dense teachers' width; a count is proven when all the arrays agree on it."""
+    where = f"store {str(store.path)!r}"
+    try:
+        labels = zarr.open_array(store.path / "labels", mode="r")
+    except Exception as e:  # noqa: BLE001 - zarr raises several types for a missing/broken array
+        return [Problem(f"{where}: the labels array does not open ({type(e).__name__})")]
+    rows, chunks, widths = {int(labels.shape[0])}, set(), set()
+    for name in store.teachers:
+        try:
+            arrays = list(zarr.open_group(store.path / "teachers" / name, mode="r").arrays())
+        except Exception as e:  # noqa: BLE001
+            return [Problem(f"{where}: teacher {name!r} does not open ({type(e).__name__})", name)]
+        for key, array in arrays:
+            if key in PER_BLOCK_ARRAYS:
+                continue
+            rows.add(int(array.shape[0]))
+            chunks.add(int(array.metadata.chunk_grid.chunk_shape[0]))
+            if key == "logits" and len(array.shape) == 2:
+                widths.add(int(array.shape[1]))
+    problems = []
+    for attr, stated, seen, what in (
+        ("num_rows", store.num_rows, rows, "the arrays' rows"),
+        ("chunk_rows", store.chunk_rows, chunks, "the teachers' chunks"),
+        ("num_classes", store.num_classes, widths, "the dense teachers' classes"),
+    ):
+        if seen and seen != {stated}:
+            fix = {attr: next(iter(seen))} if len(seen) == 1 else None  # arrays that disagree: no fix
+            problems.append(Problem(f"{where}: attribute {attr} is {stated} but {what} are {sorted(seen)}", fix=fix))
+    return problems
+
+
+def teacher_problems(store: LogitStore, name: str) -> list[Problem]:
+    """A teacher's layout attributes against what its records name (every bound record names the
+    layout it was written with) and what its arrays' shapes and dtypes show. The proof: the records'
+    layout when they agree and the arrays fit it; else the arrays' widths (top_k, a dense vocab_size)
+    and stored dtype. Unbound records (an earlier mtkd's) prove nothing; neither do arrays a sparse
+    vocab_size or the temperatures' values."""
+    where = f"store {str(store.path)!r}: teacher {name!r}"
+    folder = store.path / "teachers" / name
+    attrs = dict(zarr.open_group(folder, mode="r").attrs)
+    arrays = {}  # the teacher's row arrays, whatever its layout declares
+    for child in sorted(folder.iterdir()):
+        if child.name not in PER_BLOCK_ARRAYS and (child / "zarr.json").is_file():
+            try:
+                arrays[child.name] = zarr.open_array(child, mode="r")
+            except Exception as e:  # noqa: BLE001
+                return [Problem(f"{where}: array {child.name} does not open ({type(e).__name__})", name)]
+    try:
+        named = {json.dumps(r["layout"], sort_keys=True) for r in store.records(name).values() if r is not UNBOUND and "layout" in r}
+    except CorruptStoreError:
+        named = set()  # a record that does not read: `mtkd verify` names it with its block
+    if len(named) > 1:
+        return [Problem(f"{where}: its completion records name {len(named)} different layouts", name)]
+    proof = {}
+    if named:
+        recorded = json.loads(next(iter(named)))
+        if _arrays_fit(recorded, arrays, store):
+            proof = dict(recorded)
+        else:
+            return [Problem(f"{where}: its completion records name layout {recorded}, which its arrays do not have", name)]
+    else:  # what the arrays alone show
+        valued = next((a for a in arrays.values() if "logical_dtype" in a.attrs), None)
+        if valued is not None and np.dtype(valued.dtype) in LOGICAL_OF_STORED:
+            proof["dtype"] = LOGICAL_OF_STORED[np.dtype(valued.dtype)]
+        if "logits" in arrays and len(arrays["logits"].shape) == 2:
+            proof["vocab_size"] = int(arrays["logits"].shape[1])
+        widths = {int(arrays[k].shape[1]) for k in ("topk_ids", "topk_logprobs") if k in arrays and len(arrays[k].shape) == 2}
+        if len(widths) == 1:
+            proof["top_k"] = widths.pop()
+    problems = []
+    fix = {k: v for k, v in proof.items() if _jsonable(attrs.get(k)) != v and not (k == "vocab_size" and v == store.num_classes and attrs.get(k) is None)}
+    for k, v in fix.items():
+        source = "its completion records name" if named else "its arrays hold"
+        problems.append(Problem(f"{where}: attribute {k} is {attrs.get(k)!r} but {source} {v!r}", name, fix={k: v}))
+    try:
+        layout = layout_from_attrs({**attrs, **fix}, store.num_classes)
+    except Exception as e:  # noqa: BLE001 - attributes that name no layout at all
+        return problems + [Problem(f"{where}: its attributes describe no layout ({type(e).__name__}: {e})", name)]
+    if not fix and not _arrays_fit(_jsonable(layout.attrs()), arrays, store):
+        shapes = {k: tuple(a.shape[1:]) for k, a in arrays.items()}
+        problems.append(Problem(f"{where}: its arrays' row shapes {shapes} are not those of its attributes' layout {layout}", name))
+    return problems
+
+
+LOGICAL_OF_STORED = {np.dtype(stored): logical for logical, (stored, _, _) in STORAGE.items()}
+
+
+def _arrays_fit(attrs: dict[str, Any], arrays: dict[str, zarr.Array], store: LogitStore) -> bool:
+    """Whether the arrays there have the shapes and stored dtypes of the layout `attrs` describe."""
+    try:
+        layout = layout_from_attrs(attrs, store.num_classes)
+    except Exception:  # noqa: BLE001
+        return False
+    for spec in layout.arrays():
+        a = arrays.get(spec.name)
+        if a is None or tuple(a.shape[1:]) != spec.row_shape or np.dtype(a.dtype) != spec.dtype:
+            return False
+    return True
 
 
 # Arrays whose every recorded value is finite (label_logprob is NaN by design where there is no label).
@@ -531,6 +889,106 @@ def _encode(array: zarr.Array, coords: tuple[int, ...], values: np.ndarray) -> m
         data = encode(data, spec) if encode is not None else zarr_sync(codec._encode_single(data, spec))
         spec = codec.resolve_metadata(spec)
     return memoryview(data.as_numpy_array()).cast("B")
+
+
+# -- completion records and chunks, as bytes ----------------------------------------------------------
+
+OFFSETS = "sequences/offsets"
+UNBOUND: dict[str, Any] = {"unbound": True}  # a record written by mtkd before records were bound (b"\x01")
+
+
+def parse_record(done: zarr.Array, block: int, raw: bytes, where: str, store: Path) -> dict[str, Any]:
+    """A record file's bytes -> its record (UNBOUND for an earlier mtkd's one byte); CorruptStoreError
+    when it is neither."""
+    if done.dtype.kind == "u" and raw == b"\x01":
+        return UNBOUND
+    try:
+        record = json.loads(str(decode_chunk(done, (block,), raw)[0]))
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except Exception as e:  # noqa: BLE001 - whatever the bytes are, they are not a record
+        raise CorruptStoreError(f"{where}: its completion record does not read ({type(e).__name__}); "
+                                f"run `mtkd verify {store} --repair`") from e
+    return record
+
+
+def decode_chunk(array: zarr.Array, coords: tuple[int, ...], raw: bytes) -> np.ndarray:
+    """One chunk's stored bytes -> its values (the whole chunk), through the array's own codecs in
+    reverse (crc32c checked first): `_encode` undone, without zarr's async machinery."""
+    async_array = array._async_array
+    spec = async_array.metadata.get_chunk_spec(coords, async_array.config, default_buffer_prototype())
+    specs = []
+    for codec in array.metadata.codecs:
+        specs.append(spec)
+        spec = codec.resolve_metadata(spec)
+    data: Any = default_buffer_prototype().buffer.from_bytes(raw)
+    for codec, spec in zip(reversed(array.metadata.codecs), reversed(specs)):
+        decode = getattr(codec, "_decode_sync", None)
+        data = decode(data, spec) if decode is not None else zarr_sync(codec._decode_single(data, spec))
+    values = data.as_numpy_array()
+    if not values.flags.writeable:  # decompressed into immutable bytes: torch wants to own writable memory
+        values = values.copy()
+    if values.shape != tuple(array.metadata.chunk_grid.chunk_shape):
+        raise ValueError(f"chunk decodes to shape {values.shape}, not {tuple(array.metadata.chunk_grid.chunk_shape)}")
+    return values
+
+
+def misplaced_message(path: Path, name: str, block: int, why: str) -> str:
+    """The one line every reader gives for a chunk that is not the one its block's record names."""
+    return (
+        f"store {str(path)!r}: teacher {name!r}, block {block}: {why} (a chunk copied, moved or rewritten); "
+        f"run `mtkd verify {path} --repair`, then `mtkd infer` again"
+    )
+
+
+def _write_data_chunks(folder: Path, array: zarr.Array, values: np.ndarray, *, only_missing: bool = False) -> list[int]:
+    """Write every chunk of a 1-d int64 data array (labels, offsets), or only those missing; returns them."""
+    (rows,) = array.metadata.chunk_grid.chunk_shape
+    written = []
+    for i in range(-(-len(values) // rows)):
+        path = folder / array.metadata.encode_chunk_key((i,))
+        if only_missing and path.is_file():
+            continue
+        chunk = np.full(rows, array.metadata.fill_value, dtype=np.int64)
+        piece = values[i * rows : (i + 1) * rows]
+        chunk[: len(piece)] = piece
+        _write_file(path, _encode(array, (i,), chunk), durable=only_missing)
+        written.append(i)
+    return written
+
+
+def _read_file(path: Path) -> bytearray:
+    """A file's bytes, writable (a chunk stored uncompressed decodes to a view of them, which torch takes as is)."""
+    with open(path, "rb") as f:
+        raw = bytearray(os.fstat(f.fileno()).st_size)
+        f.readinto(raw)
+    return raw
+
+
+def _crc(raw: bytes | memoryview) -> int:
+    """The crc32c a chunk's bytes end with (Crc32cCodec appends it), as an integer."""
+    return int.from_bytes(bytes(raw[-4:]), "little") if len(raw) >= 4 else -1
+
+
+def _digest(values: np.ndarray | bytes) -> str:
+    return hashlib.blake2b(memoryview(values).cast("B") if isinstance(values, np.ndarray) else values, digest_size=16).hexdigest()
+
+
+def _labels_digest(labels: np.ndarray, start: int, stop: int) -> str:
+    return _digest(np.ascontiguousarray(labels[start:stop], dtype="<i8"))
+
+
+def _offsets_digest(offsets: np.ndarray, start: int, stop: int) -> str:
+    return _digest(np.ascontiguousarray(offsets[(offsets >= start) & (offsets <= stop)], dtype="<i8"))
+
+
+def _data_digests(labels: np.ndarray, offsets: np.ndarray | None, start: int, stop: int) -> dict[str, str | None]:
+    return {"labels": _labels_digest(labels, start, stop), "offsets": None if offsets is None else _offsets_digest(offsets, start, stop)}
+
+
+def _jsonable(value: Any) -> Any:
+    """As JSON gives it back (tuples as lists), so that a record compares equal to what it was made of."""
+    return json.loads(json.dumps(value))
 
 
 def _staging_dir(path: Path) -> Path:

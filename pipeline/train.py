@@ -207,6 +207,7 @@ class Trainer:
             config = config.resolved(_choose_teachers(store, config.teachers))
             store.require_complete(list(config.teachers))
             store.check_data(dataset)
+            store.check_labels()
             teacher_rows = _teacher_rows(store, config)
         elif labelled == 0:
             raise BadInputError(f"data {config.data!r} has no labels: hard-label training needs them (or distil with --store)")

@@ -202,8 +202,10 @@ def test_completion_is_one_file_per_block(tmp_path):
     assert store.rows_complete("a") == 6
     records = sorted(p.name for p in (tmp_path / "s.zarr/teachers/a/done/c").iterdir())
     assert records == ["0", "2"]
-    # The records are an ordinary Zarr array too.
-    np.testing.assert_array_equal(zarr.open_array(tmp_path / "s.zarr/teachers/a/done", mode="r")[...], [1, 0, 1])
+    # The records are an ordinary Zarr array too: one JSON document per recorded block, "" elsewhere.
+    records = zarr.open_array(tmp_path / "s.zarr/teachers/a/done", mode="r")[...]
+    assert records[1] == "" and [json.loads(records[b])["block"] for b in (0, 2)] == [0, 2]
+    assert json.loads(records[2])["rows"] == [8, 10] and set(json.loads(records[2])["chunks"]) == {"logits", "block_stats"}
 
 
 def test_leftover_partial_files_are_not_records(tmp_path):

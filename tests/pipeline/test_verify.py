@@ -240,3 +240,58 @@ def test_copy_of_a_store_verifies_like_the_original(pristine, tmp_path):
     moved = tmp_path / "moved.zarr"
     shutil.copytree(path, moved)
     assert verify_store(moved).clean
+
+
+def _as_written_by_an_earlier_mtkd(path: Path) -> None:
+    """Turn every completion record into the one byte an earlier mtkd wrote (a uint8 `done` array)."""
+    for teacher in ("a", "b"):
+        folder = path / "teachers" / teacher
+        blocks = sorted(p.name for p in (folder / "done" / "c").iterdir())
+        zarr.open_group(folder, mode="r+").create_array(
+            "done", shape=(ROWS // CHUNK_ROWS,), chunks=(1,), dtype="uint8", fill_value=0, compressors=None, overwrite=True
+        )
+        (folder / "done" / "c").mkdir(parents=True, exist_ok=True)
+        for block in blocks:
+            (folder / "done" / "c" / block).write_bytes(b"\x01")
+
+
+def test_a_store_of_an_earlier_mtkd_opens_trains_and_verifies_with_unbound_records(pristine, make_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from mtkd.pipeline.cli import app
+    from mtkd.pipeline.verify import UNBOUND_RECORDS
+
+    path, _, _ = pristine
+    _as_written_by_an_earlier_mtkd(path)
+    report = verify_store(path)
+    assert report.clean
+    assert [(f.kind, f.teacher, f.damage) for f in report.findings] == [(UNBOUND_RECORDS, "a", False), (UNBOUND_RECORDS, "b", False)]
+    assert "unbound records" in report.findings[0].message
+    store = open_store(path)
+    assert store.read_logits("a", 0, ROWS).shape == (ROWS, 3) and len(store.labels()) == ROWS
+    student = tmp_path / "student.toml"
+    student.write_text('[student]\nname = "m"\nfactory = "mtkd.pipeline.models:mlp"\nkwargs = { in_features = 8, hidden = [4], num_classes = 3 }\n')
+    result = CliRunner().invoke(app, ["train", "--student", str(student), "--data", str(make_data(ROWS)), "--store", str(path),
+                                      "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8", "--quiet"])
+    assert result.exit_code == 0, result.output
+    _swap = path / "teachers" / "a" / "logits" / "c"
+    (_swap / "0" / "0").rename(_swap / "tmp")
+    (_swap / "1" / "0").rename(_swap / "0" / "0")
+    (_swap / "tmp").rename(_swap / "1" / "0")
+    assert verify_store(path).clean  # what unbound records cannot see: chunks in the wrong place
+
+
+def test_readers_refuse_a_chunk_that_is_not_the_one_its_record_names(pristine):
+    path, _, _ = pristine
+    chunks = path / "teachers" / "b" / "logits" / "c"
+    (chunks / "0" / "0").rename(chunks / "tmp")
+    (chunks / "3" / "0").rename(chunks / "0" / "0")
+    (chunks / "tmp").rename(chunks / "3" / "0")
+    store = open_store(path)
+    with pytest.raises(CorruptStoreError, match=r"teacher 'b', block 0: its logits chunk .* is not the one its record names"):
+        store.read_logits("b", 0, ROWS)
+    with pytest.raises(CorruptStoreError, match=r"teacher 'b', block 3: its logits chunk"):
+        store.read_logits("b", 24, 32)
+    assert store.read_logits("b", 8, 24).shape == (16, 3)  # the blocks in their place read
+    found = verify_store(path)
+    assert [(f.kind, f.teacher, f.block, f.array) for f in found.damage] == [("misplaced", "b", 0, "logits"), ("misplaced", "b", 3, "logits")]
