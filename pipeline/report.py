@@ -116,7 +116,8 @@ def teacher_stats(store: LogitStore, name: str) -> dict[str, Any]:
 
 def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Kind, teachers (layout, dtype, vocabulary, k, temperatures), completeness, bytes per row;
-    per-teacher and fused-ensemble metrics; pairwise top-1 agreement; mean tail mass (top-k).
+    per-teacher and fused-ensemble metrics; pairwise top-1 agreement; mean tail mass (top-k);
+    "selection": who is best where and the ensemble under each fusion (complete teachers; see the module doc).
 
     `progress(blocks_done, blocks)` is called after each row block. A teacher's metrics cover the
     rows it has written; the ensemble (mean of the teachers' probabilities) covers the complete

@@ -245,10 +245,12 @@ def test_best_breaks_ties_to_the_lowest_teacher():
     assert torch.equal(w, torch.tensor([[1.0, 0, 0]] * 4))
 
 
-def test_sequence_scope_follows_the_loader_batches_position_order(tmp_path):
+@pytest.mark.parametrize("stream", [False, True])
+def test_sequence_scope_follows_the_loader_batches_position_order(tmp_path, stream):
     store, data, z = token_store(tmp_path, "topk")
-    loader = SequenceLoader(data.tokens, data.offsets, batch_size=3, seed=0,
+    loader = SequenceLoader(data.tokens, data.offsets, batch_size=3, seed=0, stream=stream, read_bytes=1,
                             teachers=TeacherRows(store, NAMES, 1.0, entropy=True))
+    assert loader.mode == ("stream" if stream else "memory")
     for batch in loader.epoch(0):
         segments = batch.position_seqs  # (P,): batch row of each real position
         assert torch.equal(segments, torch.repeat_interleave(torch.arange(len(batch)), batch.attention_mask.sum(1)))
