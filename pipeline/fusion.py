@@ -121,6 +121,10 @@ def fusion_weights(
     (K, N) or None, labelled (N,) bool: the rows that have a score, prior (K,) pi or None (uniform),
     segments (N,) int64 for scope `sequence` (None: each row on its own).
     """
+    if fusion not in SELECTING:
+        raise ValueError(f"fusion {fusion.value!r} does not select")
+    if (entropies if fusion is Fusion.ENTROPY else scores) is None:
+        raise ValueError(f"--fusion {fusion.value} needs the teachers' {'entropies' if fusion is Fusion.ENTROPY else 'label scores'}")
     if segments is not None:
         # Weights per sequence (K, S), then each position takes its sequence's (the very same numbers).
         num = int(segments.max()) + 1 if len(segments) else 0
@@ -137,11 +141,7 @@ def fusion_weights(
     k, device = values.shape[0], values.device
     log_pi = log_prior(prior, k, device)
     if fusion is Fusion.ENTROPY:
-        if entropies is None:
-            raise ValueError("--fusion entropy needs the teachers' entropies")
         return entropy(entropies, log_pi, tau)
-    if fusion not in (Fusion.POSTERIOR, Fusion.BEST):
-        raise ValueError(f"fusion {fusion.value!r} does not select")
     known = torch.where(labelled[None, :], scores, torch.zeros((), device=device))  # no NaN reaches the exp
     chosen = posterior(known, log_pi, tau) if fusion is Fusion.POSTERIOR else best(known, log_pi, tau)
     if entropies is not None:
