@@ -52,11 +52,11 @@ def test_lm_demo_runs_every_stage_and_the_students_learn(tmp_path, one_thread):
     # Every real train position is one store row, its label the next token; padding is never stored.
     assert store.num_rows == result["config"]["corpus"]["train_tokens"]
     # bytes per token: the store's files on disk over its rows, and below the raw payload (top-8 ids
-    # int32 and log-probs float16, two normalisers, a label log-prob per teacher, an int64 label):
-    # the codecs bought something.
+    # int32 and log-probs float16, two normalisers, a label log-prob and an entropy per teacher, an
+    # int64 label): the codecs bought something.
     on_disk = sum(p.stat().st_size for p in (tmp_path / "demo" / "stores" / "train").rglob("*") if p.is_file())
     assert result["bytes_per_token"] == pytest.approx(on_disk / store.num_rows)
-    assert result["bytes_per_token"] < 2 * (8 * 4 + 8 * 2 + 2 * 4 + 4) + 8
+    assert result["bytes_per_token"] < 2 * (8 * 4 + 8 * 2 + 2 * 4 + 4 + 4) + 8
     for run in ("baseline", "distilled", "baseline-seed1", "distilled-seed1"):
         lines = (tmp_path / "demo" / "runs" / run / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == config.student.epochs
