@@ -839,6 +839,7 @@ def teacher_problems(store: LogitStore, name: str) -> list[Problem]:
     return problems
 
 
+# The logical dtype each stored dtype can only be (bfloat16 is kept bit-exact as uint16).
 LOGICAL_OF_STORED = {np.dtype(stored): logical for logical, (stored, _, _) in STORAGE.items()}
 
 
@@ -933,12 +934,11 @@ def decode_chunk(array: zarr.Array, coords: tuple[int, ...], raw: bytes) -> np.n
     return values
 
 
-def misplaced_message(path: Path, name: str, block: int, why: str) -> str:
-    """The one line every reader gives for a chunk that is not the one its block's record names."""
-    return (
-        f"store {str(path)!r}: teacher {name!r}, block {block}: {why} (a chunk copied, moved or rewritten); "
-        f"run `mtkd verify {path} --repair`, then `mtkd infer` again"
-    )
+def misplaced_message(path: Path, name: str, block: int, why: str, *, hint: bool = True) -> str:
+    """The one line every reader gives for a chunk that is not the one its block's record names
+    (`hint`: with the commands that repair it; verify's findings name the damage alone)."""
+    message = f"store {str(path)!r}: teacher {name!r}, block {block}: {why} (a chunk copied, moved or rewritten)"
+    return message + (f"; run `mtkd verify {path} --repair`, then `mtkd infer` again" if hint else "")
 
 
 def _write_data_chunks(folder: Path, array: zarr.Array, values: np.ndarray, *, only_missing: bool = False) -> list[int]:
