@@ -848,6 +848,7 @@ def teacher_problems(store: LogitStore, name: str) -> list[Problem]:
     return problems
 
 
+# The logical dtype each stored dtype can only be (bfloat16 is kept bit-exact as uint16).
 LOGICAL_OF_STORED = {np.dtype(stored): logical for logical, (stored, _, _) in STORAGE.items()}
 
 
@@ -912,7 +913,12 @@ def parse_record(done: zarr.Array, block: int, raw: bytes, where: str, store: Pa
     if done.dtype.kind == "u" and raw == b"\x01":
         return UNBOUND
     try:
-        record = json.loads(str(decode_chunk(done, (block,), raw)[0]))
+        # zarr's vlen-utf8 bytes of one string: item count, then its byte length, both uint32 little-endian
+        # (read here directly: through the codec machinery a record cost ~0.15 ms, most of an open's check).
+        count, length = int.from_bytes(raw[0:4], "little"), int.from_bytes(raw[4:8], "little")
+        if done.dtype.kind == "u" or count != 1 or len(raw) != 8 + length:
+            raise ValueError(f"{len(raw)} bytes are not one string")
+        record = json.loads(bytes(raw[8:]).decode())
         if not isinstance(record, dict):
             raise ValueError("not a JSON object")
     except Exception as e:  # noqa: BLE001 - whatever the bytes are, they are not a record
@@ -942,12 +948,11 @@ def decode_chunk(array: zarr.Array, coords: tuple[int, ...], raw: bytes) -> np.n
     return values
 
 
-def misplaced_message(path: Path, name: str, block: int, why: str) -> str:
-    """The one line every reader gives for a chunk that is not the one its block's record names."""
-    return (
-        f"store {str(path)!r}: teacher {name!r}, block {block}: {why} (a chunk copied, moved or rewritten); "
-        f"run `mtkd verify {path} --repair`, then `mtkd infer` again"
-    )
+def misplaced_message(path: Path, name: str, block: int, why: str, *, hint: bool = True) -> str:
+    """The one line every reader gives for a chunk that is not the one its block's record names
+    (`hint`: with the commands that repair it; verify's findings name the damage alone)."""
+    message = f"store {str(path)!r}: teacher {name!r}, block {block}: {why} (a chunk copied, moved or rewritten)"
+    return message + (f"; run `mtkd verify {path} --repair`, then `mtkd infer` again" if hint else "")
 
 
 def _write_data_chunks(folder: Path, array: zarr.Array, values: np.ndarray, *, only_missing: bool = False) -> list[int]:

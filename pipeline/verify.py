@@ -53,6 +53,7 @@ import zarr
 from mtkd.pipeline.data import IGNORE_LABEL
 from mtkd.pipeline.layouts import STORAGE
 from mtkd.pipeline.store import (
+    LOGICAL_OF_STORED,
     OFFSETS,
     UNBOUND,
     LogitStore,
@@ -77,8 +78,6 @@ UNBOUND_RECORDS = "unbound-records"  # records of an earlier mtkd: they name no 
 
 RECORDS = "done"  # the teacher's completion-record array (checked by listing, not reading)
 PER_BLOCK = ("block_stats",)  # format 2: one entry per block (the block's stats sums), checked like rows
-# The logical dtype each stored dtype can only be (bfloat16 is kept bit-exact as uint16).
-LOGICAL_OF_STORED = {np.dtype(stored): name for name, (stored, _, _) in STORAGE.items()}
 # Arrays whose NaN means "no label" (sparse teachers' log p(label)), finite wherever a label exists.
 NAN_WITHOUT_LABEL = ("label_logprob",)
 
@@ -285,10 +284,6 @@ class _Array:
     logical: str  # the dtype its values are, as implied by the stored dtype
     per_block: bool = False  # one entry per block (block_stats), not per row
 
-    def block(self, store: LogitStore, block: int) -> np.ndarray:
-        start, stop = (block, block + 1) if self.per_block else store.block_range(block)
-        return np.asarray(self.array[start:stop])
-
     def chunk_file(self, folder: Path, block: int) -> Path:
         coords = (block,) + (0,) * (len(self.array.shape) - 1)
         return folder / self.key / self.array.metadata.encode_chunk_key(coords)
@@ -396,7 +391,8 @@ class _Teacher:
         try:
             bound = self.store.record(self.name, block) is not UNBOUND
         except CorruptStoreError as e:  # a record that does not parse names nothing: the block is recomputed
-            return [Finding(MISPLACED, str(e).split("; run")[0], self.name, block, array=RECORDS)]
+            return [Finding(MISPLACED, f"{where}: its completion record does not read ({_first_line(e.__cause__ or e)})",
+                            self.name, block, array=RECORDS)]
         found = []
         for a in self.arrays:
             path = a.chunk_file(self.folder, block)
@@ -413,7 +409,7 @@ class _Teacher:
             if problem is None and bound:
                 why = self.store.binding_error(self.name, block, a.key, raw)
                 if why is not None:
-                    problem = Finding(MISPLACED, misplaced_message(self.store.path, self.name, block, why).split("; run")[0], self.name, block)
+                    problem = Finding(MISPLACED, misplaced_message(self.store.path, self.name, block, why, hint=False), self.name, block)
             if problem is not None:
                 found.append(Finding(problem.kind, problem.message, self.name, block, array=a.key))
         return found

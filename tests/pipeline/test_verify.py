@@ -299,3 +299,16 @@ def test_readers_refuse_a_chunk_that_is_not_the_one_its_record_names(pristine):
     assert store.read_logits("b", 8, 24).shape == (16, 3)  # the blocks in their place read
     found = verify_store(path)
     assert [(f.kind, f.teacher, f.block, f.array) for f in found.damage] == [("misplaced", "b", 0, "logits"), ("misplaced", "b", 3, "logits")]
+
+
+def test_a_record_that_does_not_read_is_damage_that_repair_and_infer_undo(pristine):
+    path, infer, before = pristine
+    _record(path, "a", 3).write_bytes(b"\x01\x00\x00\x00\x05\x00\x00\x00{oops")
+    with pytest.raises(CorruptStoreError, match=r"teacher 'a', block 3: its completion record does not read"):
+        open_store(path).read_logits("a", 0, ROWS)
+    found = verify_store(path)
+    assert [(f.kind, f.teacher, f.block, f.array) for f in found.damage] == [("misplaced", "a", 3, "done")]
+    verify_store(path, repair=True)
+    assert verify_store(path).clean and open_store(path).missing_blocks("a") == [3]
+    infer()
+    assert snapshot(path) == before
