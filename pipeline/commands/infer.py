@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
+from mtkd.pipeline.commands.output import console as output_console, JsonOption, QuietOption, emit
 from mtkd.pipeline.device import Device
 from mtkd.pipeline.progress import progress_bar
 
@@ -101,7 +100,7 @@ def _render(result: dict) -> None:
         ran = "computed" if name in result["teachers"] else "skipped (already complete)"
         layout = result["layouts"].get(name)
         table.add_row(name, ran, _layout(layout) if layout else "", "yes" if complete else "no")
-    console = Console()
+    console = output_console()
     console.print(table)
     unit = "tokens" if result["kind"] == "tokens" else "rows"
     console.print(

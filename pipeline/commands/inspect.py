@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
+from mtkd.pipeline.commands.output import console as output_console, JsonOption, QuietOption, emit
 from mtkd.pipeline.progress import progress_bar
 
 
@@ -46,7 +45,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def _render(report: dict) -> None:
-    console = Console()
+    console = output_console()
     tokens = report["kind"] == "tokens"
     unit = "token" if tokens else "row"
     seqs = f" in {report['num_sequences']} sequences" if tokens else ""

@@ -171,10 +171,18 @@ def _render(result: dict) -> None:
         if last.get("rows_per_s"):
             facts.append(f"{last['rows_per_s']:.0f} rows/s")
         lines.append("  last epoch: " + ", ".join(facts))
-        if last.get("val_accuracy") is not None:
-            lines.append(f"  last epoch: val accuracy {last['val_accuracy']:.4f}")
+        validation = _validation(last)
+        if validation:
+            lines.append(f"  last epoch: {validation}")
     best = result["best"]
-    which = f"best epoch {best['epoch']}, val accuracy {best['val_accuracy']:.4f}" if best else "final"
+    which = f"best epoch {best['epoch']}, {_validation(best)}" if best else "final"
     lines.append(f"student: {result['student']}")
     lines.append(f"  ({which})")
     print("\n".join(lines))
+
+
+def _validation(metrics: dict) -> str:
+    # Rows are validated by accuracy, tokens by perplexity (the key the trainer chose the best by).
+    facts = [f"val {name} {metrics[f'val_{name}']:.4f}" for name in ("perplexity", "accuracy")
+             if metrics.get(f"val_{name}") is not None]
+    return ", ".join(facts)
