@@ -259,7 +259,7 @@ class Trainer:
         common = dict(batch_size=config.batch_size, seed=config.seed, rank=self.rank, world_size=self.world_size,
                       device=self.device, stream=stream)
         if tokens:
-            loader = SequenceLoader(dataset.tokens, dataset.offsets, teachers=teacher_rows, **common)
+            loader = SequenceLoader(dataset.tokens, dataset.offsets, teachers=teacher_rows, labels=dataset.given_labels, **common)
         else:
             loader = BatchLoader(dataset.x, dataset.labels, store=store, teachers=list(config.teachers or ()), **common)
         batches = loader.batches_per_epoch
@@ -403,7 +403,10 @@ class Trainer:
                         with autocast:
                             out = net(batch.input_ids, batch.attention_mask)[batch.attention_mask]  # (P, H) or (P, V)
                         labels = batch.labels[batch.attention_mask]  # (P,): the real positions, padding dropped
-                        batch_loss = objective.tokens(out, lm.head if s.head == "fused" else None, batch.teachers, labels)
+                        # Data with its own labels: their -100 positions (a prompt) count for nothing, as padding.
+                        trained = labels != IGNORE_LABEL if s.data.masks_unlabelled else None
+                        batch_loss = objective.tokens(out, lm.head if s.head == "fused" else None, batch.teachers, labels,
+                                                      mask=trained)
                         student_logits = None if s.head == "fused" else out
                     else:
                         with autocast:
@@ -497,14 +500,16 @@ class Objective:
         """Rows: (B, V) student logits and a Batch with (K, B, V) logits and (B,) labels."""
         return self.dense(student_logits, batch.logits, batch.labels)
 
-    def tokens(self, out: Tensor, head: torch.nn.Linear | None, teachers: Mapping[str, Tensor], labels: Tensor) -> Tensor:
+    def tokens(self, out: Tensor, head: torch.nn.Linear | None, teachers: Mapping[str, Tensor], labels: Tensor,
+               mask: Tensor | None = None) -> Tensor:
         """Tokens: the P real positions' student output, (P, H) hidden states with the output layer
-        `head`, or (P, V) logits with head None; their teachers' rows (K, P, ...) and labels (P,)."""
+        `head`, or (P, V) logits with head None; their teachers' rows (K, P, ...) and labels (P,);
+        `mask` (P,) bool: False positions contribute nothing (the kernels' mask), None: all count."""
         if "ids" not in teachers:  # dense teachers, or none (hard labels): the rows' loss
-            return self.dense(out, teachers.get("logits"), labels)
+            return self.dense(out, teachers.get("logits"), labels, mask)
         ids, logprobs, w = self.sparse_target(teachers, labels)
         options = dict(temperature=self.temperature, weights=w, labels=labels if self.alpha < 1.0 else None,
-                       alpha=self.alpha, reduction="mean", ignore_index=IGNORE_LABEL)
+                       alpha=self.alpha, reduction="mean", ignore_index=IGNORE_LABEL, mask=mask)
         if head is None:
             return fused_sparse_kd_loss(out, ids, logprobs, **options)
         # Under autocast the hidden states are bf16: the output layer in their dtype, as a Linear would be.
@@ -534,19 +539,19 @@ class Objective:
         pseudo_logprobs = torch.where(first, votes.log(), -math.inf)
         return pseudo_ids.unsqueeze(0), pseudo_logprobs.unsqueeze(0), None  # (1, P, K)
 
-    def dense(self, student_logits: Tensor, logits: Tensor | None, labels: Tensor) -> Tensor:
+    def dense(self, student_logits: Tensor, logits: Tensor | None, labels: Tensor, mask: Tensor | None = None) -> Tensor:
         s, y = student_logits, labels
-        if not self.distil:
+        if not self.distil:  # (masked positions are unlabelled: no CE)
             # Hard labels: mean cross-entropy over the batch's labelled rows (0 when none are).
             known = (y != IGNORE_LABEL).sum().clamp(min=1)
             return F.cross_entropy(s.float(), y, ignore_index=IGNORE_LABEL, reduction="sum") / known
         z, w = self.target(logits, y)  # (K', B, V) logits to fuse with weights w (None | (K,) | (B, K))
         if self.loss is Loss.MSE:
-            return self._mse(s, z, w, y)
+            return self._mse(s, z, w, y, mask)
         # One call: rows labelled ignore_index keep their KD term and drop the CE term only.
         return fused_kd_loss(
             s, z, temperature=self.temperature, weights=w, labels=y if self.alpha < 1.0 else None, alpha=self.alpha,
-            fusion="prob", reduction="mean", ignore_index=IGNORE_LABEL,
+            fusion="prob", reduction="mean", ignore_index=IGNORE_LABEL, mask=mask,
         )
 
     def target(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -562,7 +567,7 @@ class Objective:
         votes = F.one_hot(logits.argmax(dim=-1), v).sum(dim=0).float() / k  # (B, V)
         return (self.temperature * votes.log()).unsqueeze(0), None  # (1, B, V); log 0 = -inf
 
-    def _mse(self, s: Tensor, z: Tensor, w: Tensor | None, y: Tensor) -> Tensor:
+    def _mse(self, s: Tensor, z: Tensor, w: Tensor | None, y: Tensor, mask: Tensor | None = None) -> Tensor:
         t = self.temperature
         k = z.shape[0]
         w = torch.full((k,), 1.0 / k, device=z.device) if w is None else w / w.sum(dim=-1, keepdim=True)
@@ -573,6 +578,8 @@ class Objective:
         if self.alpha < 1.0:
             ce = F.cross_entropy(s.float(), y, ignore_index=IGNORE_LABEL, reduction="none")  # 0 where unknown
             rows = rows + (1.0 - self.alpha) * ce
+        if mask is not None:  # as the kernels' mask: masked rows neither contribute nor count
+            return (rows * mask).sum() / mask.sum().clamp(min=1)
         return rows.mean()
 
 
