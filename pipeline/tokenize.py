@@ -74,8 +74,8 @@ def run_tokenize(config: TokenizeConfig, *, progress: Callable[[int, int], None]
 
     if config.out.exists():
         raise BadInputError(f"--out {str(config.out)!r} exists; choose another path (tokenize never overwrites)")
-    if not config.out.parent.is_dir():
-        raise BadInputError(f"--out {str(config.out)!r}: folder {str(config.out.parent)!r} does not exist")
+    if config.out.parent.exists() and not config.out.parent.is_dir():
+        raise BadInputError(f"--out {str(config.out)!r}: {str(config.out.parent)!r} is not a folder")
     files = input_files(config.data)
     tokenizer, record = load_tokenizer(config.tokenizer)
     examples = _examples(files, progress)
@@ -91,6 +91,8 @@ def run_tokenize(config: TokenizeConfig, *, progress: Callable[[int, int], None]
     tmp = config.out.with_name(f".tmp-{config.out.name}")
     rows = tokens = trained = examples_seen = 0
     buffer: list[tuple[list[int], list[int]]] = []
+    made = [p for p in (config.out.parent, *config.out.parent.parents) if not p.exists()]  # removed on failure
+    config.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
             def flush() -> None:
@@ -117,6 +119,9 @@ def run_tokenize(config: TokenizeConfig, *, progress: Callable[[int, int], None]
         os.replace(tmp, config.out)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        for folder in made:  # innermost first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
     return {"out": str(config.out), "rows": rows, "tokens": tokens, "labelled_positions": trained, "column": column,
             "files": [str(f) for f in files], "tokenizer": record, "max_length": config.max_length, "pack": config.pack}

@@ -1,7 +1,8 @@
 """A tiny Hugging Face world, built locally (nothing is ever downloaded): a byte-level BPE tokenizer
 trained on a few sentences and wrapped as a PreTrainedTokenizerFast with a chat template, text and
-chat `.jsonl` files, and tiny causal LMs (a Llama and a GPT-2, from configs) saved with
-`save_pretrained`. `hf_world(root)` builds it; `HF_VOCAB` is the tokenizer's vocabulary size.
+chat `.jsonl` files (text.jsonl, val.jsonl, chat.jsonl), and tiny causal LMs (models/llama,
+models/gpt2, models/student-init: Llamas and a GPT-2 from configs) saved with `save_pretrained`,
+each with the tokenizer beside it as a hub folder has it. `hf_world(root)` builds it; `HF_VOCAB` is the tokenizer's vocabulary size.
 """
 
 from __future__ import annotations
@@ -62,16 +63,17 @@ class HFWorld:
         self.models = {}
         for seed, (name, config) in enumerate((
             ("llama", transformers.LlamaConfig(vocab_size=self.vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)),
-            ("gpt2", transformers.GPT2Config(vocab_size=self.vocab, n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)),
+            ("gpt2", transformers.GPT2Config(vocab_size=self.vocab, n_embd=16, n_layer=1, n_head=2, n_positions=256,
                                              bos_token_id=0, eos_token_id=0)),
-            ("student", transformers.LlamaConfig(vocab_size=self.vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)),
+            ("student-init", transformers.LlamaConfig(vocab_size=self.vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)),
         )):
             torch.manual_seed(seed)
             model = transformers.AutoModelForCausalLM.from_config(config)
             self.models[name] = root / "models" / name
             model.save_pretrained(str(self.models[name]))
+            wrapped.save_pretrained(str(self.models[name]))  # as a hub folder: the model with its tokenizer
 
 
 def hf_world(root: Path) -> HFWorld:
