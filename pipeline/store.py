@@ -211,9 +211,11 @@ class LogitStore:
             return []
         return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file())
 
-    def labels(self) -> np.ndarray:
-        """(N,) int64: class or next token, -100 where none."""
-        return np.asarray(self._array("labels")[...], dtype=np.int64)
+    def labels(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(N,) int64 (rows [start, stop) when given): class or next token, -100 where none."""
+        if start == 0 and stop is None:
+            return np.asarray(self._array("labels")[...], dtype=np.int64)
+        return np.asarray(self._array("labels")[start:stop], dtype=np.int64)
 
     def offsets(self) -> np.ndarray:
         """(num_seqs + 1,) int64 (token stores): sequence i is rows offsets[i] .. offsets[i + 1] - 1."""

@@ -55,9 +55,10 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtkd.kernels import confidence_weights, fused_kd_loss, fused_linear_sparse_kd_loss, fused_sparse_kd_loss
+from mtkd.pipeline.advice import training_warnings
 from mtkd.pipeline.config import Fusion, Loss, Schedule, TrainConfig, differences, identity
 from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.errors import BadInputError, CheckpointError, MtkdError, RunMismatchError, SpecError
@@ -123,6 +125,7 @@ class Setup:
     plan: Plan
     checkpoint: dict[str, Any] | None
     head: str  # tokens: "fused" (hidden states + output layer into fused_linear_sparse_kd_loss) | "logits"; rows: "logits"
+    warnings: list[str] = field(default_factory=list)  # about the teachers (advice.py), one line each
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,9 @@ class Trainer:
     def setup(self) -> None:
         """Resolve and check everything on every rank (nothing written), then create the run directory."""
         self.s = _agree(self.world_size, self.device, self._resolve)
+        if self.rank == 0:
+            for line in self.s.warnings:  # before the first step: a run worth stopping is stopped early
+                print(f"warning: {line}", file=sys.stderr, flush=True)
         if self.rank == 0 and self.s.checkpoint is None:
             self.made_out = not self.config.out.exists()
             self.config.out.mkdir(parents=True, exist_ok=True)
@@ -196,6 +202,7 @@ class Trainer:
         if spec.torchscript is not None:
             raise SpecError(f"student {spec.name!r}: a TorchScript student cannot be trained; give factory = \"MODULE:CALLABLE\"")
         dataset = load_data(config.data)
+        config = config.for_kind(dataset.kind, _recorded_options(config.out) if config.resume else None)
         tokens = dataset.kind == "tokens"
         labelled = dataset.labelled_rows  # tokens: counted from the offsets, never read whole
         samples = dataset.num_seqs if tokens else len(dataset)
@@ -296,7 +303,8 @@ class Trainer:
         if existing is not None:
             _require_same(existing["config"], record, config.out)
             checkpoint = existing["checkpoint"]
-        return Setup(config, record, spec, model, dataset, val, store, loader, plan, checkpoint, head)
+        warnings = training_warnings(store, config.teachers, config.temperature) if store is not None else []
+        return Setup(config, record, spec, model, dataset, val, store, loader, plan, checkpoint, head, warnings)
 
     # -- train ------------------------------------------------------------------------------------------
 
@@ -452,6 +460,7 @@ class Trainer:
             "world_size": world_size,
             "loader": loader.mode,
             "mode": s.record["mode"],
+            "warnings": s.warnings,
         }
 
     # -- cleanup ----------------------------------------------------------------------------------------
@@ -812,6 +821,15 @@ def _read_run(out: Path) -> dict[str, Any] | None:
             )
     finished = checkpoint is not None and checkpoint["step"] >= config.get("total_steps", math.inf)
     return {"config": config, "checkpoint": checkpoint, "finished": finished}
+
+
+def _recorded_options(out: Path) -> dict[str, Any] | None:
+    """The options a run being resumed recorded (its config.json), or None (_read_run reports a bad one)."""
+    try:
+        record = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _only_leftovers(out: Path) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mtkd.pipeline.commands.output import console as output_console, JsonOption, QuietOption, emit
@@ -15,6 +16,9 @@ from mtkd.pipeline.progress import progress_bar
 
 def inspect(
     store: Annotated[Path, typer.Argument(metavar="STORE", help="A store written by `mtkd infer`.")],
+    teachers: Annotated[
+        str | None, typer.Option("--teachers", help="Comma-separated teachers whose ensemble to show (default: all complete).")
+    ] = None,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -26,17 +30,26 @@ def inspect(
     probabilities. Against the stored labels (-100: left out). Top-k
     teachers also show their mean tail mass at each stored temperature.
 
+    Warnings (one line each; in --json as `warnings`) name a teacher with more
+    than 0.3 of its mass outside its top-k, an ensemble worse than its best
+    teacher, a teacher no better than a unigram model of the labels.
+
     Example:
       mtkd inspect train.zarr
-      mtkd inspect train.zarr --json
+      mtkd inspect train.zarr --teachers llama,gpt2 --json
     """
+    from mtkd.pipeline.advice import report_warnings
+    from mtkd.pipeline.commands.train import _names
+    from mtkd.pipeline.config import KIND_DEFAULTS
     from mtkd.pipeline.report import inspect_store  # heavy (torch, zarr): here, so --help stays fast
     from mtkd.pipeline.store import open_store
 
     opened = open_store(store)
     with progress_bar(quiet) as bar:
         task = bar.add_task(f"inspect {store.name}", total=opened.num_blocks)
-        report = inspect_store(opened, progress=lambda done, total: bar.update(task, completed=done))
+        report = inspect_store(opened, progress=lambda done, total: bar.update(task, completed=done), ensemble_of=_names(teachers))
+    # At the temperature `mtkd train` distils at by default on this kind of data.
+    report["warnings"] = report_warnings(report, opened.labels(), KIND_DEFAULTS[report["kind"]]["temperature"])
     emit(report, as_json, _render)
 
 
@@ -93,3 +106,5 @@ def _render(report: dict) -> None:
         for p in report["agreement"]:
             pairs.add_row(p["a"], p["b"], _fmt(p["agreement"]), str(p["rows"]))
         console.print(pairs)
+    for line in report.get("warnings", []):
+        console.print(f"[bold yellow]warning[/] {escape(line)}", highlight=False)

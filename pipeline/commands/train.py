@@ -48,17 +48,19 @@ def train(
         str | None, typer.Option("--teacher-weights", help="NAME=WEIGHT pairs for --fusion weighted, e.g. cnn=2,gru=1.")
     ] = None,
     temperature: Annotated[
-        float, typer.Option("--temperature", "-T", help="Softmax temperature of the KD term (> 0).")
+        float | None, typer.Option("--temperature", "-T", help="Softmax temperature of the KD term (> 0). "
+                                   "Default: 1 on token data, 2 on rows.")
     ] = DEFAULTS["temperature"],
     alpha: Annotated[
-        float, typer.Option("--alpha", help="Weight of the KD term in [0, 1]; 1 - alpha weighs cross-entropy on labelled rows.")
+        float | None, typer.Option("--alpha", help="Weight of the KD term in [0, 1]; 1 - alpha weighs cross-entropy "
+                                   "on labelled rows. Default: 0.8 on token data, 1 on rows.")
     ] = DEFAULTS["alpha"],
     loss: Annotated[
         Loss, typer.Option("--loss", help="KD term: kl (T^2 KL divergence) or mse (squared error of probabilities at T).")
     ] = DEFAULTS["loss"],
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the data.")] = DEFAULTS["epochs"],
     max_steps: Annotated[
-        int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps (instead of --epochs).")
+        int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps (wins over --epochs, as in HF's Trainer).")
     ] = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Rows per optimizer step and process (under torchrun: per rank).")
@@ -109,8 +111,6 @@ def train(
       torchrun --nproc_per_node 4 -m mtkd.pipeline.cli train \\
           --student mlp.toml --data x.npz --store x.zarr --out runs/kd --resume
     """
-    if max_steps is not None and epochs != DEFAULTS["epochs"]:
-        raise BadInputError("give --epochs or --max-steps, not both")
     config = TrainConfig(
         student=student, data=data, out=out, store=store, teachers=_names(teachers), fusion=fusion,
         teacher_weights=_weights(teacher_weights), temperature=temperature, alpha=alpha, loss=loss, epochs=epochs,
