@@ -32,7 +32,10 @@ bf16 autocast (the kernels take any float dtype and compute in fp32).
 The run directory:
     config.json     everything resolved: the TrainConfig (config.py) and what setup measured
                     (data and store fingerprints, teachers, student spec, loader mode, sizes)
-    metrics.jsonl   one line per finished epoch: loss, train accuracy, lr, rows/s, val metrics
+    metrics.jsonl   one line per finished epoch: loss, train accuracy, lr, rows/s, val metrics. Train
+                    accuracy is null on the fused-linear path: its loss never holds a batch's logits,
+                    and their argmax would cost a second pass over the output layer (a third of
+                    the step); --val-data measures the accuracy instead
     checkpoint.pt   model, optimizer, RNG states, epoch and batch position, metrics so far
     student.pt      the student's state_dict: the final one, or with --val-data the best by
                     validation accuracy (config.json's "student_pt" says which)
