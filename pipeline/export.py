@@ -2,7 +2,7 @@
 
     run_export("runs/kd", "export/kd")
 
-- A Hugging Face student (a `from_pretrained` factory): the trained weights as a `save_pretrained`
+- A Hugging Face student (a model with `save_pretrained`, e.g. from a `from_pretrained` factory): the trained weights as a `save_pretrained`
   folder (safetensors, config), which `AutoModelForCausalLM.from_pretrained(DIR)` loads to the
   same logits `mtkd eval` measured. The tokenizer goes with it: the one the run's data was made
   with (the `mtkd tokenize` record in the data's Parquet, checked against its sha256), else the
@@ -26,7 +26,7 @@ from typing import Any
 
 from mtkd.pipeline import hf
 from mtkd.pipeline.demos.rows import toml_table  # the demos' writer of the TOML tables they train from
-from mtkd.pipeline.errors import BadInputError, SpecError
+from mtkd.pipeline.errors import BadInputError
 from mtkd.pipeline.specs import ModelSpec, run_student_spec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -41,16 +41,15 @@ def run_export(run: str | Path, out: str | Path) -> dict[str, Any]:
     spec = run_student_spec(run)
     config = json.loads((run / "config.json").read_text())
     spec = replace(spec, name=str(config["student"].get("name") or spec.name))
-    pretrained = hf.is_from_pretrained(spec.factory)
-    tokenizer = _tokenizer_source(config, spec) if pretrained else None
     model = spec.build()  # the factory's model with the run's student.pt loaded (weights_only)
+    # Hugging Face's form for a transformers model (from_pretrained or from_config alike), else mtkd's.
+    pretrained = callable(getattr(model, "save_pretrained", None))
+    tokenizer = _tokenizer_source(config, spec) if pretrained else None
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         if pretrained:
-            if not hasattr(model, "save_pretrained"):
-                raise SpecError(f"student {spec.name!r}: factory {spec.factory} made a {type(model).__name__}, which has no save_pretrained")
             model.save_pretrained(str(tmp), safe_serialization=True)
             if tokenizer is not None:
                 tokenizer["save"](tmp)

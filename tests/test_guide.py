@@ -62,6 +62,8 @@ def test_the_guide_runs_verbatim(tmp_path, monkeypatch):
         assert result.exit_code == 0, f"{command}\n{result.output}"
         outputs[args[0]] = result.stdout
     assert "ensemble (2)" in outputs["inspect"] and "val perplexity" in outputs["train"]
+    assert "folder (save_pretrained)" in outputs["export"] and "tokenizer from the data" in outputs["export"]
+    assert "column 'messages'" in outputs["tokenize"] or "column 'text'" in outputs["tokenize"]
     assert (tmp_path / "models/student/model.safetensors").is_file()
 
     # The exported folder: a model and its tokenizer for from_pretrained, measuring what mtkd eval measured.
