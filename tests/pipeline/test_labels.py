@@ -142,3 +142,20 @@ def test_refuses_labels_that_do_not_fit(chat, tmp_path):
     np.savez(bad, input_ids=ids, attention_mask=mask, labels=ids[:, :-1])
     with pytest.raises(SpecError, match="labels must be an integer array of input_ids' shape"):
         load_data(str(bad))
+
+
+def test_streamed_and_in_memory_batches_carry_the_same_labels(chat):
+    data = load_data(str(chat["masked"]))
+    store = open_store(chat["stores"]["masked"])
+    teachers = TeacherRows(store, store.teachers, temperature=1.0)
+    loaders = [SequenceLoader(data.tokens, data.offsets, teachers=teachers, labels=data.given_labels, batch_size=8, seed=3,
+                              stream=stream, window_bytes=1 << 12, read_bytes=1 << 10) for stream in (False, True)]
+    assert [loader.mode for loader in loaders] == ["memory", "stream"]
+    labels, tokens = torch.from_numpy(data.labels), torch.from_numpy(np.asarray(data.tokens))
+    for loader in loaders:  # (the two modes order the sequences differently; each batch must hold its own)
+        batches = list(loader.epoch(0))
+        assert sorted(s for b in batches for s in b.seqs.tolist()) == list(range(data.num_seqs))
+        for b in batches:
+            rows = torch.from_numpy(np.concatenate([np.arange(data.offsets[s], data.offsets[s + 1]) for s in b.seqs.tolist()]))
+            assert torch.equal(b.input_ids[b.attention_mask], tokens[rows])
+            assert torch.equal(b.labels[b.attention_mask], labels[rows])  # the labels stage one stored
