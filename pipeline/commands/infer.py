@@ -30,7 +30,8 @@ def infer(
         typer.Option(
             "--data",
             help="Data spec. Rows: PATH.npz (x, y), PATH.npy, a Zarr array, mnist1d:SPLIT, MODULE:FUNCTION. "
-            "Tokens: PATH.npz (input_ids, attention_mask), PATH.parquet (input_ids), MODULE:FUNCTION (a list of id arrays).",
+            "Tokens: PATH.npz (input_ids, attention_mask, labels), PATH.parquet or a folder of them (input_ids, labels), "
+            "MODULE:FUNCTION (a list of id arrays). labels: -100 = not trained on.",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="The store to create or resume (a Zarr v3 folder).")],
