@@ -98,7 +98,7 @@ def test_one_row_per_example_truncated_and_shards(world, tmp_path):
 def test_refusals_write_nothing(world, tmp_path, make, options, culprits):
     data = tmp_path / "data.jsonl"
     make(data)
-    out = tmp_path / "out.parquet"
+    out = tmp_path / "new" / "out.parquet"  # a folder tokenize would make: removed again on refusal
     refused(tokenize("--tokenizer", world.tokenizer, "--data", data, "--out", out, *options), *culprits)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
 
