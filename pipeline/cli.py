@@ -126,12 +126,16 @@ app = typer.Typer(
 # One file per command; each defines a function whose typer signature is the command's interface.
 # (registered in the order `mtkd --help` lists them)
 from mtkd.pipeline.commands import demo, eval, infer, inspect, train, verify  # noqa: E402
+from mtkd.pipeline.commands import export, tokenize  # noqa: E402
+
+app.command("tokenize", cls=_MtkdCommand)(tokenize.tokenize)
 
 app.command("infer", cls=_MtkdCommand)(infer.infer)
 app.command("inspect", cls=_MtkdCommand)(inspect.inspect)
 app.command("verify", cls=_MtkdCommand)(verify.verify)
 app.command("train", cls=_MtkdCommand)(train.train)
 app.command("eval", cls=_MtkdCommand)(eval.eval_command)
+app.command("export", cls=_MtkdCommand)(export.export)
 app.command("demo", cls=_MtkdCommand)(demo.demo)
 
 

@@ -59,6 +59,14 @@ class Schedule(str, enum.Enum):
 
 CHECKPOINT_EVERY = 1000  # batches; plus the end of every epoch
 
+# Options whose default depends on the data's kind (None in a TrainConfig: "by the data's kind",
+# filled in by for_kind() at setup and written resolved to config.json). Tokens: what the project's
+# measurements found best for language models (README, "The language-model demo": T = 2 gave 1.046 x
+# the baseline's perplexity where T = 1 gave 0.887, alpha 0.9 worse than 0.8; "Top-k fidelity": pure
+# KD lost 9.7% at k = 64 where alpha 0.5 lost 3.0%). Rows: Hinton's T = 2 and pure KD, as before.
+KIND_DEFAULTS: dict[str, dict[str, float]] = {"rows": {"temperature": 2.0, "alpha": 1.0},
+                                              "tokens": {"temperature": 1.0, "alpha": 0.8}}
+
 # Keys of config.json that may differ on --resume: where things are and how the run is driven,
 # not what is trained. ("loader" is compared: the two modes order rows differently.)
 RESUMABLE_KEYS = ("command", "device", "checkpoint_every", "versions", "paths")
@@ -75,8 +83,8 @@ class TrainConfig:
     teachers: tuple[str, ...] | None = None  # None: every teacher of the store (filled in by resolved())
     fusion: Fusion = Fusion.MEAN
     teacher_weights: Mapping[str, float] | None = None  # --fusion weighted, or the prior pi of posterior/best/entropy; normalised
-    temperature: float = 2.0
-    alpha: float = 1.0  # weight of the KD term; 1 - alpha weighs the cross-entropy
+    temperature: float | None = None  # None: by the data's kind (KIND_DEFAULTS)
+    alpha: float | None = None  # weight of the KD term; 1 - alpha weighs the cross-entropy. None: by kind
     loss: Loss = Loss.KL
     epochs: int = 30
     max_steps: int | None = None  # optimizer steps; when given, ends the run (the epochs it spans are derived)
@@ -114,13 +122,14 @@ class TrainConfig:
                                  ("fusion_scope", FusionScope, "--fusion-scope")):
             set_(self, name, _choice(getattr(self, name), kind, flag))
         for name in ("temperature", "alpha", "lr", "weight_decay", "decay_rate", "fusion_temperature"):
-            set_(self, name, float(getattr(self, name)))
+            if getattr(self, name) is not None:
+                set_(self, name, float(getattr(self, name)))
         self._validate()
 
     def _validate(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
             raise BadInputError(f"--temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise BadInputError(f"--alpha must lie in [0, 1], got {self.alpha}")
         for flag, value, least in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
                                    ("--grad-accum", self.grad_accum, 1), ("--seed", self.seed, 0),
@@ -170,6 +179,16 @@ class TrainConfig:
         """Distilling through a fusion that selects (posterior, best, entropy)."""
         return self.distil and self.fusion in SELECTING
 
+    def for_kind(self, kind: str, recorded: Mapping[str, Any] | None = None) -> TrainConfig:
+        """This config with the options left None filled in: from `recorded` (the config.json of the run
+        being resumed, so that a run keeps the defaults it started with), else KIND_DEFAULTS[kind]."""
+        filled = {}
+        for name, default in KIND_DEFAULTS[kind].items():
+            if getattr(self, name) is None:
+                kept = (recorded or {}).get(name)
+                filled[name] = float(kept) if isinstance(kept, (int, float)) and not isinstance(kept, bool) else default
+        return replace(self, **filled) if filled else self
+
     def resolved(self, teachers: list[str]) -> TrainConfig:
         """This config with the store's chosen teachers filled in and the weights checked against them."""
         weights = None
@@ -217,8 +236,10 @@ class TrainConfig:
             args += ["--store", str(self.store)]
             if self.teachers:
                 args += ["--teachers", ",".join(self.teachers)]
-            args += ["--fusion", self.fusion.value, "--temperature", str(self.temperature), "--alpha", str(self.alpha),
-                     "--loss", self.loss.value]
+            args += ["--fusion", self.fusion.value]
+            for flag, value in (("--temperature", self.temperature), ("--alpha", self.alpha)):
+                args += [] if value is None else [flag, str(value)]  # None: not resolved yet (by the data's kind)
+            args += ["--loss", self.loss.value]
             if self.teacher_weights:
                 args += ["--teacher-weights", ",".join(f"{k}={v:g}" for k, v in self.teacher_weights.items())]
             if self.selecting:
@@ -262,4 +283,4 @@ def _choice(value: Any, kind: type[enum.Enum], flag: str) -> enum.Enum:
         raise BadInputError(f"{flag} must be one of {', '.join(c.value for c in kind)}, got {value!r}") from None
 
 
-__all__ = ["CHECKPOINT_EVERY", "DEFAULTS", "Fusion", "FusionScope", "Loss", "RESUMABLE_KEYS", "SELECTING", "Schedule", "TrainConfig", "differences", "identity"]
+__all__ = ["CHECKPOINT_EVERY", "DEFAULTS", "KIND_DEFAULTS", "Fusion", "FusionScope", "Loss", "RESUMABLE_KEYS", "SELECTING", "Schedule", "TrainConfig", "differences", "identity"]

@@ -10,7 +10,10 @@ Tokens: sample i is a token sequence and every position of it is one store row; 
 position is the next token of its sequence (-100 for the last).
     PATH.npz                 integer `input_ids` (N, L), optional `attention_mask` (N, L): 1 = real
                              token, the real tokens a prefix of each row
-    PATH.parquet             an `input_ids` column of integer lists (ragged; needs pyarrow)
+    PATH.parquet             an `input_ids` column of integer lists (ragged; needs pyarrow), or a
+                             folder of .parquet shards (one data set, in name order)
+    either, optionally       `labels` (Hugging Face's convention): position t's label is labels[t + 1],
+                             -100 = not trained on (stored unlabelled, masked in stage two like padding)
     MODULE:FUNCTION          returns a list of 1-D integer arrays, or {"input_ids": ..., "attention_mask": ...}
 The kind is told by the arrays' names (`input_ids` vs `x`) or a list of sequences, never by dtypes.
 Rows are loaded whole. Token files are not: an uncompressed .npz (np.savez) is memory-mapped and
@@ -99,6 +102,10 @@ class TokenData:
     offsets: np.ndarray  # (num_seqs + 1,) int64, offsets[0] == 0, strictly increasing
     fingerprint: str = field(repr=False)
     max_label: int = IGNORE_LABEL  # the largest label (a token that follows another), IGNORE_LABEL if none
+    # The data's own `labels` (Hugging Face convention), aligned with the tokens: position t's label is
+    # given[t + 1]; -100 = not trained on (no CE, no KD: masked in stage two like padding). None: the next token.
+    given_labels: TokenSource | None = field(default=None, repr=False)
+    num_labelled: int = -1  # with given_labels: the positions whose label is not -100
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -113,8 +120,13 @@ class TokenData:
 
     @property
     def labelled_rows(self) -> int:
-        """Positions with a next token: every one but each sequence's last."""
-        return self.num_rows - self.num_seqs
+        """Positions with a label: every one but each sequence's last (or those `labels` gives)."""
+        return self.num_rows - self.num_seqs if self.given_labels is None else self.num_labelled
+
+    @property
+    def masks_unlabelled(self) -> bool:
+        """True when the data's `labels` say which positions are trained on: -100 ones are masked."""
+        return self.given_labels is not None
 
     @functools.cached_property
     def labels(self) -> np.ndarray:
@@ -123,9 +135,10 @@ class TokenData:
         Held whole (stage one writes them into the store); stage two never asks for them.
         """
         labels = np.empty(self.num_rows, dtype=np.int64)
+        source = self.tokens if self.given_labels is None else self.given_labels  # shifted by one either way
         for lo in range(0, self.num_rows, SCAN_ROWS):
             hi = min(lo + SCAN_ROWS + 1, self.num_rows)
-            labels[lo : hi - 1] = self.tokens[lo + 1 : hi]
+            labels[lo : hi - 1] = source[lo + 1 : hi]
         labels[self.offsets[1:] - 1] = IGNORE_LABEL
         return labels
 
@@ -213,12 +226,15 @@ class PaddedTokens(TokenSource):
 
 
 class ParquetTokens(TokenSource):
-    """An `input_ids` column of integer lists, `groups[g]..groups[g + 1]` the sequences of row group g."""
+    """A column of integer lists in one or more Parquet files (shards of one data set, in order):
+    `groups[g]..groups[g + 1]` are the sequences of row group g, counted across the files, and
+    `parts[g]` its (file, row group in that file)."""
 
-    def __init__(self, path: Path, groups: np.ndarray, offsets: np.ndarray):
-        self.path, self.groups, self.offsets = path, groups, offsets
+    def __init__(self, paths: list[Path], parts: list[tuple[int, int]], groups: np.ndarray, offsets: np.ndarray,
+                 column: str = "input_ids"):
+        self.paths, self.parts, self.groups, self.offsets, self.column = paths, parts, groups, offsets, column
         self.num_rows = int(offsets[-1])
-        self._file: Any = None
+        self._files: dict[int, Any] = {}
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._lock = threading.Lock()  # the loader's reader thread and the trainer may both read
 
@@ -241,15 +257,16 @@ class ParquetTokens(TokenSource):
         if g in self._cache:
             self._cache.move_to_end(g)
             return self._cache[g]
-        if self._file is None:
+        f, rg = self.parts[g]
+        if f not in self._files:
             import pyarrow.parquet as pq
 
-            self._file = pq.ParquetFile(self.path)
-        column = self._file.read_row_group(g, columns=["input_ids"]).column(0).combine_chunks()
+            self._files[f] = pq.ParquetFile(self.paths[f])
+        column = self._files[f].read_row_group(rg, columns=[self.column]).column(0).combine_chunks()
         values = column.flatten().to_numpy().astype(np.int64)  # flatten: the lists' values, in order
         expected = int(self.offsets[self.groups[g + 1]] - self.offsets[self.groups[g]])
         if len(values) != expected:  # the file changed since it was loaded
-            raise SpecError(f"data {str(self.path)!r}: row group {g} now holds {len(values)} tokens, not {expected}")
+            raise SpecError(f"data {str(self.paths[f])!r}: row group {rg} now holds {len(values)} {self.column}, not {expected}")
         self._cache[g] = values
         while len(self._cache) > 1 and sum(v.nbytes for v in self._cache.values()) > PARQUET_CACHE_BYTES:
             self._cache.popitem(last=False)
@@ -267,17 +284,19 @@ def fingerprint(x: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _scan_tokens(spec: str, source: TokenSource, offsets: np.ndarray) -> TokenData:
+def _scan_tokens(spec: str, source: TokenSource, offsets: np.ndarray, labels: TokenSource | None = None) -> TokenData:
     """Read the tokens once, in pieces: refuse negative ids, find the largest label, and fingerprint.
 
     The fingerprint is a sha256 over the tokens and the sequence boundaries (the same tokens cut
     otherwise differ), as int64 with their shapes: the same bytes whether the tokens came from
-    memory, a mapped .npz or Parquet row groups.
+    memory, a mapped .npz or Parquet row groups. Given `labels` (aligned with the tokens) are checked
+    (>= 0 or -100), give max_label, and join the fingerprint (the store holds them).
     """
     n = source.num_rows
     h = hashlib.sha256(b"mtkd-tokens")
     h.update(f"{(n,)}".encode())
     top = IGNORE_LABEL
+    counted, label_hash = 0, hashlib.sha256()
     firsts = offsets[:-1]  # each sequence's first token is no position's label
     for lo in range(0, n, SCAN_ROWS):
         hi = min(lo + SCAN_ROWS, n)
@@ -288,13 +307,26 @@ def _scan_tokens(spec: str, source: TokenSource, offsets: np.ndarray) -> TokenDa
             at = lo + int(np.flatnonzero(piece < 0)[0])
             seq = int(np.searchsorted(offsets, at, side="right")) - 1
             raise SpecError(f"data {spec!r}: sequence {seq} holds a negative token id {int(piece[at - lo])}")
+        h.update(memoryview(np.ascontiguousarray(piece, dtype="<i8")).cast("B"))
         labelled = np.ones(hi - lo, dtype=bool)
         labelled[firsts[np.searchsorted(firsts, lo) : np.searchsorted(firsts, hi)] - lo] = False
+        if labels is not None:  # the labels take the place of the next tokens
+            piece = labels.read(lo, hi)
+            bad = (piece < 0) & (piece != IGNORE_LABEL)
+            if bad.any():
+                at = lo + int(np.flatnonzero(bad)[0])
+                seq = int(np.searchsorted(offsets, at, side="right")) - 1
+                raise SpecError(f"data {spec!r}: labels of sequence {seq} hold {int(piece[at - lo])} (token ids, or -100 for none)")
+            labelled &= piece != IGNORE_LABEL
+            counted += int(labelled.sum())
+            label_hash.update(memoryview(np.ascontiguousarray(piece, dtype="<i8")).cast("B"))
         top = max(top, int(np.max(piece, where=labelled, initial=IGNORE_LABEL)))  # no copy of the piece
-        h.update(memoryview(np.ascontiguousarray(piece, dtype="<i8")).cast("B"))
     h.update(f"{offsets.shape}".encode())
     h.update(memoryview(np.ascontiguousarray(offsets, dtype="<i8")).cast("B"))
-    return TokenData(spec=spec, tokens=source, offsets=offsets, fingerprint=h.hexdigest(), max_label=top)
+    if labels is not None:  # data without `labels` keeps the fingerprint it always had
+        h.update(b"labels" + label_hash.digest())
+    return TokenData(spec=spec, tokens=source, offsets=offsets, fingerprint=h.hexdigest(), max_label=top,
+                     given_labels=labels, num_labelled=counted if labels is not None else -1)
 
 
 def _offsets(spec: str, lengths: np.ndarray) -> np.ndarray:
@@ -354,8 +386,9 @@ def make_token_data(spec: str, sequences: Any) -> TokenData:
     return _scan_tokens(spec, ArrayTokens(tokens), offsets)
 
 
-def _padded_token_data(spec: str, input_ids: Any, attention_mask: Any = None) -> TokenData:
-    """(N, L) input_ids with an optional (N, L) attention_mask whose 1s are a prefix of each row.
+def _padded_token_data(spec: str, input_ids: Any, attention_mask: Any = None, labels: Any = None) -> TokenData:
+    """(N, L) input_ids with an optional (N, L) attention_mask whose 1s are a prefix of each row, and
+    optional (N, L) integer labels (Hugging Face's: -100 where not trained on).
 
     Either may be a memory map: both are read in pieces of about SCAN_ROWS tokens.
     """
@@ -381,7 +414,14 @@ def _padded_token_data(spec: str, input_ids: Any, attention_mask: Any = None) ->
             if len(bad):
                 raise SpecError(f"data {spec!r}: attention_mask row {lo + int(bad[0])} is not a prefix of 1s (pad on the right)")
     offsets = _offsets(spec, lengths)
-    return _scan_tokens(spec, PaddedTokens(ids, offsets), offsets)
+    given = None
+    if labels is not None:
+        given = labels if isinstance(labels, np.ndarray) else np.asarray(labels)
+        if given.shape != ids.shape or not np.issubdtype(given.dtype, np.integer):
+            raise SpecError(f"data {spec!r}: labels must be an integer array of input_ids' shape {ids.shape}, "
+                            f"got shape {given.shape} dtype {given.dtype}")
+        given = PaddedTokens(given, offsets)
+    return _scan_tokens(spec, PaddedTokens(ids, offsets), offsets, given)
 
 
 def load_data(spec: str) -> Data:
@@ -391,8 +431,8 @@ def load_data(spec: str) -> Data:
     path = Path(spec)
     if spec.endswith(".npz"):
         return _load_npz(spec, path)
-    if spec.endswith(".parquet"):
-        return _load_parquet(spec, path)
+    if spec.endswith(".parquet") or (path.is_dir() and any(p.suffix == ".parquet" for p in path.iterdir())):
+        return _load_parquet(spec, path)  # a file, or a folder of shards
     if spec.endswith(".npy"):
         if not path.is_file():
             raise SpecError(f"data {spec!r}: no such file")
@@ -431,12 +471,15 @@ def _load_npz(spec: str, path: Path) -> Data:
         with np.load(path, allow_pickle=False) as f:
             _check_npz_arrays(spec, list(f.files))
             if "input_ids" in f:
-                mapped = {name: _mapped_member(path, name) for name in ("input_ids", "attention_mask") if name in f}
+                mapped = {name: _mapped_member(path, name) for name in ("input_ids", "attention_mask", "labels") if name in f}
                 # A member stored compressed cannot be mapped: np.load reads it whole.
                 ids = mapped["input_ids"] if mapped["input_ids"] is not None else f["input_ids"]
                 mask = mapped.get("attention_mask")
                 if mask is None and "attention_mask" in f:
                     mask = f["attention_mask"]
+                given = mapped.get("labels")
+                if given is None and "labels" in f:
+                    given = f["labels"]
                 x = y = None
             elif "x" in f:
                 x, y = f["x"], f["y"] if "y" in f else None
@@ -447,7 +490,7 @@ def _load_npz(spec: str, path: Path) -> Data:
     except Exception as e:  # not a zip, truncated, pickled object arrays, a CRC mismatch
         raise SpecError(f"data {spec!r}: cannot read it: {brief(e)}") from e
     if x is None:
-        return _padded_token_data(spec, ids, mask)
+        return _padded_token_data(spec, ids, mask, given)
     return make_row_data(spec, x, y)
 
 
@@ -494,41 +537,67 @@ def _mapped_member(path: Path, name: str) -> np.ndarray | None:
 
 
 def _load_parquet(spec: str, path: Path) -> TokenData:
-    """An `input_ids` column of integer lists, read one row group at a time (never the whole file).
+    """An `input_ids` column of integer lists (and optionally `labels`, lists of the same lengths),
+    in one file or a folder of `.parquet` shards (one data set, the shards in name order), read
+    one row group at a time (never the whole file).
 
     One pass reads each group's list lengths (the offsets) and checks for nulls; the scan then
     reads the tokens again for the fingerprint (its hash starts with the token count).
     """
-    if not path.is_file():
+    if path.is_dir():
+        paths = sorted(p for p in path.iterdir() if p.suffix == ".parquet" and p.is_file())
+    elif path.is_file():
+        paths = [path]
+    else:
         raise SpecError(f"data {spec!r}: no such file")
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
         raise SpecError(f"data {spec!r}: reading .parquet needs pyarrow (pip install 'mtkd[hf]')") from e
-    try:
-        file = pq.ParquetFile(path)
-        kind = file.schema_arrow.field("input_ids").type
-    except Exception as e:  # not parquet, no such column
-        raise SpecError(f"data {spec!r}: cannot read an 'input_ids' column: {brief(e)}") from e
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_integer(kind.value_type):
-        raise SpecError(f"data {spec!r}: input_ids must be a column of integer lists, got {kind}")
-    lengths, groups = [], [0]
-    try:
-        for g in range(file.num_row_groups):
-            column = file.read_row_group(g, columns=["input_ids"]).column(0).combine_chunks()
-            if column.null_count:
-                raise SpecError(f"data {spec!r}: input_ids has {column.null_count} null rows (row group {g})")
-            if column.flatten().null_count:
-                raise SpecError(f"data {spec!r}: input_ids holds null token ids (row group {g})")
-            lengths.append(np.diff(column.offsets.to_numpy()).astype(np.int64))
-            groups.append(groups[-1] + len(column))
-    except SpecError:
-        raise
-    except Exception as e:  # a damaged page
-        raise SpecError(f"data {spec!r}: cannot read an 'input_ids' column: {brief(e)}") from e
+    files, has_labels = [], None
+    for p in paths:
+        where = spec if len(paths) == 1 else f"{spec}/{p.name}"
+        try:
+            file = pq.ParquetFile(p)
+            kinds = {name: file.schema_arrow.field(name).type for name in ("input_ids", "labels")
+                     if name in file.schema_arrow.names or name == "input_ids"}
+        except Exception as e:  # not parquet, no such column
+            raise SpecError(f"data {where!r}: cannot read an 'input_ids' column: {brief(e)}") from e
+        for name, kind in kinds.items():
+            if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_integer(kind.value_type):
+                raise SpecError(f"data {where!r}: {name} must be a column of integer lists, got {kind}")
+        if has_labels is not None and has_labels != ("labels" in kinds):
+            raise SpecError(f"data {where!r}: has {'a' if 'labels' in kinds else 'no'} labels column, unlike the shards before it")
+        has_labels = "labels" in kinds
+        files.append(file)
+    lengths, groups, parts = [], [0], []
+    for f, (p, file) in enumerate(zip(paths, files)):
+        where = spec if len(paths) == 1 else f"{spec}/{p.name}"
+        try:
+            for g in range(file.num_row_groups):
+                table = file.read_row_group(g, columns=["input_ids", "labels"] if has_labels else ["input_ids"])
+                column = table.column(0).combine_chunks()
+                if column.null_count:
+                    raise SpecError(f"data {where!r}: input_ids has {column.null_count} null rows (row group {g})")
+                if column.flatten().null_count:
+                    raise SpecError(f"data {where!r}: input_ids holds null token ids (row group {g})")
+                counts = np.diff(column.offsets.to_numpy()).astype(np.int64)
+                if has_labels:
+                    given = table.column(1).combine_chunks()
+                    if given.null_count or given.flatten().null_count or not np.array_equal(np.diff(given.offsets.to_numpy()), counts):
+                        raise SpecError(f"data {where!r}: labels must be lists of input_ids' lengths, without nulls (row group {g})")
+                lengths.append(counts)
+                groups.append(groups[-1] + len(column))
+                parts.append((f, g))
+        except SpecError:
+            raise
+        except Exception as e:  # a damaged page
+            raise SpecError(f"data {where!r}: cannot read an 'input_ids' column: {brief(e)}") from e
     offsets = _offsets(spec, np.concatenate(lengths) if lengths else np.empty(0, np.int64))
-    return _scan_tokens(spec, ParquetTokens(path, np.array(groups, dtype=np.int64), offsets), offsets)
+    groups_at = np.array(groups, dtype=np.int64)
+    given = ParquetTokens(paths, parts, groups_at, offsets, "labels") if has_labels else None
+    return _scan_tokens(spec, ParquetTokens(paths, parts, groups_at, offsets), offsets, given)
 
 
 def _load_zarr(spec: str, path: Path) -> RowData:
@@ -592,9 +661,9 @@ def _load_function(spec: str) -> Data:
     if isinstance(out, dict):
         if "input_ids" in out:
             ids = out["input_ids"]
-            if isinstance(ids, list) and "attention_mask" not in out:
+            if isinstance(ids, list) and "attention_mask" not in out and "labels" not in out:
                 return make_token_data(spec, ids)
-            return _padded_token_data(spec, ids, out.get("attention_mask"))
+            return _padded_token_data(spec, ids, out.get("attention_mask"), out.get("labels"))
         if "x" not in out:
             raise SpecError(f"data {spec!r}: returned a dict without 'x' or 'input_ids'")
         return make_row_data(spec, out["x"], out.get("y"))

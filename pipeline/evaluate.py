@@ -50,7 +50,7 @@ def token_metrics(
     was_training = model.training
     model.eval()
     running = TokenMetrics()
-    loader = SequenceLoader(data.tokens, data.offsets, batch_size=batch_size, seed=0, device=device)
+    loader = SequenceLoader(data.tokens, data.offsets, labels=data.given_labels, batch_size=batch_size, seed=0, device=device)
     try:
         for batch in loader.epoch(0):  # one rank: every sequence once
             logits = lm_logits(model, batch.input_ids, batch.attention_mask)  # (B, L, V)

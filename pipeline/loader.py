@@ -655,9 +655,11 @@ class TeacherRows:
 class SequenceLoader(_Loader):
     """Batches of whole token sequences with their teachers' per-position rows (see above).
 
-    `tokens` (num_rows,) and `offsets` (num_seqs + 1,) are the data (TokenData's); `teachers` a
-    TeacherRows over a store of the same data, or None for hard-label training. The other
-    arguments as BatchLoader's; `memory_budget` covers the teachers' rows and the tokens.
+    `tokens` (num_rows,) and `offsets` (num_seqs + 1,) are the data (TokenData's); `labels`, where
+    the data gives its own (TokenData.given_labels, aligned with the tokens), travel with the tokens
+    as a second column and make the batch's labels (position t: labels[t + 1]) instead of the next
+    tokens. `teachers` a TeacherRows over a store of the same data, or None for hard-label training.
+    The other arguments as BatchLoader's; `memory_budget` covers the teachers' rows and the tokens.
     """
 
     what = "sequences"
@@ -671,6 +673,7 @@ class SequenceLoader(_Loader):
         batch_size: int,
         seed: int,
         teachers: TeacherRows | None = None,
+        labels: Tokens | np.ndarray | None = None,
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str = "cpu",
@@ -680,6 +683,9 @@ class SequenceLoader(_Loader):
         read_bytes: int = READ_BYTES,
     ):
         self.tokens = tokens
+        self.given_labels = labels
+        if labels is not None:
+            self.TOKEN_BYTES = 2 * SequenceLoader.TOKEN_BYTES  # a position's token id and label
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.lengths = np.diff(self.offsets)
         n_rows = len(tokens)
@@ -690,7 +696,8 @@ class SequenceLoader(_Loader):
             raise ValueError(f"the store has {teachers.store.num_rows} rows, the data {n_rows} positions")
         self.source = teachers
         self.teacher_bytes = 0 if teachers is None else n_rows * teachers.row_bytes
-        resident = isinstance(tokens, (np.ndarray, Tensor)) or bool(getattr(tokens, "resident", False))
+        resident = all(isinstance(t, (np.ndarray, Tensor)) or bool(getattr(t, "resident", False))
+                       for t in (tokens, labels) if t is not None)
         self.token_bytes = n_rows * self.TOKEN_BYTES
         held = self.teacher_bytes + (0 if resident else self.token_bytes)
         self.mode = choose_mode(stream, held, memory_budget)  # nothing to hold (tokens in memory, no store): memory
@@ -719,7 +726,10 @@ class SequenceLoader(_Loader):
         return self.items_per_epoch
 
     def _read_tokens(self, lo: int, hi: int) -> Tensor:
+        """(P,) token ids of rows [lo, hi), or (P, 2) ids and given labels."""
         a = np.asarray(self.tokens[lo:hi], dtype=np.int64)
+        if self.given_labels is not None:
+            a = np.stack([a, np.asarray(self.given_labels[lo:hi], dtype=np.int64)], axis=1)
         return torch.from_numpy(a if a.flags.writeable else a.copy())
 
     def _batch(self, seqs: np.ndarray, tokens: Tensor, teachers: dict[str, Tensor]) -> TokenBatch:
@@ -729,9 +739,14 @@ class SequenceLoader(_Loader):
         b, width = len(seqs), int(lengths.max())
         mask = torch.from_numpy(np.arange(width)[None, :] < lengths[:, None])  # (B, L)
         input_ids = torch.zeros((b, width), dtype=torch.int64)
+        following = input_ids  # what position t's label is read from, at t + 1: the next token
+        if tokens.ndim == 2:  # (P, 2): ids and the data's own labels
+            following = torch.full((b, width), -100, dtype=torch.int64)
+            following[mask] = tokens[:, 1]
+            tokens = tokens[:, 0]
         input_ids[mask] = tokens
         labels = torch.full((b, width), -100, dtype=torch.int64)
-        labels[:, :-1] = torch.where(mask[:, 1:], input_ids[:, 1:], -100)  # the next token of the same sequence
+        labels[:, :-1] = torch.where(mask[:, 1:], following[:, 1:], -100)  # within the same sequence
         if self.pin:
             input_ids, mask, labels = input_ids.pin_memory(), mask.pin_memory(), labels.pin_memory()
             teachers = {k: v.pin_memory() for k, v in teachers.items()}
@@ -750,7 +765,8 @@ class SequenceLoader(_Loader):
         """The tokens and every row of the chosen teachers, read once, sequentially, in whole read units."""
         if self._in_memory is None:
             n, step = len(self.tokens), self.read_rows
-            tokens = as_tensor(self.tokens).long() if isinstance(self.tokens, (np.ndarray, Tensor)) else self._read_tokens(0, n)
+            plain = isinstance(self.tokens, (np.ndarray, Tensor)) and self.given_labels is None
+            tokens = as_tensor(self.tokens).long() if plain else self._read_tokens(0, n)
             teachers: dict[str, Tensor] = {}
             if self.source is not None:
                 parts = [self.source.read(lo, min(lo + step, n)) for lo in range(0, n, step)]

@@ -79,16 +79,17 @@ class Objective:
         return self.dense(student_logits, batch.logits, batch.labels, entropies)
 
     def tokens(self, out: Tensor, head: torch.nn.Linear | None, teachers: Mapping[str, Tensor], labels: Tensor,
-               segments: Tensor | None = None) -> Tensor:
+               segments: Tensor | None = None, *, mask: Tensor | None = None) -> Tensor:
         """Tokens: the P real positions' student output, (P, H) hidden states with the output layer
-        `head`, or (P, V) logits with head None; their teachers' rows (K, P, ...), labels (P,) and
-        the batch's sequence of each position (P,) (scope `sequence`)."""
+        `head`, or (P, V) logits with head None; their teachers' rows (K, P, ...), labels (P,), the
+        batch's sequence of each position (P,) (scope `sequence`) and `mask` (P,) bool: False
+        positions (the -100 of data with its own labels) contribute nothing; None: all count."""
         segments = segments if self.scope is FusionScope.SEQUENCE else None
         if "ids" not in teachers:  # dense teachers, or none (hard labels): the rows' loss
-            return self.dense(out, teachers.get("logits"), labels, teachers.get("entropy"), segments)
+            return self.dense(out, teachers.get("logits"), labels, teachers.get("entropy"), segments, mask)
         ids, logprobs, w = self.sparse_target(teachers, labels, segments)
         options = dict(temperature=self.temperature, weights=w, labels=labels if self.alpha < 1.0 else None,
-                       alpha=self.alpha, reduction="mean", ignore_index=IGNORE_LABEL)
+                       alpha=self.alpha, reduction="mean", ignore_index=IGNORE_LABEL, mask=mask)
         if head is None:
             return fused_sparse_kd_loss(out, ids, logprobs, **options)
         # Under autocast the hidden states are bf16: the output layer in their dtype, as a Linear would be.
@@ -107,19 +108,19 @@ class Objective:
         return ids, logprobs, w
 
     def dense(self, student_logits: Tensor, logits: Tensor | None, labels: Tensor, entropies: Tensor | None = None,
-              segments: Tensor | None = None) -> Tensor:
+              segments: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         s, y = student_logits, labels
-        if not self.distil:
+        if not self.distil:  # (masked positions are unlabelled: no CE)
             # Hard labels: mean cross-entropy over the batch's labelled rows (0 when none are).
             known = (y != IGNORE_LABEL).sum().clamp(min=1)
             return F.cross_entropy(s.float(), y, ignore_index=IGNORE_LABEL, reduction="sum") / known
         z, w = self.target(logits, y, entropies, segments)  # (K', B, V) logits to fuse with weights w (None | (K,) | (B, K))
         if self.loss is Loss.MSE:
-            return self._mse(s, z, w, y)
+            return self._mse(s, z, w, y, mask)
         # One call: rows labelled ignore_index keep their KD term and drop the CE term only.
         return fused_kd_loss(
             s, z, temperature=self.temperature, weights=w, labels=y if self.alpha < 1.0 else None, alpha=self.alpha,
-            fusion="prob", reduction="mean", ignore_index=IGNORE_LABEL,
+            fusion="prob", reduction="mean", ignore_index=IGNORE_LABEL, mask=mask,
         )
 
     def target(self, logits: Tensor, labels: Tensor, entropies: Tensor | None = None,
@@ -131,7 +132,7 @@ class Objective:
                                 entropies=entropies, segments=segments)
         return logits, w
 
-    def _mse(self, s: Tensor, z: Tensor, w: Tensor | None, y: Tensor) -> Tensor:
+    def _mse(self, s: Tensor, z: Tensor, w: Tensor | None, y: Tensor, mask: Tensor | None = None) -> Tensor:
         t = self.temperature
         k = z.shape[0]
         w = torch.full((k,), 1.0 / k, device=z.device) if w is None else w / w.sum(dim=-1, keepdim=True)
@@ -142,6 +143,8 @@ class Objective:
         if self.alpha < 1.0:
             ce = F.cross_entropy(s.float(), y, ignore_index=IGNORE_LABEL, reduction="none")  # 0 where unknown
             rows = rows + (1.0 - self.alpha) * ce
+        if mask is not None:  # as the kernels' mask: masked rows neither contribute nor count
+            return (rows * mask).sum() / mask.sum().clamp(min=1)
         return rows.mean()
 
 

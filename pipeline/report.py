@@ -36,6 +36,7 @@ import torch
 from mtkd.pipeline.config import Fusion
 from mtkd.pipeline.data import IGNORE_LABEL
 from mtkd.pipeline.fusion import fusion_weights
+from mtkd.pipeline.errors import BadInputError
 from mtkd.pipeline.layouts import Dense, Layout, RowSummary, TopK, format_temperatures
 from mtkd.pipeline.metrics import ECE_BINS, RunningMetrics, fuse_log_probs
 from mtkd.pipeline.store import LogitStore
@@ -114,27 +115,29 @@ def teacher_stats(store: LogitStore, name: str) -> dict[str, Any]:
     return StatsSums.stats(total, layout, store.kind)
 
 
-def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None = None,
+                  ensemble_of: list[str] | None = None) -> dict[str, Any]:
     """Kind, teachers (layout, dtype, vocabulary, k, temperatures), completeness, bytes per row;
     per-teacher and fused-ensemble metrics; pairwise top-1 agreement; mean tail mass (top-k);
     "selection": who is best where and the ensemble under each fusion (complete teachers; see the module doc).
 
     `progress(blocks_done, blocks)` is called after each row block. A teacher's metrics cover the
     rows it has written; the ensemble (mean of the teachers' probabilities) covers the complete
-    teachers; agreement between two teachers covers the rows both have written.
+    teachers (`ensemble_of`: those of them); agreement between two teachers covers the rows both have written.
     """
     names = store.teachers
     infos = {name: store.teacher(name) for name in names}
     layouts = {name: infos[name].layout for name in names}
     done = {name: store.done_blocks(name) for name in names}
     complete = [name for name in names if len(done[name]) == store.num_blocks]
+    fused = complete if ensemble_of is None else _subset(store, ensemble_of, complete)
     labels = torch.from_numpy(store.labels())
     # Dense rows keep the full classification metrics; everything else what its stored values give.
     full = store.kind == "rows" and all(isinstance(layout, Dense) for layout in layouts.values())
 
     per_teacher = {name: RunningMetrics(store.num_classes) if full else np.zeros(StatsSums.width(layouts[name])) for name in names}
     ensemble = RunningMetrics(store.num_classes) if full else _EnsembleSums()
-    selection = _SelectionSums(complete, layouts, store.offsets() if store.kind == "tokens" else None) if complete else None
+    selection = _SelectionSums(fused, layouts, store.offsets() if store.kind == "tokens" else None) if fused else None
     pairs = list(itertools.combinations(names, 2))
     agree = {pair: [0, 0] for pair in pairs}  # (rows agreeing, rows compared)
     for block in range(store.num_blocks):
@@ -156,10 +159,10 @@ def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None
             if a in preds and b in preds:
                 agree[(a, b)][0] += int((preds[a] == preds[b]).sum())
                 agree[(a, b)][1] += stop - start
-        if complete and full:
-            ensemble.update(fuse_log_probs(torch.stack([arrays[name]["logits"] for name in complete])), y)
-        elif complete:
-            ensemble.update([arrays[name] for name in complete], [layouts[name] for name in complete], y)
+        if fused and full:
+            ensemble.update(fuse_log_probs(torch.stack([arrays[name]["logits"] for name in fused])), y)
+        elif fused:
+            ensemble.update([arrays[name] for name in fused], [layouts[name] for name in fused], y)
         if selection is not None:
             selection.update(start, arrays, summaries, y)
         if progress is not None:
@@ -192,13 +195,23 @@ def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None
             }
             for name in names
         ],
-        "ensemble": {"teachers": complete, "metrics": ensemble.result(store.kind) if not full else ensemble.result()} if complete else None,
+        "ensemble": {"teachers": fused, "metrics": ensemble.result(store.kind) if not full else ensemble.result()} if fused else None,
         "selection": None if selection is None else selection.result(store.kind),
         "agreement": [
             {"a": a, "b": b, "agreement": agree[(a, b)][0] / agree[(a, b)][1] if agree[(a, b)][1] else float("nan"), "rows": agree[(a, b)][1]}
             for a, b in pairs
         ],
     }
+
+
+def _subset(store: LogitStore, chosen: list[str], complete: list[str]) -> list[str]:
+    """`inspect --teachers`: the named teachers, each of the store and complete."""
+    for name in chosen:
+        if name not in store.teachers:
+            raise BadInputError(f"--teachers: store {str(store.path)!r} has no teacher {name!r} (it has {', '.join(store.teachers)})")
+        if name not in complete:
+            raise BadInputError(f"--teachers: teacher {name!r} of store {str(store.path)!r} is incomplete; the ensemble needs every row")
+    return list(dict.fromkeys(chosen))
 
 
 def _read_block(store: LogitStore, name: str, layout: Layout, block: int) -> dict[str, torch.Tensor]:

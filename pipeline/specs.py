@@ -286,6 +286,12 @@ def _from_run(name: str, source: Path, run: Path) -> ModelSpec:
                      folder=run_student_folder(config, run))
 
 
+def run_student_spec(run: str | Path) -> ModelSpec:
+    """The student of a finished `mtkd train` run: its recorded spec, with student.pt as checkpoint."""
+    run = Path(run)
+    return _from_run("student", run / "config.json", run)
+
+
 def run_student_folder(config: dict[str, Any], run: Path) -> Path:
     """Where a run's student factory imports from: its student TOML's folder, as when it trained
     (config.json's paths.student), else the run directory."""

@@ -219,15 +219,16 @@ class LogitStore:
         self._identities: dict[str, str] = {}  # teacher -> digest of its spec and weights
         self._source: Data | None = None  # the data, once `check_data` accepted it (stage one binds blocks to it)
         self._source_labels: np.ndarray | None = None
+        self._checked_labels: np.ndarray | None = None  # labels() once read and checked against the records
         self._stored: tuple[np.ndarray, np.ndarray | None] | None = None  # labels, offsets as stored (writing without data)
 
     # Picklable for DataLoader workers: zarr handles are reopened lazily on the other side.
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_arrays", "_source", "_source_labels", "_stored")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_arrays", "_source", "_source_labels", "_stored", "_checked_labels")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._arrays, self._source, self._source_labels, self._stored = {}, None, None, None
+        self._arrays, self._source, self._source_labels, self._stored, self._checked_labels = {}, None, None, None, None
 
     def __repr__(self) -> str:
         return f"LogitStore({str(self.path)!r}, {self.kind}, rows={self.num_rows}, classes={self.num_classes}, teachers={self.teachers})"
@@ -242,12 +243,15 @@ class LogitStore:
             return []
         return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file())
 
-    def labels(self) -> np.ndarray:
-        """(N,) int64: class or next token, -100 where none. Every chunk must be there and read, and
-        each block's labels must be those its teachers' completion records name (CorruptStoreError)."""
-        values = self.stored_data("labels")
-        self._check_data_digests("labels", values)
-        return values
+    def labels(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(N,) int64 (rows [start, stop) when given): class or next token, -100 where none. Every
+        chunk must be there and read, and each block's labels must be those its teachers' completion
+        records name (CorruptStoreError); checked once per opened store."""
+        if self._checked_labels is None:
+            values = self.stored_data("labels")
+            self._check_data_digests("labels", values)
+            self._checked_labels = values
+        return self._checked_labels if start == 0 and stop is None else self._checked_labels[start:stop]
 
     def offsets(self) -> np.ndarray:
         """(num_seqs + 1,) int64 (token stores): sequence i is rows offsets[i] .. offsets[i + 1] - 1.

@@ -18,7 +18,10 @@ bf16 autocast (the kernels take any float dtype and compute in fp32).
 The run directory:
     config.json     everything resolved: the TrainConfig (config.py) and what setup measured
                     (data and store fingerprints, teachers, student spec, loader mode, sizes)
-    metrics.jsonl   one line per finished epoch: loss, train accuracy, lr, rows/s, val metrics
+    metrics.jsonl   one line per finished epoch: loss, train accuracy, lr, rows/s, val metrics. Train
+                    accuracy is null on the fused-linear path: its loss never holds a batch's logits,
+                    and their argmax would cost a second pass over the output layer (a third of
+                    the step); --val-data measures the accuracy instead
     checkpoint.pt   model, optimizer, RNG states, epoch and batch position, metrics so far
     student.pt      the student's state_dict: the final one, or with --val-data the best by
                     validation accuracy (config.json's "student_pt" says which)
@@ -41,9 +44,10 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +57,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtkd.pipeline.advice import training_warnings
 from mtkd.pipeline.config import Fusion, FusionScope, Loss, Schedule, TrainConfig, differences, identity
 from mtkd.pipeline.fusion import fallback_rows
 from mtkd.pipeline.objective import Objective
@@ -111,6 +116,7 @@ class Setup:
     checkpoint: dict[str, Any] | None
     head: str  # tokens: "fused" (hidden states + output layer into fused_linear_sparse_kd_loss) | "logits"; rows: "logits"
     entropy: Tensor | None = None  # rows: (K, N) stored entropies, when the fusion reads them (tokens: with the teachers' rows)
+    warnings: list[str] = field(default_factory=list)  # about the teachers (advice.py), one line each
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,9 @@ class Trainer:
     def setup(self) -> None:
         """Resolve and check everything on every rank (nothing written), then create the run directory."""
         self.s = _agree(self.world_size, self.device, self._resolve)
+        if self.rank == 0:
+            for line in self.s.warnings:  # before the first step: a run worth stopping is stopped early
+                print(f"warning: {line}", file=sys.stderr, flush=True)
         if self.rank == 0 and self.s.checkpoint is None:
             self.made_out = not self.config.out.exists()
             self.config.out.mkdir(parents=True, exist_ok=True)
@@ -184,6 +193,7 @@ class Trainer:
         if spec.torchscript is not None:
             raise SpecError(f"student {spec.name!r}: a TorchScript student cannot be trained; give factory = \"MODULE:CALLABLE\"")
         dataset = load_data(config.data)
+        config = config.for_kind(dataset.kind, _recorded_options(config.out) if config.resume else None)
         tokens = dataset.kind == "tokens"
         labelled = dataset.labelled_rows  # tokens: counted from the offsets, never read whole
         samples = dataset.num_seqs if tokens else len(dataset)
@@ -249,7 +259,7 @@ class Trainer:
         common = dict(batch_size=config.batch_size, seed=config.seed, rank=self.rank, world_size=self.world_size,
                       device=self.device, stream=stream)
         if tokens:
-            loader = SequenceLoader(dataset.tokens, dataset.offsets, teachers=teacher_rows, **common)
+            loader = SequenceLoader(dataset.tokens, dataset.offsets, teachers=teacher_rows, labels=dataset.given_labels, **common)
         else:
             loader = BatchLoader(dataset.x, dataset.labels, store=store, teachers=list(config.teachers or ()), **common)
         batches = loader.batches_per_epoch
@@ -290,7 +300,8 @@ class Trainer:
         row_entropy = None
         if teacher_rows is not None and teacher_rows.entropy and not tokens:  # (K, N) float32: 4 bytes a row and teacher
             row_entropy = torch.stack([store.read_entropy(t, 0, store.num_rows) for t in config.teachers])
-        return Setup(config, record, spec, model, dataset, val, store, loader, plan, checkpoint, head, row_entropy)
+        warnings = training_warnings(store, config.teachers, config.temperature) if store is not None else []
+        return Setup(config, record, spec, model, dataset, val, store, loader, plan, checkpoint, head, row_entropy, warnings)
 
     # -- train ------------------------------------------------------------------------------------------
 
@@ -398,7 +409,10 @@ class Trainer:
                             out = net(batch.input_ids, batch.attention_mask)[batch.attention_mask]  # (P, H) or (P, V)
                         labels = batch.labels[batch.attention_mask]  # (P,): the real positions, padding dropped
                         segments = batch.position_seqs if config.fusion_scope is FusionScope.SEQUENCE else None  # (P,)
-                        batch_loss = objective.tokens(out, lm.head if s.head == "fused" else None, batch.teachers, labels, segments)
+                        # Data with its own labels: their -100 positions (a prompt) count for nothing, as padding.
+                        trained = labels != IGNORE_LABEL if s.data.masks_unlabelled else None
+                        batch_loss = objective.tokens(out, lm.head if s.head == "fused" else None, batch.teachers, labels,
+                                                      segments, mask=trained)
                         student_logits = None if s.head == "fused" else out
                     else:
                         with autocast:
@@ -444,6 +458,7 @@ class Trainer:
             "world_size": world_size,
             "loader": loader.mode,
             "mode": s.record["mode"],
+            "warnings": s.warnings,
         }
 
     # -- cleanup ----------------------------------------------------------------------------------------
@@ -718,6 +733,15 @@ def _read_run(out: Path) -> dict[str, Any] | None:
             )
     finished = checkpoint is not None and checkpoint["step"] >= config.get("total_steps", math.inf)
     return {"config": config, "checkpoint": checkpoint, "finished": finished}
+
+
+def _recorded_options(out: Path) -> dict[str, Any] | None:
+    """The options a run being resumed recorded (its config.json), or None (_read_run reports a bad one)."""
+    try:
+        record = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _only_leftovers(out: Path) -> bool:

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
+from mtkd.pipeline.commands.output import console as output_console, JsonOption, QuietOption, emit
 from mtkd.pipeline.device import Device
 from mtkd.pipeline.progress import progress_bar
 
@@ -31,7 +30,8 @@ def infer(
         typer.Option(
             "--data",
             help="Data spec. Rows: PATH.npz (x, y), PATH.npy, a Zarr array, mnist1d:SPLIT, MODULE:FUNCTION. "
-            "Tokens: PATH.npz (input_ids, attention_mask), PATH.parquet (input_ids), MODULE:FUNCTION (a list of id arrays).",
+            "Tokens: PATH.npz (input_ids, attention_mask, labels), PATH.parquet or a folder of them (input_ids, labels), "
+            "MODULE:FUNCTION (a list of id arrays). labels: -100 = not trained on.",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="The store to create or resume (a Zarr v3 folder).")],
@@ -101,7 +101,7 @@ def _render(result: dict) -> None:
         ran = "computed" if name in result["teachers"] else "skipped (already complete)"
         layout = result["layouts"].get(name)
         table.add_row(name, ran, _layout(layout) if layout else "", "yes" if complete else "no")
-    console = Console()
+    console = output_console()
     console.print(table)
     unit = "tokens" if result["kind"] == "tokens" else "rows"
     console.print(

@@ -7,15 +7,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
+from mtkd.pipeline.commands.output import console as output_console, JsonOption, QuietOption, emit
 from mtkd.pipeline.progress import progress_bar
 
 
 def inspect(
     store: Annotated[Path, typer.Argument(metavar="STORE", help="A store written by `mtkd infer`.")],
+    teachers: Annotated[
+        str | None, typer.Option("--teachers", help="Comma-separated teachers whose ensemble to show (default: all complete).")
+    ] = None,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -31,17 +34,26 @@ def inspect(
     probability, and the ensemble under each fusion (posterior and best
     know the label: an upper bound of what selecting targets offer).
 
+    Warnings (one line each; in --json as `warnings`) name a teacher with more
+    than 0.3 of its mass outside its top-k, an ensemble worse than its best
+    teacher, a teacher no better than a unigram model of the labels.
+
     Example:
       mtkd inspect train.zarr
-      mtkd inspect train.zarr --json
+      mtkd inspect train.zarr --teachers llama,gpt2 --json
     """
+    from mtkd.pipeline.advice import report_warnings
+    from mtkd.pipeline.commands.train import _names
+    from mtkd.pipeline.config import KIND_DEFAULTS
     from mtkd.pipeline.report import inspect_store  # heavy (torch, zarr): here, so --help stays fast
     from mtkd.pipeline.store import open_store
 
     opened = open_store(store)
     with progress_bar(quiet) as bar:
         task = bar.add_task(f"inspect {store.name}", total=opened.num_blocks)
-        report = inspect_store(opened, progress=lambda done, total: bar.update(task, completed=done))
+        report = inspect_store(opened, progress=lambda done, total: bar.update(task, completed=done), ensemble_of=_names(teachers))
+    # At the temperature `mtkd train` distils at by default on this kind of data.
+    report["warnings"] = report_warnings(report, opened.labels(), KIND_DEFAULTS[report["kind"]]["temperature"])
     emit(report, as_json, _render)
 
 
@@ -50,7 +62,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def _render(report: dict) -> None:
-    console = Console()
+    console = output_console()
     tokens = report["kind"] == "tokens"
     unit = "token" if tokens else "row"
     seqs = f" in {report['num_sequences']} sequences" if tokens else ""
@@ -100,6 +112,9 @@ def _render(report: dict) -> None:
         console.print(pairs)
     if report.get("selection"):
         _render_selection(console, report["selection"], tokens)
+
+    for line in report.get("warnings", []):
+        console.print(f"[bold yellow]warning[/] {escape(line)}", highlight=False)
 
 
 def _render_selection(console: Console, selection: dict, tokens: bool) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line of stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
@@ -22,6 +23,17 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+# Piped into a file, grep or a batch job's log, rich would lay tables out for 80 columns and cut
+# their cells (`0.0…`); where nobody reads it on a terminal, every table keeps its natural width.
+UNBOUNDED_WIDTH = 10_000
+
+
+def console(**options: Any) -> Console:
+    """The rich Console a command prints its report with: the terminal's width on a terminal, else unbounded."""
+    terminal = Console(**options)
+    return terminal if terminal.is_terminal else Console(width=UNBOUNDED_WIDTH, **options)
 
 
 def emit(result: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], None]) -> None:

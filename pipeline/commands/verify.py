@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
+from mtkd.pipeline.commands.output import console as output_console, JsonOption, QuietOption, emit
 from mtkd.pipeline.progress import progress_bar
 
 
@@ -50,7 +49,7 @@ def verify(
 
 
 def _render(report: dict) -> None:
-    console = Console(highlight=False)
+    console = output_console(highlight=False)
     for t in report["teachers"]:
         state = "complete" if t["complete"] else "incomplete"
         bad = f", damaged blocks {t['damaged_blocks']}" if t["damaged_blocks"] else ""

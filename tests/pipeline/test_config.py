@@ -25,7 +25,11 @@ def test_choices_given_as_strings_become_enums_and_the_config_is_frozen():
 
 def test_defaults_are_the_fields_defaults():
     c = config()
-    assert DEFAULTS["temperature"] == c.temperature == 2.0 and DEFAULTS["grad_accum"] == 1 and c.max_steps is None
+    assert DEFAULTS["temperature"] is c.temperature is None and DEFAULTS["grad_accum"] == 1 and c.max_steps is None
+    assert (c.for_kind("tokens").temperature, c.for_kind("tokens").alpha) == (1.0, 0.8)
+    assert (c.for_kind("rows").temperature, c.for_kind("rows").alpha) == (2.0, 1.0)
+    assert config(temperature=4).for_kind("tokens").temperature == 4.0  # given: kept
+    assert c.for_kind("tokens", {"temperature": 2.0, "alpha": 1.0}).temperature == 2.0  # a resumed run keeps its own
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,6 @@ def test_refuses_a_store_with_another_row_count(kd_world, tmp_path):
         (["--fusion", "weighted", "--teacher-weights", "a:1"], ["--teacher-weights", "a:1"]),
         (["--teacher-weights", "a=1,b=1,c=1"], ["--fusion weighted"]),
         (["--fusion", "weighted"], ["--teacher-weights"]),
-        (["--max-steps", "5"], ["--epochs", "--max-steps"]),  # train_args gives --epochs 2
     ],
 )
 def test_refuses_bad_options(kd_world, tmp_path, extra, culprits):
