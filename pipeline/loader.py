@@ -607,7 +607,7 @@ class TeacherRows:
         self.sparse = layouts[0].name == "topk"
         if any((lay.name == "topk") != self.sparse for lay in layouts):
             raise ValueError("teachers stored top-k and dense cannot be fused together")
-        self.k = max(lay.top_k for lay in layouts) if self.sparse else 0
+        self.k = max(lay.target_width for lay in layouts) if self.sparse else 0  # head (+ tail draws)
         self.vocab = store.num_classes
         dtypes = {lay.dtype for lay in layouts}
         self.logits_dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 else torch.float32

@@ -342,12 +342,12 @@ class _Teacher:
                 continue
             if a.per_block:
                 continue  # the stats sums: that they read (checksum) is what can be checked
-            if a.key == "topk_ids":
+            if a.key in ("topk_ids", "tail_ids"):
                 vocab = int(self.attrs.get("vocab_size") or self.store.num_classes)
                 rows = ((values < 0) | (values >= vocab)).any(axis=1)
                 if rows.any():
                     row = start + int(np.flatnonzero(rows)[0])
-                    found.append(Finding(INVALID, f"{where}: topk_ids outside [0, {vocab}) at row {row}", self.name, block))
+                    found.append(Finding(INVALID, f"{where}: {a.key} outside [0, {vocab}) at row {row}", self.name, block))
                 continue
             allowed = self._unlabelled(start, stop) if a.key in NAN_WITHOUT_LABEL else None
             bad = _nonfinite_rows(_as_logical(values, a.logical), allowed_nan=allowed)
