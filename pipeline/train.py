@@ -525,7 +525,10 @@ class Objective:
         # voted by several teachers is listed once; the repeats become distinct ids past every
         # vocabulary with probability 0, which the kernel counts as nothing.
         k = ids.shape[0]
-        top1 = ids.gather(2, logprobs.argmax(dim=2, keepdim=True)).squeeze(2).T  # (P, K)
+        if "top1" in teachers:  # sampled tails: each teacher's top-1 from its exact head
+            top1 = teachers["top1"].T  # (P, K)
+        else:
+            top1 = ids.gather(2, logprobs.argmax(dim=2, keepdim=True)).squeeze(2).T  # (P, K)
         same = top1[:, :, None] == top1[:, None, :]  # (P, K, K)
         votes = same.sum(dim=2).float() / k  # (P, K): the fraction of teachers voting each listed id
         first = ~torch.tril(same, diagonal=-1).any(dim=2)  # the first teacher to name an id lists it
