@@ -14,6 +14,9 @@ Top-k: for each row, with z the teacher's logits over its whole vocabulary,
     lse            (rows, len(Ts))      logsumexp(z / T), one column per stored temperature
     label_logprob  (rows,) float32      log softmax(z)[label]; NaN where the row has no label
 and at a stored T:  log p_T(id) = (logprob + lse[T=1]) / T - lse[T]   (z / T minus its normaliser).
+Top-k plus a sampled tail (`SampledTopK`, `--tail-samples M`): the top-k arrays plus `tail_ids` and
+`tail_logprobs` (rows, M), M draws per row from the unlisted classes; its `decode` gives one sparse
+target per row with no tail bucket (SPEC v3 "Sparse targets with sampled tails"; details below).
 
 16-bit values are stored as float16, or bfloat16 kept bit-exact as uint16 (attrs: logical_dtype).
 Every array carries zarr's Crc32cCodec after its compressor: a flipped byte fails the read.
