@@ -162,8 +162,8 @@ def run_infer(
     those whose exact normalisers are stored. `chunk_rows` only applies when the store is created.
     `progress(done, total)` is called with rows after every batch. `tail_samples` M > 0 adds M draws
     per row from each top-k teacher's unlisted classes (`top_k` 0: from all of them), a function of
-    (`seed`, teacher, row) alone; `seed` (default 0) is recorded per teacher as `tail_seed`. Raises BadInputError subclasses,
-    store untouched, for everything that can be checked before writing; a teacher that returns
+    (`seed`, teacher, row) alone; `seed` (default 0) is recorded per teacher as `tail_seed`.
+    Raises BadInputError subclasses, store untouched, for everything that can be checked before writing; a teacher that returns
     NaN/inf later stops the run without recording the block it was in.
     """
     started = time.perf_counter()

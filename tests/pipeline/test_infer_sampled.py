@@ -19,6 +19,8 @@ from mtkd.pipeline.specs import load_teacher_specs
 from mtkd.pipeline.store import open_store
 from mtkd.pipeline.verify import verify_store
 from tests.pipeline.conftest import LM_VOCAB, snapshot
+from tests.pipeline.test_train import sparse_kd_of, train_lm
+from tests.pipeline.token_world import token_world  # noqa: F401 (a fixture)
 
 LM = {"factory": "mtkd.pipeline.models:gru_lm", "kwargs": {"vocab_size": LM_VOCAB, "hidden": 8}}
 OPTIONS = {"top_k": 4, "tail_samples": 6, "chunk_rows": 6, "batch_size": 3, "device": "cpu"}
@@ -142,10 +144,6 @@ def test_a_stored_teacher_resumes_only_with_its_own_draws(tmp_path, make_tokens,
         with pytest.raises(StoreMismatchError, match=culprit):
             run_infer(lm_toml, path, tmp_path / "s.zarr", **{**OPTIONS, "seed": 3, **options})
     assert snapshot(tmp_path / "s.zarr") == before
-
-
-from tests.pipeline.test_train import sparse_kd_of, train_lm  # noqa: E402
-from tests.pipeline.token_world import token_world  # noqa: E402, F401
 
 
 @pytest.fixture(scope="module")
