@@ -434,27 +434,26 @@ class SampledTopK(TopK):
         if rows is None or teacher is None:
             raise ValueError("a sampled layout draws from (seed, teacher, row): give rows= and teacher=")
         z = logits.float()  # (n, V)
-        lse = normalisers(z, self.temperatures)  # (n, T)
-        if self.top_k:
-            top, ids = top_k(z, self.top_k)
-            ids, order = ids.sort(dim=1)
-            top = top.gather(1, order)
+        if self.top_k:  # the head exactly as TopK stores it (every array TopK has)
+            arrays, _ = super().reduce(z, labels)
+            ids = arrays["topk_ids"].long()
         else:
+            lse = normalisers(z, self.temperatures)  # (n, T)
             ids = torch.empty((len(z), 0), dtype=torch.int64, device=z.device)
-            top = torch.empty((len(z), 0), dtype=z.dtype, device=z.device)
+            arrays = {
+                "topk_ids": ids.to(torch.int32),
+                "topk_logprobs": torch.empty((len(z), 0), dtype=STORAGE[self.dtype][1], device=z.device),
+                "lse": lse,
+                "label_logprob": _label_logprob(z, lse[:, 0], labels),
+            }
         drawn = sample_unlisted(z, ids, self.tail_samples, self.tail_seed, teacher_stream(teacher), rows.to(z.device))
-        stored = STORAGE[self.dtype][1]
-        arrays = {
-            "topk_ids": ids.to(torch.int32),
-            "topk_logprobs": (top - lse[:, :1]).to(stored),
-            "lse": lse,
-            "label_logprob": _label_logprob(z, lse[:, 0], labels),
-            "tail_ids": drawn.to(torch.int32),
-            "tail_logprobs": (z.gather(1, drawn) - lse[:, :1]).to(stored),
-        }
+        arrays["tail_ids"] = drawn.to(torch.int32)
+        arrays["tail_logprobs"] = (z.gather(1, drawn) - arrays["lse"][:, :1]).to(STORAGE[self.dtype][1])
         return arrays, self.summarize(arrays, labels)
 
     def summarize(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> RowSummary:
+        if "tail_logprobs" not in arrays:  # TopK.reduce summarising the head it has just made
+            return super().summarize(arrays, labels)
         tail_lp = arrays["tail_logprobs"].float()
         if self.top_k:
             summary = super().summarize(arrays, labels)
