@@ -12,6 +12,10 @@
    as every store array) and reports the bytes on disk per token and the time to read them back.
    Ids stay exact and log-probabilities keep their float16 bits in every candidate (all lossless).
 
+6. the sampled layouts (--sampled K+M: top-K plus M tail draws per token, K = 0 pure sampling) are
+   stored by `run_infer(tail_samples=M)` in the store's own encoding and their bytes per token
+   reported per array, beside the top-k store's (`sampled` in the JSON).
+
 Candidates: the id order (most probable first, as `topk` returns them, or ascending id with the
 log-probabilities permuted alike) x codecs (none, zstd, blosc-zstd with byte or bit shuffle, a delta
 filter on sorted ids).
@@ -144,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens stored and measured")
     parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--sampled", default="32+32,0+64", help="sampled layouts K+M to store and measure ('' for none)")
     parser.add_argument("--json", dest="json_path", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -175,12 +180,24 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {name:45s} {rows[name]['bytes_per_token']:7.1f} B/token  read {rows[name]['read_tokens_per_s'] / 1e6:6.2f} M tokens/s", file=sys.stderr)
         from mtkd.pipeline.report import _bytes_per_row
 
+        sampled = {}
+        for part in filter(None, args.sampled.split(",")):
+            k, m = (int(x) for x in part.split("+"))
+            path = work / f"store-{k}+{m}.zarr"
+            run_infer(work / "lm.toml", data, path, top_k=k, tail_samples=m, batch_size=16, device="cpu")
+            s = open_store(path)
+            per_array = {a.name: sum(f.stat().st_size for f in (path / "teachers" / "lm" / a.name / "c").rglob("*") if f.is_file()) / s.num_rows
+                         for a in s.layout("lm").arrays()}
+            sampled[part] = {"bytes_per_token": _bytes_per_row(s, "lm", s.done_blocks("lm")), "per_array": per_array}
+            print(f"  top-{k} + {m} samples: {sampled[part]['bytes_per_token']:7.1f} B/token", file=sys.stderr)
+
         out = {
             "tokens": store.num_rows, "vocab": args.vocab, "top_k": args.top_k, "chunk_rows": store.chunk_rows,
             "teacher": {"perplexity": stats["perplexity"], "next_token_accuracy": stats["accuracy"], "tail_mass": stats["tail_mass"]},
             "store_bytes_per_token": _bytes_per_row(store, "lm", store.done_blocks("lm")),
             "infer_tokens_per_s": result.rows_per_s,
             "candidates": rows,
+            "sampled": sampled,
             "conditions": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, machine shared with other jobs",
             "versions": {"zarr": zarr.__version__, "torch": torch.__version__, "python": platform.python_version()},
             "wall_s": time.perf_counter() - started,

@@ -178,12 +178,17 @@ def vote_dense(logits: Tensor, temperature: float) -> Tensor:
     return (temperature * votes.log()).unsqueeze(0)
 
 
-def vote_sparse(ids: Tensor, logprobs: Tensor) -> tuple[Tensor, Tensor]:
+def vote_sparse(ids: Tensor, logprobs: Tensor, top1: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(K, P, k) top-k teachers -> (1, P, K) pseudo-teacher ids and log-probabilities: each teacher's
     top-1 id with its vote fraction. A class voted by several teachers is listed once; the repeats
-    become distinct ids past every vocabulary with probability 0, which the kernel counts as nothing."""
+    become distinct ids past every vocabulary with probability 0, which the kernel counts as nothing.
+    `top1` (K, P): each teacher's top-1 where the listed log-probabilities do not say it (sampled
+    tails: from the exact head, not from the tail's estimates)."""
     k = ids.shape[0]
-    top1 = ids.gather(2, logprobs.argmax(dim=2, keepdim=True)).squeeze(2).T  # (P, K)
+    if top1 is not None:
+        top1 = top1.T  # (P, K)
+    else:
+        top1 = ids.gather(2, logprobs.argmax(dim=2, keepdim=True)).squeeze(2).T  # (P, K)
     same = top1[:, :, None] == top1[:, None, :]  # (P, K, K)
     votes = same.sum(dim=2).float() / k  # (P, K): the fraction of teachers voting each listed id
     first = ~torch.tril(same, diagonal=-1).any(dim=2)  # the first teacher to name an id lists it

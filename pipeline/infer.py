@@ -50,8 +50,10 @@ from mtkd.pipeline.layouts import (
     DEFAULT_TOP_K,
     DENSE_TOKENS_MAX_VOCAB,
     DTYPES,
+    SEED_MAX,
     Dense,
     RowSummary,
+    SampledTopK,
     TopK,
     format_temperatures,
     parse_temperatures,
@@ -151,6 +153,8 @@ def run_infer(
     shard: str | Shard = Shard(),
     chunk_rows: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    tail_samples: int = 0,
+    seed: int | None = None,
 ) -> InferResult:
     """Create or resume the store at `out` with the outputs of `teachers` on `data`.
 
@@ -159,8 +163,10 @@ def run_infer(
     probable classes (sparse); without it rows are stored dense and tokens dense only when V <= 1024
     (else top-k DEFAULT_TOP_K). `temperatures` (sparse only, default 1,2; 1 always included) are
     those whose exact normalisers are stored. `chunk_rows` only applies when the store is created.
-    `progress(done, total)` is called with rows after every batch. Raises BadInputError subclasses,
-    store untouched, for everything that can be checked before writing; a teacher that returns
+    `progress(done, total)` is called with rows after every batch. `tail_samples` M > 0 adds M draws
+    per row from each top-k teacher's unlisted classes (`top_k` 0: from all of them), a function of
+    (`seed`, teacher, row) alone; `seed` (default 0) is recorded per teacher as `tail_seed`.
+    Raises BadInputError subclasses, store untouched, for everything that can be checked before writing; a teacher that returns
     NaN/inf later stops the run without recording the block it was in.
     """
     started = time.perf_counter()
@@ -172,8 +178,9 @@ def run_infer(
         raise BadInputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if chunk_rows is not None and chunk_rows < 1:
         raise BadInputError(f"chunk_rows must be positive, got {chunk_rows}")
-    if top_k is not None and top_k < 1:
-        raise BadInputError(f"--top-k must be at least 1, got {top_k}")
+    if top_k is not None and top_k < 1 and not (top_k == 0 and tail_samples > 0):
+        raise BadInputError(f"--top-k must be at least 1 (0 only with --tail-samples), got {top_k}")
+    _check_tail_options(tail_samples, seed)
     temps = _temperatures(temperatures)
     specs = list(teachers) if isinstance(teachers, Sequence) and not isinstance(teachers, str) else load_teacher_specs(teachers)
     data = load_data(data) if isinstance(data, str) else data
@@ -191,6 +198,7 @@ def run_infer(
     for spec in specs:
         if store is not None and spec.name in store.teachers:
             info = _check_same_teacher(store, spec, weights[spec.name], dtype, top_k, temps)
+            _check_same_tail(store, spec.name, tail_samples, seed)
             if info.complete:
                 skipped.append(spec.name)
     todo = [spec for spec in specs if spec.name not in skipped]
@@ -203,6 +211,7 @@ def run_infer(
     first_logits = _probe(models, grid, dev, dtype)
     probe_s = time.perf_counter() - probe_started
     layouts = _resolve_layouts(first_logits, data, store, dtype, top_k, temps, temperatures is not None)
+    layouts = _with_tail(layouts, store, tail_samples, seed)
     first_rows = _check_first_batch(first_logits, layouts, grid, dev, dtype)
     del first_logits
     largest = max(layout.row_bytes() for layout in layouts.values())
@@ -266,6 +275,7 @@ class Batch(NamedTuple):
     attention_mask: torch.Tensor | None  # tokens: (B, L), 1 = real token
     labels: torch.Tensor  # (B,) or (B * L,) int64, -100 where none (padding included)
     real: torch.Tensor | None  # tokens: (rows,) indices of the real positions in the flattened (B * L)
+    row0: int = 0  # the store row of the batch's first (real) row
 
 
 class BatchGrid:
@@ -303,7 +313,7 @@ class BatchGrid:
             labels = torch.from_numpy(self.labels[r0:r1])
             if pin:
                 x, labels = x.pin_memory(), labels.pin_memory()
-            return Batch(x.to(dev, non_blocking=True), None, labels.to(dev, non_blocking=True), None)
+            return Batch(x.to(dev, non_blocking=True), None, labels.to(dev, non_blocking=True), None, r0)
         seqs = range(j * self.batch_size, min((j + 1) * self.batch_size, data.num_seqs))
         lengths = np.diff(data.offsets[seqs.start : seqs.stop + 1])
         width = int(lengths.max())
@@ -317,7 +327,7 @@ class BatchGrid:
         if pin:
             tensors = [t.pin_memory() for t in tensors]
         ids_t, mask_t, labels_t, real_t = (t.to(dev, non_blocking=True) for t in tensors)
-        return Batch(ids_t, mask_t, labels_t, real_t)
+        return Batch(ids_t, mask_t, labels_t, real_t, r0)
 
 
 def run_teacher(name: str, model: torch.nn.Module, batch: Batch, dev: torch.device) -> torch.Tensor:
@@ -349,13 +359,16 @@ def _check_width(name: str, layout: Dense | TopK, logits: torch.Tensor, r0: int,
             "(as the store records it)")
 
 
-def _teacher_rows(layout: Dense | TopK, logits: torch.Tensor, batch: Batch) -> tuple[dict[str, torch.Tensor], RowSummary]:
+def _teacher_rows(layout: Dense | TopK, logits: torch.Tensor, batch: Batch, name: str) -> tuple[dict[str, torch.Tensor], RowSummary]:
     """A batch's logits -> the layout's arrays and summary for the batch's store rows, on the device.
     Token batches are cut to their real positions (row order) first: padding never reaches the
     vocabulary-wide work."""
     flat, labels = logits.reshape(-1, logits.shape[-1]), batch.labels
     if batch.real is not None and len(batch.real) < len(labels):
         flat, labels = flat[batch.real], labels[batch.real]
+    if isinstance(layout, SampledTopK):  # the draws are the rows' own: their store rows and the teacher
+        rows = torch.arange(batch.row0, batch.row0 + len(flat), device=flat.device)
+        return layout.reduce(flat, labels, rows=rows, teacher=name)
     return layout.reduce(flat, labels)
 
 
@@ -433,7 +446,7 @@ def _forward(
                                 "before it are written, valid and kept: rerun the same `mtkd infer` to continue"
                             ) from error
                         _check_width(name, config.layouts[name], logits, r0, r1)
-                        arrays, summary = _teacher_rows(config.layouts[name], logits, batch)
+                        arrays, summary = _teacher_rows(config.layouts[name], logits, batch, name)
                         del logits  # (B, L, V) can be the largest tensor alive: free it before the next teacher
                     for b in touching:
                         if name not in work[b]:
@@ -489,8 +502,11 @@ def write_logits_block(store: LogitStore, name: str, block: int, logits: torch.T
     """Store one whole block of a teacher from its (rows, V) logits in hand, as stage one would
     (its layout's arrays, stats sums, record): for tests and tools that have logits already."""
     layout = store.layout(name)
-    start, _ = store.block_range(block)
-    arrays, summary = layout.reduce(logits, labels)
+    start, stop = store.block_range(block)
+    if isinstance(layout, SampledTopK):
+        arrays, summary = layout.reduce(logits, labels, rows=torch.arange(start, stop, device=logits.device), teacher=name)
+    else:
+        arrays, summary = layout.reduce(logits, labels)
     store.write_block(name, block, *_stored(name, layout, arrays, summary, labels, start))
 
 
@@ -553,6 +569,42 @@ def _open_existing(out: Path) -> LogitStore | None:
     if out.is_dir() and not any(out.iterdir()):
         return None  # an empty folder is where the store goes
     return open_store(out, mode="r+")
+
+
+def _check_tail_options(tail_samples: int, seed: int | None) -> None:
+    if tail_samples < 0:
+        raise BadInputError(f"--tail-samples must be at least 0, got {tail_samples}")
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise BadInputError(f"--seed must lie in [0, {SEED_MAX}], got {seed}")
+
+
+def _check_same_tail(store: LogitStore, name: str, tail_samples: int, seed: int | None) -> None:
+    """A stored teacher resumes with the draws it was made with: --tail-samples and --seed, when
+    given, must be the stored ones (0 / None: not asked, the stored layout is taken)."""
+    layout = store.layout(name)
+    stored = layout.tail_samples if isinstance(layout, SampledTopK) else 0
+    where = f"store {str(store.path)!r} holds teacher {name!r}"
+    if tail_samples and tail_samples != stored:
+        raise StoreMismatchError(f"{where} with {stored} tail samples, not --tail-samples {tail_samples}; rename the teacher or use another store")
+    if seed is not None and isinstance(layout, SampledTopK) and seed != layout.tail_seed:
+        raise StoreMismatchError(f"{where} drawn with --seed {layout.tail_seed}, not {seed}; rename the teacher or use another store")
+
+
+def _with_tail(layouts: dict[str, Dense | TopK], store: LogitStore | None, tail_samples: int, seed: int | None) -> dict[str, Dense | TopK]:
+    """New teachers' top-k layouts with `tail_samples` draws; refuses draws from dense teachers or
+    from a top-k that lists every class. Stored teachers keep their layout."""
+    if not tail_samples:
+        return layouts
+    out = dict(layouts)
+    for name, layout in layouts.items():
+        if store is not None and name in store.teachers:
+            continue
+        if not isinstance(layout, TopK):
+            raise BadInputError(f"--tail-samples applies to top-k teachers only; teacher {name!r} is stored dense (add --top-k)")
+        if layout.top_k >= layout.vocab_size:
+            raise BadInputError(f"--tail-samples: teacher {name!r}'s top-{layout.top_k} lists its whole vocabulary; nothing is left to sample")
+        out[name] = SampledTopK(layout.dtype, layout.vocab_size, layout.top_k, layout.temperatures, tail_samples, seed or 0)
+    return out
 
 
 def _check_same_teacher(store: LogitStore, spec: ModelSpec, weights: str | None, dtype: str, top_k: int | None, temps: tuple[float, ...]):
@@ -652,7 +704,7 @@ def _check_first_batch(
     out = {}
     with torch.inference_mode(), teacher_autocast(dev, dtype):
         for name, logits in first_logits.items():
-            arrays, summary = _teacher_rows(layouts[name], logits, batch)
+            arrays, summary = _teacher_rows(layouts[name], logits, batch, name)
             _stored(name, layouts[name], {k: v.cpu() for k, v in arrays.items()},
                     RowSummary(*(v.cpu() if v is not None else None for v in summary)), _batch_labels(grid, 0), 0)
             out[name] = (arrays, summary)

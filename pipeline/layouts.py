@@ -17,6 +17,9 @@ Top-k: for each row, with z the teacher's logits over its whole vocabulary,
     lse            (rows, len(Ts))      logsumexp(z / T), one column per stored temperature
     label_logprob  (rows,) float32      log softmax(z)[label]; NaN where the row has no label
 and at a stored T:  log p_T(id) = (logprob + lse[T=1]) / T - lse[T]   (z / T minus its normaliser).
+Top-k plus a sampled tail (`SampledTopK`, `--tail-samples M`): the top-k arrays plus `tail_ids` and
+`tail_logprobs` (rows, M), M draws per row from the unlisted classes; its `decode` gives one sparse
+target per row with no tail bucket (SPEC v3 "Sparse targets with sampled tails"; details below).
 
 16-bit values are stored as float16, or bfloat16 kept bit-exact as uint16 (attrs: logical_dtype).
 Every array carries zarr's Crc32cCodec after its compressor: a flipped byte fails the read.
@@ -25,6 +28,7 @@ Every array carries zarr's Crc32cCodec after its compressor: a flipped byte fail
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -245,6 +249,11 @@ class TopK(Layout):
                 return i
         raise BadInputError(f"temperature {temperature:g} is not stored (stored: {format_temperatures(self.temperatures)})")
 
+    @property
+    def target_width(self) -> int:
+        """Columns of the sparse target `decode` gives."""
+        return self.top_k
+
 
 def retemper(logprobs: torch.Tensor, lse: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
     """(n, k) log-probabilities at T = 1 and (n, len(temperatures)) normalisers, column j being
@@ -388,6 +397,8 @@ def layout_from_attrs(attrs: dict[str, Any], num_classes: int, *, entropy: bool 
     vocab = int(attrs.get("vocab_size") or num_classes)
     if layout == "dense":
         return Dense(attrs["dtype"], vocab, entropy=entropy)
+        return SampledTopK(attrs["dtype"], vocab, int(attrs["top_k"]), tuple(float(t) for t in attrs["temperatures"]),
+                           int(attrs["tail_samples"]), int(attrs.get("tail_seed", 0)), entropy=entropy)
     if layout == "topk":
         return TopK(attrs["dtype"], vocab, int(attrs["top_k"]), tuple(float(t) for t in attrs["temperatures"]), entropy=entropy)
     raise ValueError(f"unknown layout {layout!r}")
@@ -398,3 +409,188 @@ def _blosc(typesize: int) -> tuple[Any, ...]:
     token"): with ids sorted per row, blosc-zstd with byte shuffle gave 120 B/token at k = 64 (raw:
     396; zstd-3 on ids in probability order: 172), lossless, and read fastest of the compact choices."""
     return (BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle, typesize=typesize),)
+
+
+# -- top-k plus a sampled tail (SPEC v3 "Sparse targets with sampled tails") -------------------------
+# Stage one adds, per row, M draws with replacement from the teacher at T = 1 restricted to the
+# classes the top-k does not list (all classes when k = 0):
+#     tail_ids       (rows, M) int32      ascending; a repeated id is a repeated draw
+#     tail_logprobs  (rows, M)            log softmax(z)[id] at T = 1, same order, the store's dtype
+# The draws are a function of (tail_seed, teacher name, global row) alone: each row's M uniforms come
+# from a counter-based hash of those three (pure integer arithmetic, on the device), and each uniform
+# is inverted through the row's own float64 cumulative distribution. Nothing depends on the batch
+# (its size, its other rows) or the thread count: row-wise float64 operations differ between two
+# batchings at most by float64 rounding (~1e-16 of the row's mass), which moves a draw only if its
+# uniform lies that close to a class boundary.
+# Stage two (`SampledTopK.decode`) turns head + samples into one target per row with no tail bucket:
+# the head's exact probabilities at T, and for each distinct sampled id j with count c_j
+#     r_T c_j u_j / sum_i c_i u_i,   u_j = p_T(j) / p_1(j),   r_T = 1 - sum_head p_T (exact tail mass)
+# (at T = 1: r c_j / M, unbiased); repeated draws become padding ids past every vocabulary with
+# log-probability -inf (probability 0), so ids stay distinct per row as the sparse kernels require.
+
+TAIL_PAD_ID = 2**30  # repeated draws become ids TAIL_PAD_ID + column: past any vocabulary, distinct
+TAIL_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}  # float64 (rows, V) work per pass
+SEED_MAX = 2**32 - 1
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SampledTopK(TopK):
+    """Top-k plus `tail_samples` draws from the unlisted classes per row (k may be 0: pure sampling)."""
+
+    tail_samples: int = 0
+    tail_seed: int = 0
+
+    @property
+    def target_width(self) -> int:
+        """Columns of the sparse target `decode` gives (head + one per draw)."""
+        return self.top_k + self.tail_samples
+
+    def attrs(self) -> dict[str, Any]:
+        return {**super().attrs(), "tail_samples": self.tail_samples, "tail_seed": self.tail_seed}
+
+    def arrays(self) -> list[ArraySpec]:
+        stored, _, fill = STORAGE[self.dtype]
+        m = self.tail_samples
+        return [
+            *super().arrays(),
+            ArraySpec("tail_ids", (m,), np.dtype(np.int32), -1, _blosc(4), None, ("row", "draw")),
+            ArraySpec("tail_logprobs", (m,), stored, fill, _blosc(stored.itemsize), self.dtype, ("row", "draw")),
+        ]
+
+    def reduce(self, logits: torch.Tensor, labels: torch.Tensor, *, rows: torch.Tensor | None = None,
+               teacher: str | None = None) -> tuple[dict[str, torch.Tensor], RowSummary]:
+        """As TopK's, plus the draws; `rows` (n,) are the rows' global indices in the store and
+        `teacher` the teacher's name: with the seed, all the draws depend on."""
+        if rows is None or teacher is None:
+            raise ValueError("a sampled layout draws from (seed, teacher, row): give rows= and teacher=")
+        z = logits.float()  # (n, V)
+        if self.top_k:  # the head exactly as TopK stores it (every array TopK has)
+            arrays, _ = super().reduce(z, labels)
+            ids = arrays["topk_ids"].long()
+        else:
+            lse, entropy = normalisers(z, self.temperatures, entropy=True)  # (n, T), (n,)
+            ids = torch.empty((len(z), 0), dtype=torch.int64, device=z.device)
+            arrays = {
+                "topk_ids": ids.to(torch.int32),
+                "topk_logprobs": torch.empty((len(z), 0), dtype=STORAGE[self.dtype][1], device=z.device),
+                "lse": lse,
+                "label_logprob": _label_logprob(z, lse[:, 0], labels),
+            }
+            if self.entropy:
+                arrays["entropy"] = entropy
+        drawn = sample_unlisted(z, ids, self.tail_samples, self.tail_seed, teacher_stream(teacher), rows.to(z.device))
+        arrays["tail_ids"] = drawn.to(torch.int32)
+        arrays["tail_logprobs"] = (z.gather(1, drawn) - arrays["lse"][:, :1]).to(STORAGE[self.dtype][1])
+        return arrays, self.summarize(arrays, labels)
+
+    def summarize(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> RowSummary:
+        if "tail_logprobs" not in arrays:  # TopK.reduce summarising the head it has just made
+            return super().summarize(arrays, labels)
+        tail_lp = arrays["tail_logprobs"].float()
+        if self.top_k:
+            summary = super().summarize(arrays, labels)
+        else:  # pure sampling: the most probable draw stands for the top-1; every class is tail
+            good = torch.isfinite(arrays["lse"]).all(dim=1) & (torch.isfinite(arrays["label_logprob"]) | (labels < 0))
+            if "entropy" in arrays:
+                good &= torch.isfinite(arrays["entropy"])
+            top, where = tail_lp.max(dim=1)
+            top1 = arrays["tail_ids"].gather(1, where[:, None]).squeeze(1).long()
+            tail = torch.ones((len(tail_lp), len(self.temperatures)), dtype=torch.float32, device=tail_lp.device)
+            summary = RowSummary(~good, arrays["label_logprob"], top1, top, tail)
+        return summary._replace(nonfinite=summary.nonfinite | ~torch.isfinite(tail_lp).all(dim=1))
+
+    def decode(self, raw: dict[str, np.ndarray], temperature: float = 1.0) -> SparseRows:
+        """Stored rows -> one sparse target per row at `temperature`: (n, k + M) ids and
+        log-probabilities, the head exact, the tail estimated (see above); listed mass 1."""
+        head = super().decode(raw, temperature)
+        column = self.temperature_index(temperature)
+        lse = torch.from_numpy(raw["lse"])
+        tail_ids = torch.from_numpy(raw["tail_ids"].astype(np.int64))
+        tail_lp = from_storage(raw["tail_logprobs"], self.dtype).float()
+        ids, logprobs = tail_target(head.logprobs, tail_ids, tail_lp, lse[:, 0], lse[:, column], self.temperatures[column])
+        return SparseRows(torch.cat([head.ids, ids], dim=1), torch.cat([head.logprobs, logprobs], dim=1), head.label_logprob)
+
+
+def teacher_stream(name: str) -> int:
+    """A teacher's 32-bit stream number: crc32 of its name (the same in every process, unlike hash())."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) of int64 tensors holding values in [0, 2^32). The
+    products wrap modulo 2^64; their low 32 bits, which are kept, are exact."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def row_uniforms(seed: int, stream: int, rows: torch.Tensor, count: int) -> torch.Tensor:
+    """(n,) global row indices -> (n, count) float64 uniforms in [0, 1), 53 random bits each, a pure
+    function of (seed, stream, row, column): counter-based, so any subset of rows, in any batch, on
+    any device, gets the same numbers."""
+    rows = rows.long()
+    key = _mix32(torch.full_like(rows, (seed & _MASK32) ^ 0x5EED5EED))
+    key = _mix32(key ^ (stream & _MASK32))
+    key = _mix32(key ^ (rows & _MASK32))
+    key = _mix32(key ^ ((rows >> 32) & _MASK32))  # (n,)
+    counter = torch.arange(2 * count, device=rows.device, dtype=torch.int64) * 0x9E3779B9 & _MASK32  # (2M,)
+    words = _mix32(_mix32(key[:, None] ^ counter[None, :]))  # (n, 2M)
+    high, low = words[:, 0::2] >> 6, words[:, 1::2] >> 5  # 26 + 27 bits
+    return (high * (1 << 27) + low).double() * 2.0**-53
+
+
+def sample_unlisted(z: torch.Tensor, listed: torch.Tensor, count: int, seed: int, stream: int, rows: torch.Tensor) -> torch.Tensor:
+    """(n, V) float32 logits, (n, k) listed ids, (n,) global rows -> (n, count) int64 draws with
+    replacement from softmax(z) restricted to the unlisted classes, ascending per row.
+
+    Inverse CDF in float64, row by row semantics (row chunks bound the (rows, V) float64 work):
+    p_v = exp(z_v - max z), 0 for listed v; the draw for uniform u is the first class whose
+    cumulative sum exceeds u * sum p. A row with no unlisted mass (every unlisted logit -inf) draws
+    its last class; its log-probability is then -inf and the row is refused as non-finite."""
+    n, vocab = z.shape
+    out = torch.empty((n, count), dtype=torch.int64, device=z.device)
+    chunk = max(1, TAIL_CHUNK_BYTES["cuda" if z.device.type == "cuda" else "cpu"] // (8 * vocab))
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        p = z[start:stop].double()  # (c, V)
+        p.sub_(p.amax(dim=1, keepdim=True)).exp_()
+        if listed.shape[1]:
+            p.scatter_(1, listed[start:stop], 0.0)
+        cdf = p.cumsum_(dim=1)  # (c, V), non-decreasing
+        total = cdf[:, -1:]
+        target = row_uniforms(seed, stream, rows[start:stop], count) * total  # (c, M) in [0, total)
+        drawn = torch.searchsorted(cdf, target, right=True)  # the first class with cdf > target
+        # u * total can round up to total: then the last class with mass (the first reaching total).
+        last = torch.searchsorted(cdf, total.contiguous(), right=False).clamp(max=vocab - 1)
+        out[start:stop] = torch.where(drawn >= vocab, last, drawn)
+    return out.sort(dim=1).values
+
+
+def tail_target(head_logprobs: torch.Tensor, tail_ids: torch.Tensor, tail_logprobs: torch.Tensor,
+                lse1: torch.Tensor, lse_t: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampled tail of a sparse target at `temperature`, vectorised over rows (any leading dims):
+
+    head_logprobs (..., k) at T; tail_ids (..., M) ascending and tail_logprobs (..., M) at T = 1 as
+    stored; lse1, lse_t (...,) the normalisers at 1 and T -> ids (..., M), log-probabilities (..., M):
+    each distinct id once, at the first of its draws, with log(r_T c_j u_j / sum_i c_i u_i); its
+    repeats TAIL_PAD_ID + column with -inf. In float64, then float32."""
+    m = tail_ids.shape[-1]
+    ids = tail_ids.long()
+    lp1 = tail_logprobs.double()
+    r = (1.0 - head_logprobs.double().exp().sum(dim=-1)).clamp(min=0.0)  # exact tail mass at T
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[..., 1:] = ids[..., 1:] != ids[..., :-1]  # sorted: a run of equal ids is one class
+    column = torch.arange(m, device=ids.device).expand_as(ids)
+    run = torch.where(first, column, torch.zeros_like(column)).cummax(dim=-1).values  # (..., M) its run's first column
+    counts = torch.zeros_like(lp1).scatter_add_(-1, run, torch.ones_like(lp1))  # c_j at the run's first column
+    if temperature == 1.0:
+        log_u = torch.zeros_like(lp1)
+    else:  # log p_T(j) - log p_1(j), from the stored normalisers
+        log_u = (lp1 + lse1.double()[..., None]) / temperature - lse_t.double()[..., None] - lp1
+    weight = torch.where(first, counts.log() + log_u, torch.full_like(lp1, -math.inf))
+    estimate = weight - torch.logsumexp(weight, dim=-1, keepdim=True) + r.log()[..., None]
+    estimate = torch.where(first, estimate, torch.full_like(estimate, -math.inf))
+    return torch.where(first, ids, TAIL_PAD_ID + column), estimate.float()

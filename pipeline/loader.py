@@ -614,7 +614,8 @@ class TeacherRows:
         self.sparse = layouts[0].name == "topk"
         if any((lay.name == "topk") != self.sparse for lay in layouts):
             raise ValueError("teachers stored top-k and dense cannot be fused together")
-        self.k = max(lay.top_k for lay in layouts) if self.sparse else 0
+        self.k = max(lay.target_width for lay in layouts) if self.sparse else 0  # head (+ tail draws)
+        self.sampled = any(getattr(lay, "tail_samples", 0) for lay in layouts)
         self.vocab = store.num_classes
         dtypes = {lay.dtype for lay in layouts}
         self.logits_dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 else torch.float32
@@ -637,9 +638,14 @@ class TeacherRows:
     def _read(self, lo: int, hi: int) -> dict[str, Tensor]:
         if not self.sparse:
             return {"logits": torch.stack([self.store.read_logits(t, lo, hi).to(self.logits_dtype) for t in self.teachers])}
-        ids, logprobs, label_logprob = [], [], []
+        ids, logprobs, label_logprob, top1 = [], [], [], []
         for name in self.teachers:
             rows = self.store.read_topk(name, lo, hi, self.temperature)
+            # The teacher's top-1 from its exact head (a sampled tail's estimates are no teacher's
+            # probabilities); with no head, the heaviest estimate. For `vote`.
+            if self.sampled:
+                head = self.store.layout(name).top_k or rows.ids.shape[1]
+                top1.append(rows.ids.gather(1, rows.logprobs[:, :head].argmax(dim=1, keepdim=True)).squeeze(1))
             pad = self.k - rows.ids.shape[1]
             i, lp = rows.ids, rows.logprobs.float()
             if pad:
@@ -649,7 +655,10 @@ class TeacherRows:
             ids.append(i)
             logprobs.append(lp)
             label_logprob.append(rows.label_logprob.float())
-        return {"ids": torch.stack(ids), "logprobs": torch.stack(logprobs), "label_logprob": torch.stack(label_logprob)}
+        out = {"ids": torch.stack(ids), "logprobs": torch.stack(logprobs), "label_logprob": torch.stack(label_logprob)}
+        if self.sampled:
+            out["top1"] = torch.stack(top1)  # (K, n)
+        return out
 
 
 class SequenceLoader(_Loader):

@@ -101,7 +101,7 @@ class Objective:
         """The top-k teachers as the sparse kernel sees them: ids and log-probabilities (K', P, k), weights."""
         ids, logprobs = teachers["ids"], teachers["logprobs"]
         if self.fusion is Fusion.VOTE:
-            return (*fusions.vote_sparse(ids, logprobs), None)  # (1, P, K)
+            return (*fusions.vote_sparse(ids, logprobs, teachers.get("top1")), None)  # (1, P, K)
         w = fusions.weights_for(self.fusion, labels=labels, prior=self.weights, tau=self.tau,
                                 label_logprob=teachers.get("label_logprob"), entropies=teachers.get("entropy"),
                                 segments=segments)

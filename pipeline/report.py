@@ -37,7 +37,7 @@ from mtkd.pipeline.config import Fusion
 from mtkd.pipeline.data import IGNORE_LABEL
 from mtkd.pipeline.fusion import fusion_weights
 from mtkd.pipeline.errors import BadInputError
-from mtkd.pipeline.layouts import Dense, Layout, RowSummary, TopK, format_temperatures
+from mtkd.pipeline.layouts import Dense, Layout, RowSummary, SampledTopK, TopK, format_temperatures
 from mtkd.pipeline.metrics import ECE_BINS, RunningMetrics, fuse_log_probs
 from mtkd.pipeline.store import LogitStore
 
@@ -235,6 +235,12 @@ class _EnsembleSums:
             if isinstance(layout, TopK):
                 ids.append(a["topk_ids"].long())
                 probs.append(a["topk_logprobs"].double().exp())
+                if isinstance(layout, SampledTopK):  # the drawn classes, each once, with their exact p
+                    drawn = a["tail_ids"].long()
+                    repeat = torch.zeros_like(drawn, dtype=torch.bool)
+                    repeat[:, 1:] = drawn[:, 1:] == drawn[:, :-1]
+                    ids.append(drawn)
+                    probs.append(torch.where(repeat, 0.0, a["tail_logprobs"].double().exp()))
             else:
                 lp = torch.log_softmax(a["logits"].double(), dim=1)
                 ids.append(torch.arange(lp.shape[1]).expand_as(lp))

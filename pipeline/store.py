@@ -870,7 +870,7 @@ def _arrays_fit(attrs: dict[str, Any], arrays: dict[str, zarr.Array], store: Log
 
 
 # Arrays whose every recorded value is finite (label_logprob is NaN by design where there is no label).
-FINITE_ARRAYS = ("logits", "topk_logprobs", "lse", "entropy")
+FINITE_ARRAYS = ("logits", "topk_logprobs", "lse", "entropy", "tail_logprobs")
 # The exponent bits of each stored dtype: all ones is inf or NaN.
 _EXPONENT = {"float16": (np.uint16, 0x7C00), "bfloat16": (np.uint16, 0x7F80), "float32": (np.uint32, 0x7F800000)}
 

@@ -418,12 +418,12 @@ class _Teacher:
         """NaN/inf where the values must be finite, top-k ids outside the vocabulary."""
         if a.per_block:
             return None  # the stats sums: that they read (checksum) is what can be checked
-        if a.key == "topk_ids":
+        if a.key in ("topk_ids", "tail_ids"):
             vocab = int(self.attrs.get("vocab_size") or self.store.num_classes)
             rows = ((values < 0) | (values >= vocab)).any(axis=1)
             if rows.any():
                 row = start + int(np.flatnonzero(rows)[0])
-                return Finding(INVALID, f"{where}: topk_ids outside [0, {vocab}) at row {row}", self.name, block)
+                return Finding(INVALID, f"{where}: {a.key} outside [0, {vocab}) at row {row}", self.name, block)
             return None
         if not np.issubdtype(values.dtype, np.floating) and a.logical not in STORAGE:
             return None

@@ -51,6 +51,15 @@ def infer(
         str | None,
         typer.Option("--temperatures", help="Sparse only: temperatures whose exact normalisers are stored (default 1,2; 1 always)."),
     ] = None,
+    tail_samples: Annotated[
+        int,
+        typer.Option("--tail-samples", help="Sparse: also store M draws per position from each teacher's unlisted classes "
+                     "(its sampled tail; with --top-k 0, from all classes). Default 0: none."),
+    ] = 0,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", help="Seed of the tail draws (default 0; recorded per teacher as tail_seed)."),
+    ] = None,
     shard: Annotated[
         str, typer.Option("--shard", help="I/N: write the row blocks b with b % N == I; N processes may run at once.")
     ] = "0/1",
@@ -71,6 +80,7 @@ def infer(
       mtkd infer --teachers teachers.toml --data mnist1d:train --out train.zarr
       mtkd infer --teachers teachers.toml --data x.npz --out x.zarr --shard 3/8
       mtkd infer --teachers lm.toml --data tok.parquet --out tok.zarr --top-k 64
+      mtkd infer --teachers lm.toml --data tok.parquet --out tok.zarr --top-k 32 --tail-samples 32
     """
     from mtkd.pipeline.infer import parse_shard, run_infer  # heavy (torch): here, so --help stays fast
 
@@ -88,6 +98,8 @@ def infer(
             temperatures=temperatures,
             shard=parsed_shard,
             chunk_rows=chunk_rows,
+            tail_samples=tail_samples,
+            seed=seed,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     emit(result.to_dict(), as_json, _render)
@@ -113,5 +125,6 @@ def _render(result: dict) -> None:
 def _layout(attrs: dict) -> str:
     if attrs["layout"] == "topk":
         temps = ",".join(f"{t:g}" for t in attrs["temperatures"])
-        return f"top-{attrs['top_k']} of {attrs['vocab_size']}, T={temps}, {attrs['dtype']}"
+        tail = f" + {attrs['tail_samples']} samples" if attrs.get("tail_samples") else ""
+        return f"top-{attrs['top_k']}{tail} of {attrs['vocab_size']}, T={temps}, {attrs['dtype']}"
     return f"dense {attrs['vocab_size']}, {attrs['dtype']}"

@@ -83,6 +83,8 @@ def _render(report: dict) -> None:
     for t in report["teachers"]:
         rows = f"{t['rows_complete']}/{report['num_rows']}" + ("" if t["complete"] else " !")
         kind = f"top-{t['top_k']}" if t["layout"] == "topk" else "dense"
+        if t.get("tail_samples"):
+            kind += f"+{t['tail_samples']}s"
         size = "-" if t["bytes_per_row"] is None else f"{t['bytes_per_row']:.0f}"
         short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}.get(t["dtype"], t["dtype"])
         table.add_row(t["name"], f"{kind} {short}", str(t["vocab_size"]), rows, size, *values(t["metrics"]))
