@@ -397,6 +397,7 @@ def layout_from_attrs(attrs: dict[str, Any], num_classes: int, *, entropy: bool 
     vocab = int(attrs.get("vocab_size") or num_classes)
     if layout == "dense":
         return Dense(attrs["dtype"], vocab, entropy=entropy)
+    if layout == "topk" and attrs.get("tail_samples"):
         return SampledTopK(attrs["dtype"], vocab, int(attrs["top_k"]), tuple(float(t) for t in attrs["temperatures"]),
                            int(attrs["tail_samples"]), int(attrs.get("tail_seed", 0)), entropy=entropy)
     if layout == "topk":
