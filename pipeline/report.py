@@ -294,6 +294,10 @@ class _SelectionSums:
             if isinstance(layout, TopK):
                 ids.append(a["topk_ids"].long()[keep])
                 probs.append(a["topk_logprobs"].double()[keep].exp())
+                if "tail_ids" in a:  # sampled classes are known exactly too (each once: draws repeat, ascending)
+                    tail_ids, tail_p = a["tail_ids"].long()[keep], a["tail_logprobs"].double()[keep].exp()
+                    tail_p[:, 1:] = torch.where(tail_ids[:, 1:] == tail_ids[:, :-1], 0.0, tail_p[:, 1:])
+                    ids[-1], probs[-1] = torch.cat([ids[-1], tail_ids], dim=1), torch.cat([probs[-1], tail_p], dim=1)
             else:
                 p = torch.softmax(a["logits"].double()[keep], dim=1)
                 ids.append(torch.arange(p.shape[1]).expand_as(p))
