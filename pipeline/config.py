@@ -39,6 +39,16 @@ class Loss(str, enum.Enum):
     MSE = "mse"
 
 
+class LossPath(str, enum.Enum):
+    """How a student LM's output reaches the sparse loss: its hidden states and output layer
+    (`fused_linear_sparse_kd_loss`, no (P, V) logits held), its logits (`fused_sparse_kd_loss`),
+    or whichever fits (auto: fused where the hidden states and output layer give the logits)."""
+
+    AUTO = "auto"
+    FUSED = "fused"
+    LOGITS = "logits"
+
+
 class Schedule(str, enum.Enum):
     COSINE = "cosine"
     INVERSE = "inverse"
@@ -80,6 +90,7 @@ class TrainConfig:
     resume: bool = False
     stream: bool | None = None  # None: by available memory (loader.py)
     checkpoint_every: int = CHECKPOINT_EVERY
+    loss_path: LossPath = LossPath.AUTO  # token students of top-k teachers (train.py says which ran, and why)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the given values once, here
@@ -97,6 +108,7 @@ class TrainConfig:
             set_(self, "teacher_weights", {str(k): float(v) for k, v in self.teacher_weights.items()})
         for name, kind, flag in (("fusion", Fusion, "--fusion"), ("loss", Loss, "--loss"), ("schedule", Schedule, "--schedule")):
             set_(self, name, _choice(getattr(self, name), kind, flag))
+        set_(self, "loss_path", _choice(self.loss_path, LossPath, "--loss-path"))
         for name in ("temperature", "alpha", "lr", "weight_decay", "decay_rate"):
             set_(self, name, float(getattr(self, name)))
         self._validate()
@@ -125,6 +137,8 @@ class TrainConfig:
                     raise BadInputError(f"{flag} needs --store")
             if self.stream:
                 raise BadInputError("streaming needs --store (there are no logits to stream)")
+            if self.loss_path is LossPath.FUSED:
+                raise BadInputError("--loss-path fused needs --store (the fused-linear loss distils from top-k teachers)")
         if self.teacher_weights:
             if self.fusion is not Fusion.WEIGHTED:
                 raise BadInputError(f"--teacher-weights needs --fusion weighted (got --fusion {self.fusion.value})")
@@ -201,6 +215,8 @@ class TrainConfig:
         args += ["--seed", str(self.seed)]
         if self.val_data is not None:
             args += ["--val-data", self.val_data]
+        if self.loss_path is not LossPath.AUTO:
+            args += ["--loss-path", self.loss_path.value]
         return shlex.join(args)
 
 
@@ -228,4 +244,4 @@ def _choice(value: Any, kind: type[enum.Enum], flag: str) -> enum.Enum:
         raise BadInputError(f"{flag} must be one of {', '.join(c.value for c in kind)}, got {value!r}") from None
 
 
-__all__ = ["CHECKPOINT_EVERY", "DEFAULTS", "Fusion", "Loss", "RESUMABLE_KEYS", "Schedule", "TrainConfig", "differences", "identity"]
+__all__ = ["CHECKPOINT_EVERY", "DEFAULTS", "Fusion", "Loss", "LossPath", "RESUMABLE_KEYS", "Schedule", "TrainConfig", "differences", "identity"]
