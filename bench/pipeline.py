@@ -4,6 +4,8 @@
     python bench/pipeline.py --rows 0 --dense-vocabs 100,1000,10000 --dense-rows 20000 --lm-seqs 128 \
         --stream-epochs 3 --threads 1             # the language-model figures as README reports them (CPU, ~7 min)
     python bench/pipeline.py --device cuda --rows 200000 --dense-vocabs 100,1000,10000 --json bench/results/pipeline-h200.json
+    python bench/pipeline.py --quick --json /tmp/quick.json   # every figure at ~1/10 size, same code paths (~3 min, 2 cores)
+    python bench/pipeline.py --loader-only                   # the loaders alone, no model (below)
 
 Three figures, each a ratio of two things measured side by side in the same run (repeats interleaved,
 the median of the pairs' ratios), with the demo's teachers (CNN, bidirectional GRU, wide CNN; random weights: the
@@ -39,6 +41,23 @@ student (a one-layer Transformer of width 48) distilled through `fused_linear_sp
                              into `fused_kd_loss`) for E epochs, over stage one once plus E epochs of
                              stage two. Target >= 5.
   stream_overhead_tokens     as stream_overhead, for the top-k store. Target <= 0.05.
+
+The loaders alone (`--loader-only`, or beside the others unless --loader-seqs and --loader-rows are
+empty/0), no model, no stage one: stores written by stage one's block writer (3 teachers; block 0
+from random logits, the rest the same bytes), batches cut by the trainer's loaders:
+
+  loader_tokens   per --loader-seqs S (512 and 5120: 1x and 10x the LM figures') and T = 1, 2:
+                  tokens/s of SequenceLoader over a top-k store (k = 64, V = 2048, float16),
+                  streaming and in memory, per wall and per CPU second (every thread of the process:
+                  on a loaded machine the steadier of the two), and stream over memory epoch time.
+                  Targets: >= 1M tokens/s; streaming within 5% of memory.
+  loader_dense    per --loader-vocabs V (100, 1000): rows/s and GB/s (3 x V float16 a row) of
+                  BatchLoader over a dense store of --loader-rows rows. Target: >= 1 GB/s.
+Each is an epoch's time after a first one (in memory the first reads the store whole), median over
+--repeats interleaved runs of --loader-epochs epochs.
+
+Every group of figures records the load average (1 min) at its start and end ("load_average_1min")
+and its wall seconds ("wall_s"); on a shared machine, the load says how far to trust a rate.
 
 Both sides of every comparison run the same way: the online teachers under stage one's autocast
 (`teacher_autocast`: fp16 on CUDA, float32 on the CPU), their batches copied from pinned memory on CUDA
