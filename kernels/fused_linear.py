@@ -71,12 +71,14 @@ class LossOptions:
     ignore_index: int
 
 
-# CPU: a chunk's logits take about this many bytes (float32). The GPU rule gives 32-64 rows at
-# small H (N / ceil(V / H): 2048 / 64 at H = 32, V = 2048), and on the CPU each chunk costs a fixed
-# ~20 small ops (teacher checks, gathers, per-row sums) beside its passes over the logits: forward
-# + backward measured 7.7x slower than with 16 MiB chunks (N = 2048, V = 2048, H = 32, K = 2, k = 64;
-# chunks of 1 / 4 / 16 MiB: 2.3 / 1.1 / 1.0, two threads, loaded machine, the same process). The
-# sparse pass holds ~6 such (rows, V) temporaries: 16 MiB of logits is ~100 MiB alive.
+# CPU: a chunk's logits take about this many bytes (float32). The GPU rule gives 32-row chunks at
+# small H (N / ceil(V / H)), and on the CPU each chunk costs a fixed ~20 small ops (teacher checks,
+# gathers, per-row sums), each a parallel section: forward + backward measured (bench/loss_cpu.py,
+# 2 threads, load average ~4) 614 ms with 32-row chunks against 191 ms whole at N = 2048, V = 2048,
+# H = 32, K = 2, k = 64, and 3136 ms against 1558 ms with 512-row chunks (16 MiB) at N = 4096,
+# V = 8192, H = 64, K = 3; on 1 thread the two were alike (134 / 136 ms). The sparse pass holds ~6
+# such (rows, V) temporaries: 16 MiB of logits is ~100 MiB alive. Chunks change the order in which
+# grad_W and grad_b are summed over rows: float32 rounding, not bit for bit the GPU rule's result.
 CPU_CHUNK_BYTES = 16 << 20
 
 
