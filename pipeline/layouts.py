@@ -212,28 +212,15 @@ class TopK(Layout):
         tail = (1.0 - tempered.exp().sum(dim=2)).clamp(min=0.0).T  # (n, T): mass on unlisted classes
         return RowSummary(~good, arrays["label_logprob"], top1, top, tail)
 
-    def decode(self, raw: dict[str, np.ndarray], temperature: float = 1.0, out: SparseRows | None = None) -> SparseRows:
-        """Stored rows -> ids and log-probabilities at `temperature` (one of the stored ones).
-
-        `out`: (n, k) int64, (n, k) float32 and (n,) float32 tensors (views of a larger batch are
-        fine) to write into instead of new ones. Each output is written in one pass over it: the
-        ids widened as they are copied, the log-probabilities re-tempered in place (the same float32
-        operations in the same order as (logprob + lse[T=1]) / T - lse[T], so bit for bit the same).
-        """
+    def decode(self, raw: dict[str, np.ndarray], temperature: float = 1.0) -> SparseRows:
+        """Stored rows -> ids and log-probabilities at `temperature` (one of the stored ones)."""
         column = self.temperature_index(temperature)
-        n = len(raw["topk_ids"])
-        if out is None:
-            out = SparseRows(torch.empty((n, self.top_k), dtype=torch.int64), torch.empty((n, self.top_k)), torch.empty(n))
-        out.ids.copy_(torch.from_numpy(raw["topk_ids"]))
-        logprobs = from_storage(raw["topk_logprobs"], self.dtype)
+        logprobs = from_storage(raw["topk_logprobs"], self.dtype).float()
         if column:
             lse = torch.from_numpy(raw["lse"])
-            torch.add(logprobs, lse[:, :1], out=out.logprobs)  # float16/bfloat16 + float32: computed in float32
-            out.logprobs.div_(self.temperatures[column]).sub_(lse[:, column : column + 1])
-        else:
-            out.logprobs.copy_(logprobs)
-        out.label_logprob.copy_(torch.from_numpy(raw["label_logprob"]))
-        return out
+            logprobs = (logprobs + lse[:, :1]) / self.temperatures[column] - lse[:, column : column + 1]
+        ids = torch.from_numpy(raw["topk_ids"].astype(np.int64))
+        return SparseRows(ids, logprobs, torch.from_numpy(raw["label_logprob"]))
 
     def temperature_index(self, temperature: float) -> int:
         for i, t in enumerate(self.temperatures):

@@ -57,8 +57,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtkd.pipeline.layouts import SparseRows
-
 # The chosen logits are held in memory when they take at most this share of the memory available
 # (MemAvailable, divided among the processes of this node): "comfortably" leaves room for the
 # inputs, the model, the optimizer and the page cache.
@@ -213,15 +211,6 @@ class _Loader:
     def batches_per_epoch(self) -> int:
         return math.ceil(self.items_per_epoch / self.batch_size)
 
-    def _take(self, src: Tensor, dim: int, index: Tensor) -> Tensor:
-        """index_select, into pinned memory when the batch is bound for a GPU."""
-        if not self.pin:
-            return torch.index_select(src, dim, index)
-        shape = list(src.shape)
-        shape[dim] = len(index)
-        out = torch.empty(shape, dtype=src.dtype, pin_memory=True)
-        return torch.index_select(src, dim, index, out=out)
-
     def batches(self, start_epoch: int, stop_epoch: int, start_batch: int = 0) -> Iterator[tuple[int, int, Any]]:
         """(epoch, batch index, batch) for epochs [start_epoch, stop_epoch), from `start_batch` of the first.
 
@@ -268,7 +257,7 @@ class _Loader:
     def _stream(self, start_epoch: int, stop_epoch: int, start_batch: int) -> Iterator[tuple[int, int, Any]]:
         """Cut batches from the windows that the reader thread hands over (a batch may span several)."""
         bs, per_rank = self.batch_size, self.items_per_epoch
-        free: list[Any] = []  # window buffers done with, for the reader to refill (no page faults)
+        free: list[np.ndarray] = []  # window buffers done with, for the reader to refill (no page faults)
         windows = _in_background(self._windows(start_epoch, stop_epoch, start_batch, free), capacity=WINDOW_QUEUE)
         try:
             pending: list[Any] = []  # the parts of a batch that spans several windows
@@ -290,7 +279,7 @@ class _Loader:
         finally:
             windows.close()
 
-    def _windows(self, start_epoch: int, stop_epoch: int, start_batch: int, free: list[Any]) -> Iterator[tuple]:
+    def _windows(self, start_epoch: int, stop_epoch: int, start_batch: int, free: list[np.ndarray]) -> Iterator[tuple]:
         """(epoch, first, end, window, buffer) per window of this rank (reader thread).
 
         A window is this rank's items [first, end) of an epoch's order: each rank takes a contiguous
@@ -321,7 +310,7 @@ class _Loader:
         """What a window needs of read unit u (whole chunks), read in the reader thread."""
         raise NotImplementedError
 
-    def _lay_out(self, pieces: list[tuple[Any, int, int, int]], shuffle: np.ndarray, free: list[Any]) -> tuple[Any, np.ndarray | None]:
+    def _lay_out(self, pieces: list[tuple[Any, int, int, int]], shuffle: np.ndarray, free: list[np.ndarray]) -> tuple[Any, np.ndarray | None]:
         """(window, buffer) from the window's pieces (unit data, unit, first item, end item) in
         order and the window's shuffle (positions in that order)."""
         raise NotImplementedError
@@ -402,6 +391,15 @@ class BatchLoader(_Loader):
     def rows_per_epoch(self) -> int:
         """Rows this rank sees per epoch (the same on every rank)."""
         return self.items_per_epoch
+
+    def _take(self, src: Tensor, dim: int, index: Tensor) -> Tensor:
+        """index_select, into pinned memory when the batch is bound for a GPU."""
+        if not self.pin:
+            return torch.index_select(src, dim, index)
+        shape = list(src.shape)
+        shape[dim] = len(index)
+        out = torch.empty(shape, dtype=src.dtype, pin_memory=True)
+        return torch.index_select(src, dim, index, out=out)
 
     def _batch(self, rows: Tensor, logits: Tensor | None) -> Batch:
         # Inputs are gathered per batch in both modes (a window of inputs could be large).
@@ -622,31 +620,22 @@ class TeacherRows:
             return k * (self.k * (8 + 4) + 4)
         return k * self.vocab * torch.finfo(self.logits_dtype).bits // 8
 
-    def empty(self, n: int) -> dict[str, Tensor]:
-        """Uninitialised (K, n, ...) tensors of every array `read` gives, for it to fill."""
-        count = len(self.teachers)
+    def read(self, lo: int, hi: int) -> dict[str, Tensor]:
         if not self.sparse:
-            return {"logits": torch.empty((count, n, self.vocab), dtype=self.logits_dtype)}
-        return {"ids": torch.empty((count, n, self.k), dtype=torch.int64), "logprobs": torch.empty((count, n, self.k)),
-                "label_logprob": torch.empty((count, n))}
-
-    def read(self, lo: int, hi: int, out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """Rows [lo, hi), into `out` (what `empty(hi - lo)` gives, or views of a larger one) if given."""
-        out = self.empty(hi - lo) if out is None else out
-        if not self.sparse:
-            for t, name in enumerate(self.teachers):
-                out["logits"][t].copy_(self.store.read_logits(name, lo, hi))
-            return out
-        # Each teacher decoded straight into its slice of the stacked outputs: no per-teacher
-        # tensors to stack afterwards (a copy of everything, measured a fifth of the reader's time).
-        ids, logprobs, label_logprob = out["ids"], out["logprobs"], out["label_logprob"]
-        for t, name in enumerate(self.teachers):
-            k = self.store.layout(name).top_k
-            self.store.read_topk(name, lo, hi, self.temperature, out=SparseRows(ids[t, :, :k], logprobs[t, :, :k], label_logprob[t]))
-            if k < self.k:
-                ids[t, :, k:] = self.PAD_ID - torch.arange(self.k - k, dtype=torch.int64)
-                logprobs[t, :, k:] = -math.inf
-        return out
+            return {"logits": torch.stack([self.store.read_logits(t, lo, hi).to(self.logits_dtype) for t in self.teachers])}
+        ids, logprobs, label_logprob = [], [], []
+        for name in self.teachers:
+            rows = self.store.read_topk(name, lo, hi, self.temperature)
+            pad = self.k - rows.ids.shape[1]
+            i, lp = rows.ids, rows.logprobs.float()
+            if pad:
+                fill = self.PAD_ID - torch.arange(pad, dtype=torch.int64)
+                i = torch.cat([i, fill.expand(len(i), pad)], dim=1)
+                lp = torch.cat([lp, torch.full((len(lp), pad), -math.inf)], dim=1)
+            ids.append(i)
+            logprobs.append(lp)
+            label_logprob.append(rows.label_logprob.float())
+        return {"ids": torch.stack(ids), "logprobs": torch.stack(logprobs), "label_logprob": torch.stack(label_logprob)}
 
 
 class SequenceLoader(_Loader):
@@ -731,7 +720,7 @@ class SequenceLoader(_Loader):
         labels[:, :-1] = torch.where(mask[:, 1:], input_ids[:, 1:], -100)  # the next token of the same sequence
         if self.pin:
             input_ids, mask, labels = input_ids.pin_memory(), mask.pin_memory(), labels.pin_memory()
-            teachers = {k: v if v.is_pinned() else v.pin_memory() for k, v in teachers.items()}
+            teachers = {k: v.pin_memory() for k, v in teachers.items()}
         return TokenBatch(input_ids, mask, labels, teachers, torch.from_numpy(np.asarray(seqs)))
 
     def _rows_of(self, seqs: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
@@ -758,87 +747,52 @@ class SequenceLoader(_Loader):
     def _gather(self, seqs: np.ndarray, held: tuple[Tensor, dict[str, Tensor]]) -> TokenBatch:
         tokens, teachers = held
         rows = torch.from_numpy(self._rows_of(seqs))
-        return self._batch(seqs, tokens[rows], {k: self._take(v, 1, rows) for k, v in teachers.items()})  # (K, P, ...)
+        return self._batch(seqs, tokens[rows], {k: torch.index_select(v, 1, rows) for k, v in teachers.items()})  # (K, P, ...)
 
     # -- streaming -----------------------------------------------------------------------------------
 
-    def _read_unit(self, u: int) -> _SequenceUnit:
-        """Unit u's sequences: their tokens exactly, and where their teachers' rows lie in whole
-        chunks (possibly a chunk into the next unit). Those rows are read by `_lay_out`, straight
-        into the window's buffer (reading them here would mean concatenating them there: a copy)."""
+    def _read_unit(self, u: int) -> tuple[int, Tensor, int, dict[str, Tensor]]:
+        """(first token row, tokens, first teacher row, teachers' rows) of unit u's sequences: the
+        tokens exactly, the teachers' rows in whole chunks (possibly a chunk into the next unit)."""
         lo, hi = int(self.offsets[self.bounds[u]]), int(self.offsets[self.bounds[u + 1]])
+        teachers: dict[str, Tensor] = {}
         t_lo = lo // self.chunk_rows * self.chunk_rows
-        t_hi = min(-(-hi // self.chunk_rows) * self.chunk_rows, len(self.tokens)) if self.source is not None else t_lo
-        return _SequenceUnit(lo, self._read_tokens(lo, hi), t_lo, t_hi)
+        if self.source is not None:
+            t_hi = min(-(-hi // self.chunk_rows) * self.chunk_rows, len(self.tokens))
+            teachers = self.source.read(t_lo, t_hi)
+        return lo, self._read_tokens(lo, hi), t_lo, teachers
 
     def _lay_out(self, pieces, shuffle, free):
         """The window's sequences in shuffled order, their seq_rows (sequence j's positions are
-        seq_rows[j]..seq_rows[j + 1] - 1 of the window), their tokens (P,) in that order, and the
-        units' teachers' rows (K, R, ...) as read, with `index` (P,): where each position lies in
-        them. The shuffle is applied per batch, in the training thread (`_assemble`), as the
-        in-memory gather is: one copy of each row, not a shuffled window and then a batch."""
+        seq_rows[j]..seq_rows[j + 1] - 1 of the window), their tokens (P,) and teachers (K, P, ...)."""
         seqs = np.concatenate([np.arange(lo, hi) for _, _, lo, hi in pieces])
-        units = [unit for unit, _, _, _ in pieces]
+        units = [unit for unit, _, _, _ in pieces]  # (first token row, tokens, first teacher row, teachers' rows)
         # The units' tokens and teachers' rows laid end to end; where each sequence starts in them.
-        tokens = torch.cat([unit.tokens for unit in units])
-        token_base = np.cumsum([0] + [len(unit.tokens) for unit in units])
-        token_at = np.concatenate([self.offsets[lo:hi] - unit.lo + base for (unit, _, lo, hi), base in zip(pieces, token_base)])
+        tokens = torch.cat([unit[1] for unit in units])
+        token_base = np.cumsum([0] + [len(unit[1]) for unit in units])
+        token_at = np.concatenate([self.offsets[lo:hi] - unit[0] + base for (unit, _, lo, hi), base in zip(pieces, token_base)])
         shuffled = seqs[shuffle]
         tokens = tokens[torch.from_numpy(self._rows_of(shuffled, token_at[shuffle]))]  # (P,)
-        rows, index, buffer = {}, None, None
+        teachers = {}
         if self.source is not None:
-            row_base = np.cumsum([0] + [unit.t_hi - unit.t_lo for unit in units])
-            rows, buffer = self._rows_buffer(int(row_base[-1]), free)  # (K, R, ...)
-            for unit, a, b in zip(units, row_base[:-1], row_base[1:]):
-                part = {k: v[:, a:b] for k, v in rows.items()}
-                if unit.teachers is None:
-                    self.source.read(unit.t_lo, unit.t_hi, out=part)
-                else:  # the previous window's last unit
-                    for k, v in part.items():
-                        v.copy_(unit.teachers[k])
-            # The last unit may begin the next window (the reader caches it): kept, not read again.
-            units[-1].teachers = {k: v.clone() for k, v in part.items()}
-            row_at = np.concatenate([self.offsets[lo:hi] - unit.t_lo + base for (unit, _, lo, hi), base in zip(pieces, row_base)])
+            rows = {k: torch.cat([unit[3][k] for unit in units], dim=1) for k in units[0][3]}
+            row_base = np.cumsum([0] + [next(iter(unit[3].values())).shape[1] for unit in units])
+            row_at = np.concatenate([self.offsets[lo:hi] - unit[2] + base for (unit, _, lo, hi), base in zip(pieces, row_base)])
             index = torch.from_numpy(self._rows_of(shuffled, row_at[shuffle]))
+            teachers = {k: torch.index_select(v, 1, index) for k, v in rows.items()}  # (K, P, ...)
         seq_rows = np.concatenate([[0], np.cumsum(self.lengths[shuffled])])
-        return (shuffled, seq_rows, tokens, rows, index), buffer
-
-    def _rows_buffer(self, n: int, free: list[Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(K, n, ...) tensors for a window's teachers' rows, contiguous, in a buffer taken back from
-        `free` when one is large enough (refilling it costs no page faults); and that buffer."""
-        shapes = {k: (v.shape, v.dtype) for k, v in self.source.empty(0).items()}
-        need = {k: shape[0] * n * math.prod(shape[2:]) for k, (shape, _) in shapes.items()}
-        buffer = free.pop() if free else None
-        if buffer is None or any(buffer[k].numel() < need[k] for k in need):
-            buffer = {k: torch.empty(need[k], dtype=dtype) for k, (_, dtype) in shapes.items()}
-        return {k: buffer[k][: need[k]].view(shape[0], n, *shape[2:]) for k, (shape, _) in shapes.items()}, buffer
+        return (shuffled, seq_rows, tokens, teachers), None
 
     def _cut(self, window, lo: int, hi: int) -> tuple[np.ndarray, Tensor, dict[str, Tensor]]:
-        """Sequences lo..hi-1 of the window: their ids, tokens and teachers' rows, gathered here
-        (in the training thread) from the window's buffer, which goes back to the reader after."""
-        seqs, seq_rows, tokens, rows, index = window
+        seqs, seq_rows, tokens, teachers = window
         r_lo, r_hi = seq_rows[lo], seq_rows[hi]  # the window's positions of sequences lo..hi-1
-        return seqs[lo:hi], tokens[r_lo:r_hi], {k: self._take(v, 1, index[r_lo:r_hi]) for k, v in rows.items()}  # (K, p, ...)
+        return seqs[lo:hi], tokens[r_lo:r_hi], {k: v[:, r_lo:r_hi] for k, v in teachers.items()}
 
     def _assemble(self, parts: list[tuple[np.ndarray, Tensor, dict[str, Tensor]]]) -> TokenBatch:
-        if len(parts) == 1:  # a batch within one window: its gathered rows as they are
-            return self._batch(*parts[0])
         seqs = np.concatenate([p[0] for p in parts])
         tokens = torch.cat([p[1] for p in parts])
         teachers = {k: torch.cat([p[2][k] for p in parts], dim=1) for k in parts[0][2]}
         return self._batch(seqs, tokens, teachers)
-
-
-@dataclass
-class _SequenceUnit:
-    """A read unit of sequences (SequenceLoader._read_unit): its tokens from row `lo`, and its
-    teachers' rows [t_lo, t_hi), once read (kept for a window that starts with this unit)."""
-
-    lo: int
-    tokens: Tensor
-    t_lo: int
-    t_hi: int
-    teachers: dict[str, Tensor] | None = None
 
 
 def _to_device(items: Iterator[tuple[int, int, Any]], device: torch.device, pin: bool) -> Iterator[tuple[int, int, Any]]:

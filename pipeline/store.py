@@ -350,14 +350,13 @@ class LogitStore:
             raise BadInputError(f"store {str(self.path)!r}: teacher {name!r} is stored {layout.name}, not dense logits")
         return layout.decode(self.read(name, start, stop))
 
-    def read_topk(self, name: str, start: int, stop: int, temperature: float = 1.0, out: SparseRows | None = None) -> SparseRows:
+    def read_topk(self, name: str, start: int, stop: int, temperature: float = 1.0) -> SparseRows:
         """Rows [start, stop) of a top-k teacher: ids (n, k) int64, log-probabilities (n, k) float32
-        at `temperature` (one of the stored ones), label log-probabilities (n,) float32 at T = 1;
-        written into `out` if given (TopK.decode)."""
+        at `temperature` (one of the stored ones), label log-probabilities (n,) float32 at T = 1."""
         layout = self.layout(name)
         if not isinstance(layout, TopK):
             raise BadInputError(f"store {str(self.path)!r}: teacher {name!r} is stored {layout.name}, not top-k")
-        return layout.decode(self.read(name, start, stop), temperature, out)
+        return layout.decode(self.read(name, start, stop), temperature)
 
     def block_stats(self, name: str) -> np.ndarray:
         """(num_blocks, S) float64: each recorded block's stats sums (rows of unwritten blocks: NaN)."""
