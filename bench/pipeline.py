@@ -4,6 +4,8 @@
     python bench/pipeline.py --rows 0 --dense-vocabs 100,1000,10000 --dense-rows 20000 --lm-seqs 128 \
         --stream-epochs 3 --threads 1             # the language-model figures as README reports them (CPU, ~7 min)
     python bench/pipeline.py --device cuda --rows 200000 --dense-vocabs 100,1000,10000 --json bench/results/pipeline-h200.json
+    python bench/pipeline.py --quick --json /tmp/quick.json   # every figure at ~1/10 size, same code paths (~3 min, 2 cores)
+    python bench/pipeline.py --loader-only                   # the loaders alone, no model (below)
 
 Three figures, each a ratio of two things measured side by side in the same run (repeats interleaved,
 the median of the pairs' ratios), with the demo's teachers (CNN, bidirectional GRU, wide CNN; random weights: the
@@ -40,6 +42,23 @@ student (a one-layer Transformer of width 48) distilled through `fused_linear_sp
                              stage two. Target >= 5.
   stream_overhead_tokens     as stream_overhead, for the top-k store. Target <= 0.05.
 
+The loaders alone (`--loader-only`, or beside the others unless --loader-seqs and --loader-rows are
+empty/0), no model, no stage one: stores written by stage one's block writer (3 teachers; block 0
+from random logits, the rest the same bytes), batches cut by the trainer's loaders:
+
+  loader_tokens   per --loader-seqs S (512 and 5120: 1x and 10x the LM figures') and T = 1, 2:
+                  tokens/s of SequenceLoader over a top-k store (k = 64, V = 2048, float16),
+                  streaming and in memory, per wall and per CPU second (every thread of the process:
+                  on a loaded machine the steadier of the two), and stream over memory epoch time.
+                  Targets: >= 1M tokens/s; streaming within 5% of memory.
+  loader_dense    per --loader-vocabs V (100, 1000): rows/s and GB/s (3 x V float16 a row) of
+                  BatchLoader over a dense store of --loader-rows rows. Target: >= 1 GB/s.
+Each is an epoch's time after a first one (in memory the first reads the store whole), median over
+--repeats interleaved runs of --loader-epochs epochs.
+
+Every group of figures records the load average (1 min) at its start and end ("load_average_1min")
+and its wall seconds ("wall_s"); on a shared machine, the load says how far to trust a rate.
+
 Both sides of every comparison run the same way: the online teachers under stage one's autocast
 (`teacher_autocast`: fp16 on CUDA, float32 on the CPU), their batches copied from pinned memory on CUDA
 as the loader's are. `--threads N` fixes torch's CPU threads (on a shared machine one thread per side
@@ -49,6 +68,7 @@ gives steadier ratios); the JSON records it, with the other conditions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -322,12 +342,132 @@ def _rows_figures(work: Path, args: argparse.Namespace, device: torch.device, *,
     }
 
 
+# -- the loaders alone ------------------------------------------------------------------------------
+
+LOADER_TEACHERS, LOADER_TOP_K, LOADER_VOCAB = 3, 64, 2048
+
+
+def _loader_store(path: Path, data, layout, num_classes: int) -> list[str]:
+    """A complete store of `data` with LOADER_TEACHERS teachers in `layout`, written by stage one's
+    block writer: block 0 from random logits (z ~ 3 N(0, 1), peaked as trained teachers are), the
+    other blocks the same bytes (a loader's cost does not depend on the values), so that a store
+    of 10x the default size takes seconds to make, not a teacher's forward over every row."""
+    from mtkd.pipeline.infer import write_logits_block
+    from mtkd.pipeline.report import StatsSums
+    from mtkd.pipeline.store import create_store, default_chunk_rows
+
+    store, _ = create_store(path, data=data, num_classes=num_classes, chunk_rows=default_chunk_rows(layout.row_bytes(), data.num_rows))
+    labels = torch.from_numpy(data.labels)
+    names = [f"teacher{t}" for t in range(LOADER_TEACHERS)]
+    for t, name in enumerate(names):
+        store.add_teacher(name, spec={"name": name}, weights_sha256=None, layout=layout, stats_width=StatsSums.width(layout))
+        g = torch.Generator().manual_seed(t)
+        first = store.block_range(0)
+        z = 3 * torch.randn(first[1] - first[0], num_classes, generator=g)
+        write_logits_block(store, name, 0, z.to(getattr(torch, layout.dtype)) if layout.name == "dense" else z, labels[: first[1]])
+        raw, stats = store.read(name, *first), store.block_stats(name)[0]
+        for block in range(1, store.num_blocks):
+            start, stop = store.block_range(block)
+            store.write_block(name, block, {k: v[: stop - start] for k, v in raw.items()}, stats)
+        store.mark_complete(name, {})
+    return names
+
+
+def _epochs(loader, epochs: int, count) -> tuple[list[float], list[float], int]:
+    """Wall and CPU seconds (this process, every thread: on a loaded machine the steadier of the
+    two) of each of `epochs` epochs of `loader`, one iterator across them as the trainer runs it
+    (streaming, the reader thread runs ahead across epoch ends), and the items an epoch delivers."""
+    wall, cpu, items, last = [], [], 0, loader.batches_per_epoch - 1
+    with contextlib.closing(loader.batches(0, epochs)) as batches:
+        tick, tock = time.perf_counter(), time.process_time()
+        for epoch, b, batch in batches:
+            items += count(batch) if epoch == 0 else 0
+            if b == last:
+                wall.append(time.perf_counter() - tick)
+                cpu.append(time.process_time() - tock)
+                tick, tock = time.perf_counter(), time.process_time()
+    return wall, cpu, items
+
+
+def _loader_figures(work: Path, args: argparse.Namespace, device: torch.device) -> dict:
+    """The loaders alone, no model: tokens/s of SequenceLoader over a top-k store (K = 3, k = 64,
+    V = 2048) at T = 1 and 2, and rows/s and GB/s of BatchLoader over dense stores, each streaming
+    and in memory, interleaved; an epoch's time after a first one (in memory, the first reads the
+    store whole; streaming, it starts the reader thread)."""
+    from mtkd.pipeline.data import make_row_data, make_token_data
+    from mtkd.pipeline.layouts import Dense, TopK
+    from mtkd.pipeline.loader import BatchLoader, SequenceLoader, TeacherRows
+    from mtkd.pipeline.store import open_store
+
+    med = statistics.median
+    epochs = max(2, args.loader_epochs + 1)
+    out: dict = {"loader_tokens": {}, "loader_dense": {}}
+    rng = np.random.default_rng(0)
+    for seqs in args.loader_seqs:
+        data = make_token_data(f"bench tokens {seqs}", list(rng.integers(0, LOADER_VOCAB, (seqs, LM_LENGTH))))
+        names = _loader_store(work / f"loader-topk-{seqs}", data, TopK("float16", LOADER_VOCAB, LOADER_TOP_K, (1.0, 2.0)), LOADER_VOCAB)
+        store = open_store(work / f"loader-topk-{seqs}")
+        for temperature in (1.0, 2.0):
+            epoch_s: dict[str, list[float]] = {"stream": [], "memory": []}
+            cpu_s: dict[str, list[float]] = {"stream": [], "memory": []}
+            for _ in range(args.repeats):
+                for mode in ("stream", "memory"):
+                    loader = SequenceLoader(data.tokens, data.offsets, batch_size=args.lm_batch_size, seed=0, device=device,
+                                            teachers=TeacherRows(store, names, temperature), stream=mode == "stream")
+                    wall, cpu, tokens = _epochs(loader, epochs, lambda b: b.teachers["ids"].shape[1])
+                    epoch_s[mode] += wall[1:]
+                    cpu_s[mode] += cpu[1:]
+            out["loader_tokens"][f"seqs={seqs},T={temperature:g}"] = {
+                "tokens_per_s": {mode: tokens / med(v) for mode, v in epoch_s.items()},
+                "tokens_per_cpu_s": {mode: tokens / med(v) for mode, v in cpu_s.items()},
+                "stream_over_memory_s": med(epoch_s["stream"]) / med(epoch_s["memory"]),
+                "stream_over_memory_cpu_s": med(cpu_s["stream"]) / med(cpu_s["memory"]),
+                "epoch_s": epoch_s, "epoch_cpu_s": cpu_s, "tokens": tokens}
+    for vocab in args.loader_vocabs if args.loader_rows else ():
+        data = make_row_data(f"bench rows {vocab}", rng.standard_normal((args.loader_rows, 4)).astype(np.float32))
+        names = _loader_store(work / f"loader-dense-{vocab}", data, Dense("float16", vocab), vocab)
+        store = open_store(work / f"loader-dense-{vocab}")
+        epoch_s, cpu_s = {"stream": [], "memory": []}, {"stream": [], "memory": []}
+        for _ in range(args.repeats):
+            for mode in ("stream", "memory"):
+                loader = BatchLoader(data.x, data.labels, batch_size=args.batch_size, seed=0, store=store, teachers=names,
+                                     device=device, stream=mode == "stream")
+                wall, cpu, rows = _epochs(loader, epochs, len)
+                epoch_s[mode] += wall[1:]
+                cpu_s[mode] += cpu[1:]
+        row_bytes = LOADER_TEACHERS * vocab * 2
+        out["loader_dense"][str(vocab)] = {
+            "rows_per_s": {mode: rows / med(v) for mode, v in epoch_s.items()},
+            "gb_per_s": {mode: rows * row_bytes / med(v) / 1e9 for mode, v in epoch_s.items()},
+            "gb_per_cpu_s": {mode: rows * row_bytes / med(v) / 1e9 for mode, v in cpu_s.items()},
+            "stream_over_memory_s": med(epoch_s["stream"]) / med(epoch_s["memory"]),
+            "epoch_s": epoch_s, "epoch_cpu_s": cpu_s, "rows": rows}
+    out["conditions_loader"] = {
+        "teachers": LOADER_TEACHERS, "top_k": LOADER_TOP_K, "vocab_tokens": LOADER_VOCAB, "sequence_length": LM_LENGTH,
+        "sequences": args.loader_seqs, "token_batch_size": args.lm_batch_size, "dense_rows": args.loader_rows,
+        "dense_vocabs": args.loader_vocabs, "row_batch_size": args.batch_size, "dtype": "float16",
+        "epochs_timed": epochs - 1, "repeats": args.repeats, "device": str(device), "model": None,
+        "what": "batches delivered by the loader, no model: epoch time after a first epoch, median over repeats and epochs",
+    }
+    return out
+
+
 def _epoch_seconds(run: Path) -> float:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     return statistics.median(r["seconds"] for r in rows)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+# --quick: every figure, each at about a tenth of its default size (same code paths): ~3 min on 2 quiet cores.
+QUICK = ("--rows", "5000", "--epochs", "3", "--stream-epochs", "2", "--repeats", "2", "--token-seqs", "32",
+         "--lm-seqs", "64", "--dense-vocabs", "100,1000", "--dense-rows", "5000", "--loader-seqs", "128",
+         "--loader-rows", "10000", "--loader-epochs", "1")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=50_000, help="MNIST-1D rows (inputs of 40 values; 0: skip the rows figures)")
     parser.add_argument("--epochs", type=int, default=10, help="stage-two / online KD epochs")
@@ -345,10 +485,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dense-rows", type=int, default=50_000, help="rows of infer_vs_forward_dense")
     parser.add_argument("--lm-seqs", type=int, default=512, help="token sequences of the LM figures (0: skip them)")
     parser.add_argument("--lm-batch-size", type=int, default=32, help="sequences per batch of the LM figures (the demo's)")
+    parser.add_argument("--loader-seqs", type=_ints, default=[512, 5120],
+                        help="loader figures: sequences of the top-k store(s), e.g. 512,5120 (the default: 1x and 10x the LM figures'; empty: none)")
+    parser.add_argument("--loader-rows", type=int, default=50_000, help="loader figures: rows of each dense store (0: none)")
+    parser.add_argument("--loader-vocabs", type=_ints, default=[100, 1000], help="loader figures: V of the dense stores")
+    parser.add_argument("--loader-epochs", type=int, default=2, help="loader figures: epochs timed per run (after a first one)")
+    parser.add_argument("--loader-only", action="store_true", help="only the loader figures (no model, no stage one)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"every figure at reduced size, the same code paths (minutes on 2 cores): {' '.join(QUICK)}")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--json", dest="json_path", type=Path, help="write the results here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.quick:  # the quick sizes; options given explicitly win over them
+        args = parser.parse_args([*QUICK, *(argv if argv is not None else sys.argv[1:])])
+    if args.loader_only:
+        args.rows = args.token_seqs = args.lm_seqs = 0
+        args.dense_vocabs = []
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -357,15 +515,23 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="mtkd-bench-"))
     results: dict = {}
     load_before = os.getloadavg()[0]  # on a shared machine, how loaded it was says how far to trust the rates
+    # Each group of figures with the load average (1 min) at its start and end, and its wall seconds.
+    groups = (
+        ("rows", bool(args.rows), lambda: _rows_figures(work, args, device, lr=lr, temperature=temperature, seed=seed)),
+        ("dense", bool(args.dense_vocabs), lambda: _infer_vs_forward_dense(work, args)),
+        ("infer_tokens", bool(args.token_seqs), lambda: _infer_vs_forward_tokens(work, args)),
+        ("tokens", bool(args.lm_seqs), lambda: _token_figures(work, args, device, lr=lr, temperature=temperature, seed=seed)),
+        ("loader", bool(args.loader_seqs or (args.loader_rows and args.loader_vocabs)), lambda: _loader_figures(work, args, device)),
+    )
+    results["load_average_1min"], results["wall_s"] = {}, {}
     try:
-        if args.rows:
-            results.update(_rows_figures(work, args, device, lr=lr, temperature=temperature, seed=seed))
-        if args.dense_vocabs:
-            results.update(_infer_vs_forward_dense(work, args))
-        if args.token_seqs:
-            results.update(_infer_vs_forward_tokens(work, args))
-        if args.lm_seqs:
-            results.update(_token_figures(work, args, device, lr=lr, temperature=temperature, seed=seed))
+        for name, wanted, measure in groups:
+            if not wanted:
+                continue
+            started, load = time.perf_counter(), os.getloadavg()[0]
+            results.update(measure())
+            results["load_average_1min"][name] = [load, os.getloadavg()[0]]
+            results["wall_s"][name] = time.perf_counter() - started
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["conditions"] = {
@@ -376,6 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
         "cpus": os.cpu_count(), "load_average_1min": [load_before, os.getloadavg()[0]],  # at the start, at the end
+        "quick": args.quick, "loader_only": args.loader_only,
     }
     targets = {"infer_vs_forward": (">=", 0.9), "infer_vs_forward_tokens": (">=", 0.9), "offline_vs_online_speedup": (">=", 5.0),
                "stream_overhead": ("<=", 0.05), "offline_vs_online_speedup_tokens": (">=", 5.0), "stream_overhead_tokens": ("<=", 0.05)}
@@ -388,8 +555,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{key:<34}{value:>10.3f}  {op}{target:>6}  {'ok' if ok else 'MISSED'}")
     for vocab, value in results.get("infer_vs_forward_dense", {}).items():
         print(f"{'infer_vs_forward_dense V=' + vocab:<34}{value:>10.3f}" + (f"  >={0.9:>6}  {'ok' if value >= 0.9 else 'MISSED'}" if vocab == "1000" else ""))
+    for key, value in results.get("loader_tokens", {}).items():
+        rates = value["tokens_per_s"]
+        print(f"{'loader tokens/s ' + key:<34}{rates['stream']:>10.0f}  stream, {rates['memory']:.0f} memory, "
+              f"stream/memory time {value['stream_over_memory_s']:.3f}")
+    for vocab, value in results.get("loader_dense", {}).items():
+        print(f"{'loader dense GB/s V=' + vocab:<34}{value['gb_per_s']['stream']:>10.3f}  stream, {value['gb_per_s']['memory']:.3f} memory "
+              f"({value['rows_per_s']['stream']:.0f} / {value['rows_per_s']['memory']:.0f} rows/s)")
     print(f"({args.rows} rows, {args.token_seqs} + {args.lm_seqs} token sequences, {args.epochs} epochs, {device}, "
-          f"{torch.get_num_threads()} threads)")
+          f"{torch.get_num_threads()} threads, load average {results['conditions']['load_average_1min']})")
     if args.json_path:
         args.json_path.parent.mkdir(parents=True, exist_ok=True)
         args.json_path.write_text(json.dumps(results, indent=2) + "\n")

@@ -19,7 +19,8 @@ in the forward, so there the forward computes only the losses and the backward r
 chunk's logits (one more matmul per chunk).
 
 The default `chunk_rows` makes a chunk's logits about as large as the hidden states (Liger's rule:
-N / ceil(V / H), rounded up to a power of two). grad_W is accumulated in W's own dtype, rounded once
+N / ceil(V / H), rounded up to a power of two) where the kernel runs; on the CPU, 16 MiB of logits
+(CPU_CHUNK_BYTES: the GPU rule's small chunks cost their fixed per-chunk work many times over). grad_W is accumulated in W's own dtype, rounded once
 per chunk: a float32 accumulator would be another V x H x 4 bytes (2 GB at 128256 x 4096).
 
 On CUDA (or under TRITON_INTERPRET=1) each chunk runs the Triton kernel; otherwise the same loss
@@ -70,8 +71,22 @@ class LossOptions:
     ignore_index: int
 
 
-def default_chunk_rows(N: int, V: int, H: int) -> int:
-    """Rows per chunk so that a chunk's logits (rows x V) are about the hidden states' size."""
+# CPU: a chunk's logits take about this many bytes (float32). The GPU rule gives 32-row chunks at
+# small H (N / ceil(V / H)), and on the CPU each chunk costs a fixed ~20 small ops (teacher checks,
+# gathers, per-row sums), each a parallel section: forward + backward measured (bench/loss_cpu.py,
+# 2 threads, load average ~4) 614 ms with 32-row chunks against 191 ms whole at N = 2048, V = 2048,
+# H = 32, K = 2, k = 64, and 3136 ms against 1558 ms with 512-row chunks (16 MiB) at N = 4096,
+# V = 8192, H = 64, K = 3; on 1 thread the two were alike (134 / 136 ms). The sparse pass holds ~6
+# such (rows, V) temporaries: 16 MiB of logits is ~100 MiB alive. Chunks change the order in which
+# grad_W and grad_b are summed over rows: float32 rounding, not bit for bit the GPU rule's result.
+CPU_CHUNK_BYTES = 16 << 20
+
+
+def default_chunk_rows(N: int, V: int, H: int, device: torch.device | str = "cuda") -> int:
+    """Rows per chunk: on a GPU, so that a chunk's logits (rows x V) are about the hidden states'
+    size (Liger's rule); on the CPU, CPU_CHUNK_BYTES of float32 logits (at most N rows)."""
+    if torch.device(device).type == "cpu":
+        return max(1, min(N, CPU_CHUNK_BYTES // (4 * V)))
     rows = math.ceil(N / math.ceil(V / H))
     return 1 << max(rows - 1, 0).bit_length()
 
@@ -257,7 +272,7 @@ def fused_linear_sparse_kd_loss(
             raise ValueError(f"bias ({bias.dtype}, {bias.device}) must match hidden "
                              f"({hidden.dtype}, {hidden.device})")
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(N, V, H)
+        chunk_rows = default_chunk_rows(N, V, H, "cuda" if runs_triton(hidden) else "cpu")
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     check_sparse_kd_arguments(

@@ -67,7 +67,7 @@ def sparse_kd_rows_and_grad(
     if mask is not None:
         s = torch.where(mask[:, None], s, 0.0)
     rows = torch.zeros(N, dtype=acc, device=s.device)
-    grad = torch.zeros(N, V, dtype=acc, device=s.device) if need_grad else None
+    grad = None  # (N, V) once a term adds to it
 
     if alpha > 0:
         ids = teacher_ids.detach().long()
@@ -89,21 +89,25 @@ def sparse_kd_rows_and_grad(
         has_tail = in_range.sum(dim=-1) < V  # (K, N): ids are distinct
         kd = torch.zeros(N, dtype=acc, device=s.device)
         p_tilde = torch.zeros(N, V + 1, dtype=acc, device=s.device) if need_grad else None
-        unlisted = torch.empty(N, V + 1, dtype=torch.bool, device=s.device)
+        # q with each teacher's listed classes zeroed, column V the spare for out-of-range ids:
+        # one copy and a scatter per teacher (a boolean mask and a where cost two more passes).
+        q_spare = torch.empty(N, V + 1, dtype=acc, device=s.device)
         for t in range(K):  # one teacher's (N, V) temporaries at a time
             on = w[:, t] > 0
             P = p[t].sum(dim=-1)
             r = torch.where(has_tail[t], (1 - P).clamp(min=0), 0.0)
             log_q_ids = log_q.gather(1, torch.where(in_range[t], ids[t], 0))
             listed_kl = torch.where(p[t] > 0, p[t] * (lp[t] - log_q_ids), 0.0).sum(dim=-1)
-            unlisted.fill_(True).scatter_(1, spare_ids[t], False)
-            q_unlisted = torch.where(unlisted[:, :V], q, 0.0)
+            q_spare[:, :V].copy_(q)
+            q_unlisted = q_spare.scatter_(1, spare_ids[t], 0.0)[:, :V]  # q where unlisted, else 0
             tail = q_unlisted.sum(dim=-1)  # 1 - Q: the unlisted mass itself, never 1 - sum q
             log_tail = tail.log()
             deep = has_tail[t] & (tail < _DEEP_TAIL)
+            unlisted = None
             if deep.any():  # q underflows there: the same sum in log space
+                unlisted = _unlisted(N, V, spare_ids[t])
                 log_tail = torch.where(deep, torch.logsumexp(
-                    torch.where(unlisted[:, :V], log_q, -math.inf), dim=-1), log_tail)
+                    torch.where(unlisted, log_q, -math.inf), dim=-1), log_tail)
             tail_kl = torch.where(r > 0, r * (torch.log(r) - log_tail), 0.0)
             kd += torch.where(on, w[:, t] * (listed_kl + tail_kl), 0.0)
             if need_grad:
@@ -111,13 +115,14 @@ def sparse_kd_rows_and_grad(
                 # w r / (1 - Q): 0 where the teacher has no tail mass or is off the row.
                 log_c = torch.where(on & (r > 0), log_w[:, t] + torch.log(r) - log_tail, -math.inf)
                 if (log_c > _LARGE_LOG).any():  # r / (1 - Q) beyond float range: q c <= r in log space
-                    p_tilde[:, :V] += torch.where(unlisted[:, :V], torch.exp(log_q + log_c[:, None]), 0.0)
+                    unlisted = _unlisted(N, V, spare_ids[t]) if unlisted is None else unlisted
+                    p_tilde[:, :V] += torch.where(unlisted, torch.exp(log_q + log_c[:, None]), 0.0)
                 else:
                     p_tilde[:, :V].addcmul_(q_unlisted, log_c.exp()[:, None])
             del q_unlisted
         rows += alpha * T * T * kd
-        if need_grad:
-            grad += (alpha * T) * (q - p_tilde[:, :V])
+        if need_grad:  # into q's buffer (q is done with); + 0.0 as the old zeros + x did: -0 becomes +0
+            grad = torch.sub(q, p_tilde[:, :V], out=q).mul_(alpha * T).add_(0.0)
 
     if labels is not None and alpha < 1:
         labelled = labels != ignore_index
@@ -130,13 +135,22 @@ def sparse_kd_rows_and_grad(
         if need_grad:
             ce_grad = log_softmax.exp_()
             ce_grad.scatter_add_(1, y[:, None], torch.full((N, 1), -1.0, dtype=acc, device=s.device))
-            grad += (1 - alpha) * torch.where(labelled[:, None], ce_grad, 0.0)
+            term = (1 - alpha) * torch.where(labelled[:, None], ce_grad, 0.0)
+            grad = term if grad is None else grad.add_(term)
 
+    if need_grad and grad is None:  # neither term (alpha 0 without labels): a zero gradient
+        grad = torch.zeros(N, V, dtype=acc, device=s.device)
     if mask is not None:
         rows = torch.where(mask, rows, 0.0)
         if need_grad:
             grad = torch.where(mask[:, None], grad, 0.0)
     return rows, None if grad is None else grad.to(student_logits.dtype)
+
+
+def _unlisted(N: int, V: int, spare_ids: Tensor) -> Tensor:
+    """(N, V) bool: the classes one teacher does not list (spare_ids (N, k), out-of-range ids at V)."""
+    unlisted = torch.ones(N, V + 1, dtype=torch.bool, device=spare_ids.device)
+    return unlisted.scatter_(1, spare_ids, False)[:, :V]
 
 
 class _SparseKDRows(torch.autograd.Function):

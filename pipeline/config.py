@@ -52,6 +52,16 @@ class Loss(str, enum.Enum):
     MSE = "mse"
 
 
+class LossPath(str, enum.Enum):
+    """How a student LM's output reaches the sparse loss: its hidden states and output layer
+    (`fused_linear_sparse_kd_loss`, no (P, V) logits held), its logits (`fused_sparse_kd_loss`),
+    or whichever fits (auto: fused where the hidden states and output layer give the logits)."""
+
+    AUTO = "auto"
+    FUSED = "fused"
+    LOGITS = "logits"
+
+
 class Schedule(str, enum.Enum):
     COSINE = "cosine"
     INVERSE = "inverse"
@@ -103,6 +113,7 @@ class TrainConfig:
     checkpoint_every: int = CHECKPOINT_EVERY
     fusion_temperature: float = 1.0  # tau of --fusion posterior|best|entropy
     fusion_scope: FusionScope = FusionScope.ROW  # sequence: tokens only, posterior|best|entropy
+    loss_path: LossPath = LossPath.AUTO  # token students of top-k teachers (train.py says which ran, and why)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the given values once, here
@@ -121,6 +132,7 @@ class TrainConfig:
         for name, kind, flag in (("fusion", Fusion, "--fusion"), ("loss", Loss, "--loss"), ("schedule", Schedule, "--schedule"),
                                  ("fusion_scope", FusionScope, "--fusion-scope")):
             set_(self, name, _choice(getattr(self, name), kind, flag))
+        set_(self, "loss_path", _choice(self.loss_path, LossPath, "--loss-path"))
         for name in ("temperature", "alpha", "lr", "weight_decay", "decay_rate", "fusion_temperature"):
             if getattr(self, name) is not None:
                 set_(self, name, float(getattr(self, name)))
@@ -150,6 +162,8 @@ class TrainConfig:
                     raise BadInputError(f"{flag} needs --store")
             if self.stream:
                 raise BadInputError("streaming needs --store (there are no logits to stream)")
+            if self.loss_path is LossPath.FUSED:
+                raise BadInputError("--loss-path fused needs --store (the fused-linear loss distils from top-k teachers)")
         if not (math.isfinite(self.fusion_temperature) and self.fusion_temperature > 0):
             raise BadInputError(f"--fusion-temperature must be > 0, got {self.fusion_temperature}")
         if self.fusion not in SELECTING:
@@ -256,6 +270,8 @@ class TrainConfig:
         args += ["--seed", str(self.seed)]
         if self.val_data is not None:
             args += ["--val-data", self.val_data]
+        if self.loss_path is not LossPath.AUTO:
+            args += ["--loss-path", self.loss_path.value]
         return shlex.join(args)
 
 
@@ -283,4 +299,4 @@ def _choice(value: Any, kind: type[enum.Enum], flag: str) -> enum.Enum:
         raise BadInputError(f"{flag} must be one of {', '.join(c.value for c in kind)}, got {value!r}") from None
 
 
-__all__ = ["CHECKPOINT_EVERY", "DEFAULTS", "KIND_DEFAULTS", "Fusion", "FusionScope", "Loss", "RESUMABLE_KEYS", "SELECTING", "Schedule", "TrainConfig", "differences", "identity"]
+__all__ = ["CHECKPOINT_EVERY", "DEFAULTS", "KIND_DEFAULTS", "Fusion", "FusionScope", "Loss", "LossPath", "RESUMABLE_KEYS", "SELECTING", "Schedule", "TrainConfig", "differences", "identity"]

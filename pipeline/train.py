@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtkd.pipeline.advice import training_warnings
-from mtkd.pipeline.config import Fusion, FusionScope, Loss, Schedule, TrainConfig, differences, identity
+from mtkd.pipeline.config import Fusion, FusionScope, Loss, LossPath, Schedule, TrainConfig, differences, identity
 from mtkd.pipeline.fusion import fallback_rows
 from mtkd.pipeline.objective import Objective
 from mtkd.pipeline.device import resolve_device
@@ -218,10 +218,12 @@ class Trainer:
         # tokens, whether the fused-linear loss computes exactly its logits).
         torch.manual_seed(config.seed)
         model = spec.build()
+        sparse = tokens and teacher_rows is not None and teacher_rows.sparse
         if tokens:
-            num_classes, head = _check_lm(model, dataset, spec.name, fused=teacher_rows is not None and teacher_rows.sparse)
+            num_classes, head = _check_lm(model, dataset, spec.name, fused=sparse and config.loss_path is not LossPath.LOGITS)
         else:
             num_classes, head = _output_width(model, dataset, spec.name), "logits"
+        loss_path = _loss_path(config, spec.name, sparse, head)
         if store is not None and (not tokens or not teacher_rows.sparse) and num_classes != store.num_classes:
             raise BadInputError(
                 f"student {spec.name!r} outputs {num_classes} classes but store {str(config.store)!r} holds {store.num_classes}"
@@ -283,6 +285,7 @@ class Trainer:
             ],
             "loss_function": _loss_function(config, teacher_rows, head),
             **_fusion_fallback(config, dataset, teacher_rows),
+            "loss_path": loss_path,
             "epochs": plan.epochs,
             "total_steps": plan.total_steps,
             "world_size": self.world_size,
@@ -699,6 +702,27 @@ def _check_lm(model: torch.nn.Module, data: TokenData, name: str, *, fused: bool
     finally:
         model.train(was_training)
     return int(logits.shape[-1]), head
+
+
+def _loss_path(config: TrainConfig, name: str, sparse: bool, head: str) -> dict[str, str]:
+    """Which way the student's output reaches the loss ("fused": hidden states and output layer;
+    "logits") and why, for config.json; --loss-path fused where it cannot run is refused."""
+    asked = config.loss_path
+    if asked is LossPath.FUSED and not sparse:
+        raise BadInputError("--loss-path fused: only token data distilled from top-k teachers has a fused-linear loss "
+                            "(give --loss-path auto or logits)")
+    if asked is LossPath.FUSED and head != "fused":
+        raise BadInputError(f"--loss-path fused: student {name!r} exposes no hidden states and output layer whose product "
+                            "is its logits (give --loss-path auto or logits)")
+    if asked is not LossPath.AUTO:
+        why = f"--loss-path {asked.value}"
+    elif not sparse:
+        why = "auto: the fused-linear loss is for token students of top-k teachers"
+    elif head == "fused":
+        why = "auto: the student's hidden states and output layer give its logits (checked on its first sequences)"
+    else:
+        why = "auto: the student's hidden states and output layer are not exposed or do not give its logits"
+    return {"option": asked.value, "ran": head, "why": why}
 
 
 def _loss_function(config: TrainConfig, teachers: TeacherRows | None, head: str) -> str:

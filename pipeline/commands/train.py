@@ -13,7 +13,7 @@ import typer
 from mtkd.pipeline.device import Device
 from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
 from mtkd.pipeline.errors import BadInputError
-from mtkd.pipeline.config import CHECKPOINT_EVERY, DEFAULTS, Fusion, FusionScope, Loss, Schedule, TrainConfig
+from mtkd.pipeline.config import CHECKPOINT_EVERY, DEFAULTS, Fusion, FusionScope, Loss, LossPath, Schedule, TrainConfig
 
 
 class LoaderMode(str, Enum):
@@ -104,6 +104,10 @@ def train(
     loader: Annotated[
         LoaderMode, typer.Option("--loader", help="Teachers' outputs (and token inputs) in memory or streamed; auto: by available memory.")
     ] = LoaderMode.auto,
+    loss_path: Annotated[
+        LossPath, typer.Option("--loss-path", help="Token students of top-k teachers: fused (hidden states and output layer "
+                               "into the loss, no logits held), logits, or auto (fused where it gives the student's logits).")
+    ] = DEFAULTS["loss_path"],
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -130,6 +134,7 @@ def train(
         schedule=schedule, decay_rate=decay_rate, warmup_steps=warmup_steps, seed=seed, device=device.value,
         val_data=val_data, resume=resume, stream=None if loader is LoaderMode.auto else loader is LoaderMode.stream,
         checkpoint_every=checkpoint_every, fusion_temperature=fusion_temperature, fusion_scope=fusion_scope,
+        loss_path=loss_path,
     )
     from mtkd.pipeline.train import run_train  # heavy (torch): here, so --help stays fast
 

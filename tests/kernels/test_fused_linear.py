@@ -9,7 +9,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mtkd.kernels import fused_linear_sparse_kd_loss, kd_sparse_loss_ref
-from mtkd.kernels.fused_linear import default_chunk_rows
+from mtkd.kernels.fused_linear import CPU_CHUNK_BYTES, default_chunk_rows
 from tests.kernels.checks import make_sparse_inputs
 
 
@@ -81,6 +81,13 @@ def test_default_chunk_is_about_the_hidden_states_size():
     assert default_chunk_rows(8192, 128256, 4096) == 256  # 256 x 128256 ~ 8192 x 4096
     assert default_chunk_rows(10, 50, 8) == 2
     assert default_chunk_rows(3, 2, 8) == 4
+
+
+def test_on_the_cpu_a_chunk_is_sixteen_mib_of_logits_not_the_gpu_rule():
+    assert default_chunk_rows(2048, 2048, 32, "cpu") == 2048  # the GPU rule: 32 rows
+    assert default_chunk_rows(8192, 128256, 4096, "cpu") == CPU_CHUNK_BYTES // (4 * 128256) == 32
+    assert default_chunk_rows(10, 50, 8, "cpu") == 10  # never more rows than there are
+    assert default_chunk_rows(4, 10**8, 8, "cpu") == 1
 
 
 @pytest.mark.parametrize("change, error, word", [

@@ -468,6 +468,42 @@ def test_a_student_whose_logits_are_not_its_output_layer_falls_back_to_its_logit
     assert after < 0.7 * before, (before, after)  # trained on its real logits, scale included
 
 
+def test_loss_path_logits_trains_on_the_logits_and_says_so_with_auto_s_reason(token_world, tmp_path):
+    data = str(token_world.data["train"])
+    runs = {}
+    for path in ("auto", "logits"):
+        out = tmp_path / path
+        run_train(TrainConfig(token_world.student, data, out, store=token_world.store, epochs=1, batch_size=8,
+                              temperature=2.0, loss_path=path))
+        runs[path] = json.loads((out / "config.json").read_text())
+        runs[path]["losses"] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert runs["auto"]["loss_path"] == {"option": "auto", "ran": "fused", "why": runs["auto"]["loss_path"]["why"]}
+    assert runs["auto"]["loss_path"]["why"].startswith("auto: the student's hidden states and output layer give its logits")
+    assert runs["auto"]["loss_function"] == "fused_linear_sparse_kd_loss"
+    assert runs["logits"]["loss_path"] == {"option": "logits", "ran": "logits", "why": "--loss-path logits"}
+    assert runs["logits"]["loss_function"] == "fused_sparse_kd_loss"
+    assert "--loss-path logits" in runs["logits"]["command"]
+    assert runs["logits"]["losses"] == pytest.approx(runs["auto"]["losses"], rel=1e-5)  # one loss, two ways
+
+
+def test_loss_path_fused_is_refused_where_it_cannot_run_before_anything_is_written(token_world, kd_world, tmp_path):
+    from mtkd.pipeline.errors import BadInputError
+
+    scaled = token_world.student_toml("scaled-refused.toml", "scaled_lm", hidden=8)
+    out = tmp_path / "scaled"
+    with pytest.raises(BadInputError, match="--loss-path fused: student 'scaled_lm' exposes no hidden states"):
+        run_train(TrainConfig(scaled, str(token_world.data["train"]), out, store=token_world.store, epochs=1, loss_path="fused"))
+    assert not out.exists()
+    with pytest.raises(BadInputError, match="--loss-path fused: only token data distilled from top-k teachers"):
+        run_train(TrainConfig(kd_world.student, str(kd_world.data["labelled"]), tmp_path / "rows", store=kd_world.store["labelled"],
+                              epochs=1, loss_path="fused"))
+    assert not (tmp_path / "rows").exists()
+    with pytest.raises(BadInputError, match="--loss-path fused needs --store"):
+        TrainConfig(kd_world.student, str(kd_world.data["labelled"]), tmp_path / "hard", loss_path="fused")
+    with pytest.raises(BadInputError, match="--loss-path must be one of auto, fused, logits"):
+        TrainConfig(kd_world.student, str(kd_world.data["labelled"]), tmp_path / "hard", loss_path="chunked")
+
+
 def test_the_fused_linear_and_the_logits_paths_compute_one_loss_and_gradient():
     torch.manual_seed(5)
     p, h, v, k = 30, 6, 11, 4
