@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from mtkd.pipeline.cli import app
+from mtkd.pipeline.data import load_data
 from mtkd.pipeline.demos.rows import RowsDemoConfig, run_rows_demo
 from mtkd.pipeline.store import open_store
 
@@ -50,6 +52,17 @@ def test_demo_runs_every_stage_and_its_students_learn(tmp_path, one_thread):
     assert store.num_rows == 4000 + 1000
     assert (store.labels()[4000:] == -100).all() and (store.labels()[:4000] >= 0).all()
     store.require_complete(["cnn", "gru", "cnn_wide"])
+    # Complementary teachers: each trained on its own third of the 4000 labelled rows, disjoint.
+    parts = {}
+    for name in ("cnn", "gru", "cnn_wide"):
+        run = json.loads((tmp_path / "demo" / "runs" / f"teacher-{name}" / "config.json").read_text())
+        assert run["paths"]["data"].endswith(f"part-{name}.npz")
+        parts[name] = np.load(tmp_path / "demo" / "data" / f"part-{name}.npz")
+    rows = np.concatenate([p["x"] for p in parts.values()])
+    assert len(rows) == 4000 and {len(p["y"]) for p in parts.values()} == {1333, 1334}
+    assert len(np.unique(rows, axis=0)) == 4000  # no row in two parts
+    labelled = load_data("mnist1d:train")
+    assert sorted(map(bytes, rows)) == sorted(map(bytes, labelled.x))  # and together every labelled row
     # A single-teacher student saw one teacher only; the distilled one all three.
     assert teachers_of(tmp_path / "demo" / "runs" / "single-gru-s1") == ["gru"]
     assert sorted(teachers_of(tmp_path / "demo" / "runs" / "distilled-s0")) == ["cnn", "cnn_wide", "gru"]
