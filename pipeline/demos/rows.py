@@ -5,7 +5,9 @@ Every step is the library function behind a command, called as a user would call
     data       mnist1d:train (4000 labelled), mnist1d:test (1000), a validation draw (1000 labelled
                rows of another seed), and a transfer set: the 4000 labelled rows plus N unlabelled
                ones drawn in chunks with other seeds (labels -100), as transfer.npz
-    teachers   `mtkd train` on the labels: a 1-D CNN, a bidirectional GRU, a wide-kernel 1-D CNN
+    teachers   `mtkd train` on the labels: a 1-D CNN, a bidirectional GRU, a wide-kernel 1-D CNN, each
+               on its own third of the 4000 labelled rows (data/part-NAME.npz: complementary teachers,
+               as groups that each hold their own data train them; `disjoint_teachers`)
     infer      `mtkd infer` of the three teachers over the transfer set
     distil     `mtkd train --store`: the paper's MLP student (40-100-100-10) on the fused teachers
     single     the same, from each teacher alone (`--teachers NAME`): what the other teachers add
