@@ -32,6 +32,19 @@ class Fusion(str, enum.Enum):
     WEIGHTED = "weighted"
     CONFIDENCE = "confidence"
     VOTE = "vote"
+    POSTERIOR = "posterior"  # v3: the fusions that select (fusion.py)
+    BEST = "best"
+    ENTROPY = "entropy"
+
+
+# The fusions whose weights come from the teachers' stored values through --teacher-weights (the
+# prior pi), --fusion-temperature and --fusion-scope (SPEC v3 "Fusion"; pipeline/fusion.py).
+SELECTING = (Fusion.POSTERIOR, Fusion.BEST, Fusion.ENTROPY)
+
+
+class FusionScope(str, enum.Enum):
+    ROW = "row"  # each row (tokens: each position)
+    SEQUENCE = "sequence"  # tokens: one weight per teacher and sequence
 
 
 class Loss(str, enum.Enum):
@@ -61,7 +74,7 @@ class TrainConfig:
     store: Path | None = None  # None: hard labels
     teachers: tuple[str, ...] | None = None  # None: every teacher of the store (filled in by resolved())
     fusion: Fusion = Fusion.MEAN
-    teacher_weights: Mapping[str, float] | None = None  # --fusion weighted only; normalised by the kernel
+    teacher_weights: Mapping[str, float] | None = None  # --fusion weighted, or the prior pi of posterior/best/entropy; normalised
     temperature: float = 2.0
     alpha: float = 1.0  # weight of the KD term; 1 - alpha weighs the cross-entropy
     loss: Loss = Loss.KL
@@ -80,6 +93,8 @@ class TrainConfig:
     resume: bool = False
     stream: bool | None = None  # None: by available memory (loader.py)
     checkpoint_every: int = CHECKPOINT_EVERY
+    fusion_temperature: float = 1.0  # tau of --fusion posterior|best|entropy
+    fusion_scope: FusionScope = FusionScope.ROW  # sequence: tokens only, posterior|best|entropy
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the given values once, here
@@ -95,9 +110,10 @@ class TrainConfig:
             set_(self, "teachers", tuple(dict.fromkeys(names)))
         if self.teacher_weights is not None:
             set_(self, "teacher_weights", {str(k): float(v) for k, v in self.teacher_weights.items()})
-        for name, kind, flag in (("fusion", Fusion, "--fusion"), ("loss", Loss, "--loss"), ("schedule", Schedule, "--schedule")):
+        for name, kind, flag in (("fusion", Fusion, "--fusion"), ("loss", Loss, "--loss"), ("schedule", Schedule, "--schedule"),
+                                 ("fusion_scope", FusionScope, "--fusion-scope")):
             set_(self, name, _choice(getattr(self, name), kind, flag))
-        for name in ("temperature", "alpha", "lr", "weight_decay", "decay_rate"):
+        for name in ("temperature", "alpha", "lr", "weight_decay", "decay_rate", "fusion_temperature"):
             set_(self, name, float(getattr(self, name)))
         self._validate()
 
@@ -125,9 +141,18 @@ class TrainConfig:
                     raise BadInputError(f"{flag} needs --store")
             if self.stream:
                 raise BadInputError("streaming needs --store (there are no logits to stream)")
+        if not (math.isfinite(self.fusion_temperature) and self.fusion_temperature > 0):
+            raise BadInputError(f"--fusion-temperature must be > 0, got {self.fusion_temperature}")
+        if self.fusion not in SELECTING:
+            for flag, given in (("--fusion-temperature", self.fusion_temperature != 1.0),
+                                ("--fusion-scope", self.fusion_scope is not FusionScope.ROW)):
+                if given:
+                    raise BadInputError(f"{flag} needs --fusion posterior, best or entropy (got --fusion {self.fusion.value})")
         if self.teacher_weights:
-            if self.fusion is not Fusion.WEIGHTED:
-                raise BadInputError(f"--teacher-weights needs --fusion weighted (got --fusion {self.fusion.value})")
+            if self.fusion is not Fusion.WEIGHTED and self.fusion not in SELECTING:
+                raise BadInputError(
+                    f"--teacher-weights needs --fusion weighted, or posterior, best or entropy as their prior (got --fusion {self.fusion.value})"
+                )
             for name, w in self.teacher_weights.items():
                 if not (math.isfinite(w) and w >= 0):
                     raise BadInputError(f"--teacher-weights: weight of {name!r} must be finite and >= 0, got {w}")
@@ -139,6 +164,11 @@ class TrainConfig:
     @property
     def distil(self) -> bool:
         return self.store is not None
+
+    @property
+    def selecting(self) -> bool:
+        """Distilling through a fusion that selects (posterior, best, entropy)."""
+        return self.distil and self.fusion in SELECTING
 
     def resolved(self, teachers: list[str]) -> TrainConfig:
         """This config with the store's chosen teachers filled in and the weights checked against them."""
@@ -160,6 +190,8 @@ class TrainConfig:
             "command": self.command_line(),
             "fusion": self.fusion.value if distil else None,
             "teacher_weights": dict(self.teacher_weights) if self.teacher_weights else None,
+            "fusion_temperature": self.fusion_temperature if self.selecting else None,
+            "fusion_scope": self.fusion_scope.value if self.selecting else None,
             "temperature": self.temperature if distil else None,
             "alpha": self.alpha if distil else None,
             "loss": self.loss.value if distil else "ce",
@@ -189,6 +221,8 @@ class TrainConfig:
                      "--loss", self.loss.value]
             if self.teacher_weights:
                 args += ["--teacher-weights", ",".join(f"{k}={v:g}" for k, v in self.teacher_weights.items())]
+            if self.selecting:
+                args += ["--fusion-temperature", f"{self.fusion_temperature:g}", "--fusion-scope", self.fusion_scope.value]
         args += ["--max-steps", str(self.max_steps)] if self.max_steps is not None else ["--epochs", str(self.epochs)]
         args += ["--batch-size", str(self.batch_size)]
         if self.grad_accum != 1:
@@ -228,4 +262,4 @@ def _choice(value: Any, kind: type[enum.Enum], flag: str) -> enum.Enum:
         raise BadInputError(f"{flag} must be one of {', '.join(c.value for c in kind)}, got {value!r}") from None
 
 
-__all__ = ["CHECKPOINT_EVERY", "DEFAULTS", "Fusion", "Loss", "RESUMABLE_KEYS", "Schedule", "TrainConfig", "differences", "identity"]
+__all__ = ["CHECKPOINT_EVERY", "DEFAULTS", "Fusion", "FusionScope", "Loss", "RESUMABLE_KEYS", "SELECTING", "Schedule", "TrainConfig", "differences", "identity"]

@@ -8,6 +8,9 @@ A layout answers three questions, for rows and tokens alike (a token position is
   log-probabilities re-tempered exactly at a stored temperature T).
 
 Dense (SPEC "Store"): `logits` (rows, V), the raw logits at T = 1.
+Both layouts (v3): `entropy` (rows,) float32, the teacher's exact entropy at T = 1 over its whole
+vocabulary, computed from the float32 logits in the same pass as the normaliser (`normalisers`);
+teachers written before v3 have none (`Layout.entropy` False: the store finds no such array).
 Top-k: for each row, with z the teacher's logits over its whole vocabulary,
     topk_ids       (rows, k) int32      the k most probable classes, distinct, in ascending id order
     topk_logprobs  (rows, k)            log softmax(z)[id], same order
@@ -22,7 +25,7 @@ Every array carries zarr's Crc32cCodec after its compressor: a flipped byte fail
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -94,10 +97,15 @@ class Layout:
     name: ClassVar[str]
     dtype: str
     vocab_size: int
+    entropy: bool = field(default=True, kw_only=True)  # v3: the `entropy` array is stored (False: older teachers)
 
     def attrs(self) -> dict[str, Any]:
         """The teacher attributes SPEC lists for its layout (see `layout_from_attrs`)."""
         return {"layout": self.name, "dtype": self.dtype, "vocab_size": self.vocab_size, "top_k": None, "temperatures": None}
+
+    def entropy_arrays(self) -> list[ArraySpec]:
+        """[the `entropy` array] where this teacher stores it, else []."""
+        return [ArraySpec("entropy", (), np.dtype(np.float32), float("nan"), _blosc(4), None, ("row",))] if self.entropy else []
 
     def arrays(self) -> list[ArraySpec]:
         raise NotImplementedError
@@ -128,7 +136,7 @@ class Dense(Layout):
     def arrays(self) -> list[ArraySpec]:
         stored, _, fill = STORAGE[self.dtype]
         # No compressor: dense logits barely compress (~1.09x) and decompression slowed reads 2-4x.
-        return [ArraySpec("logits", (self.vocab_size,), stored, fill, (), self.dtype, ("row", "class"))]
+        return [ArraySpec("logits", (self.vocab_size,), stored, fill, (), self.dtype, ("row", "class")), *self.entropy_arrays()]
 
     def reduce(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], RowSummary]:
         stored = STORAGE[self.dtype][1]
@@ -139,12 +147,16 @@ class Dense(Layout):
         # amax and amin propagate NaN. Two reading passes (no |logits| copy) instead of isfinite over
         # the cast row.
         nonfinite = ~torch.isfinite(torch.maximum(logits.amax(dim=1), -logits.amin(dim=1)).to(stored))
+        if self.entropy:  # from the float32 logits, one normaliser pass (not from the 16-bit values stored)
+            values = {"logits": values, "entropy": normalisers(logits.float(), (1.0,), entropy=True)[1]}
+        else:
+            values = {"logits": values}
         keep = labels >= 0
         if not bool(keep.any()):  # unlabelled rows (a transfer set): no stats to compute
             nan = torch.full(labels.shape, float("nan"), device=logits.device)
-            return {"logits": values}, RowSummary(nonfinite, nan, torch.zeros_like(labels), nan, None)
+            return values, RowSummary(nonfinite, nan, torch.zeros_like(labels), nan, None)
         if bool(keep.all()):
-            return {"logits": values}, self.summarize({"logits": logits.to(stored)}, labels)._replace(nonfinite=nonfinite)
+            return values, self.summarize({"logits": logits.to(stored)}, labels)._replace(nonfinite=nonfinite)
         labelled = self.summarize({"logits": logits[keep].to(stored)}, labels[keep])
         summary = RowSummary(
             nonfinite,
@@ -153,7 +165,7 @@ class Dense(Layout):
             torch.full(labels.shape, float("nan"), device=logits.device).masked_scatter(keep, labelled.top1_logprob),
             None,
         )
-        return {"logits": values}, summary
+        return values, summary
 
     def summarize(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> RowSummary:
         z = arrays["logits"].float()  # the logits as stored (16-bit rounding counts)
@@ -183,11 +195,12 @@ class TopK(Layout):
             ArraySpec("topk_logprobs", (k,), stored, fill, _blosc(stored.itemsize), self.dtype, ("row", "rank")),
             ArraySpec("lse", (t,), np.dtype(np.float32), float("nan"), _blosc(4), None, ("row", "temperature")),
             ArraySpec("label_logprob", (), np.dtype(np.float32), float("nan"), _blosc(4), None, ("row",)),
+            *self.entropy_arrays(),
         ]
 
     def reduce(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], RowSummary]:
         z = logits.float()  # (n, V): every normaliser over the teacher's whole vocabulary, in float32
-        lse = normalisers(z, self.temperatures)  # (n, T)
+        lse, entropy = normalisers(z, self.temperatures, entropy=True)  # (n, T), (n,)
         top, ids = top_k(z, self.top_k)  # (n, k): raw logits; minus lse[T=1] they are log-probabilities
         # Stored in ascending id order (log-probabilities alike): measured to compress best (README).
         ids, order = ids.sort(dim=1)
@@ -198,6 +211,8 @@ class TopK(Layout):
             "lse": lse,
             "label_logprob": _label_logprob(z, lse[:, 0], labels),
         }
+        if self.entropy:
+            arrays["entropy"] = entropy
         return arrays, self.summarize(arrays, labels)
 
     def summarize(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> RowSummary:
@@ -206,6 +221,8 @@ class TopK(Layout):
         # log-probability is not finite (-inf: the teacher rules its label out).
         good = torch.isfinite(logprobs).all(dim=1) & torch.isfinite(arrays["lse"]).all(dim=1)
         good &= torch.isfinite(arrays["label_logprob"]) | (labels < 0)
+        if "entropy" in arrays:
+            good &= torch.isfinite(arrays["entropy"])
         top, where = logprobs.max(dim=1)
         top1 = arrays["topk_ids"].gather(1, where[:, None]).squeeze(1).long()
         tempered = retemper(logprobs, arrays["lse"], self.temperatures)  # (T, n, k)
@@ -246,18 +263,24 @@ NORMALISER_CHUNK_BYTES = 2 << 20  # CPU: rows per pass that stay in cache (measu
 GROUP = 8  # top_k: classes per group whose maximum stands for them (measured best of 4, 8, 16, 32)
 
 
-def normalisers(z: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
-    """(n, V) float32 logits -> (n, len(temperatures)): logsumexp(z / T) for each T, over the whole row.
+def normalisers(z: torch.Tensor, temperatures: tuple[float, ...], *, entropy: bool = False):
+    """(n, V) float32 logits -> (n, len(temperatures)): logsumexp(z / T) for each T, over the whole row;
+    with `entropy`, also (n,) the exact entropy at T = 1 (temperatures must include 1), as a pair.
 
     One max pass, then per temperature exp((z - max) / T) summed. A temperature half of another
     stored one squares that one's exponentials instead of taking its own (exp(x / T) = exp(x / 2T)^2,
     exact to float32 rounding; the default 1, 2 needs one exp pass, not two). On the CPU rows go in
     chunks that stay in cache, so the passes over a chunk read memory once; on CUDA one chunk.
     Non-finite rows stay non-finite (NaN, where torch.logsumexp may give inf): they are not stored.
+
+    The entropy comes from the same T = 1 exponentials e = exp(z - max), S = sum e:
+        H = -sum p log p = log S - sum_v e_v (z_v - max) / S          (e_v = 0 terms count 0: -inf logits)
+    one more pass over the chunk while it is in cache.
     """
     n, vocab = z.shape
     top = z.amax(dim=1)  # (n,)
     out = torch.empty((n, len(temperatures)), dtype=z.dtype, device=z.device)
+    ent = torch.empty((n,), dtype=z.dtype, device=z.device) if entropy else None
     chunk = n if z.device.type != "cpu" else max(1, NORMALISER_CHUNK_BYTES // (4 * vocab))
     order = sorted(range(len(temperatures)), key=lambda j: -temperatures[j])  # a T after 2T
     for start in range(0, n, chunk):
@@ -274,8 +297,16 @@ def normalisers(z: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tenso
                 e.exp_()
             exps[t] = e
             out[start : start + chunk, j] = e.sum(dim=1)
+            if ent is not None and t == 1.0:
+                spread = torch.where(e > 0, e * (rows - shift), 0.0).sum(dim=1)  # sum e (z - max)
+                ent[start : start + chunk] = out[start : start + chunk, j].log() - spread / out[start : start + chunk, j]
     scale = torch.tensor(temperatures, dtype=z.dtype, device=z.device)
-    return out.log_().add_(top[:, None] / scale)
+    lse = out.log_().add_(top[:, None] / scale)
+    if ent is None:
+        return lse
+    if not any(t == 1.0 for t in temperatures):
+        raise ValueError("the entropy at T = 1 needs 1 among the temperatures")
+    return lse, ent
 
 
 def top_k(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,14 +381,15 @@ def parse_temperatures(text: str) -> tuple[float, ...]:
     return tuple(sorted(set(values) | {1.0}, key=lambda t: (t != 1.0, t)))
 
 
-def layout_from_attrs(attrs: dict[str, Any], num_classes: int) -> Dense | TopK:
-    """A stored teacher's layout; format-1 teachers (no `layout`) are dense over the store's classes."""
+def layout_from_attrs(attrs: dict[str, Any], num_classes: int, *, entropy: bool = False) -> Dense | TopK:
+    """A stored teacher's layout; format-1 teachers (no `layout`) are dense over the store's classes.
+    `entropy`: the teacher has the v3 `entropy` array (older teachers do not)."""
     layout = attrs.get("layout", "dense")
     vocab = int(attrs.get("vocab_size") or num_classes)
     if layout == "dense":
-        return Dense(attrs["dtype"], vocab)
+        return Dense(attrs["dtype"], vocab, entropy=entropy)
     if layout == "topk":
-        return TopK(attrs["dtype"], vocab, int(attrs["top_k"]), tuple(float(t) for t in attrs["temperatures"]))
+        return TopK(attrs["dtype"], vocab, int(attrs["top_k"]), tuple(float(t) for t in attrs["temperatures"]), entropy=entropy)
     raise ValueError(f"unknown layout {layout!r}")
 
 

@@ -582,6 +582,12 @@ class TokenBatch:
     def __len__(self) -> int:
         return len(self.seqs)
 
+    @property
+    def position_seqs(self) -> Tensor:
+        """(P,) int64: the batch row (0..B-1) of each real position, in the order of input_ids[attention_mask]."""
+        b, width = self.attention_mask.shape
+        return torch.arange(b, device=self.attention_mask.device)[:, None].expand(b, width)[self.attention_mask]
+
     def to(self, device: torch.device, non_blocking: bool = False) -> TokenBatch:
         def move(t: Tensor) -> Tensor:
             return t.to(device, non_blocking=non_blocking)
@@ -601,8 +607,9 @@ class TeacherRows:
     # Distinct ids past every vocabulary for padding a teacher's k (ids >= V count as tail, here with p = 0).
     PAD_ID = 2**31 - 1
 
-    def __init__(self, store: Any, teachers: Sequence[str], temperature: float):
+    def __init__(self, store: Any, teachers: Sequence[str], temperature: float, *, entropy: bool = False):
         self.store, self.teachers, self.temperature = store, list(teachers), float(temperature)
+        self.entropy = entropy  # also read the stored entropies: "entropy" (K, n) float32 (fusion.py)
         layouts = [store.layout(t) for t in self.teachers]
         self.sparse = layouts[0].name == "topk"
         if any((lay.name == "topk") != self.sparse for lay in layouts):
@@ -616,11 +623,18 @@ class TeacherRows:
     def row_bytes(self) -> int:
         """Bytes of one row of every chosen teacher, as held in memory."""
         k = len(self.teachers)
+        extra = 4 if self.entropy else 0
         if self.sparse:
-            return k * (self.k * (8 + 4) + 4)
-        return k * self.vocab * torch.finfo(self.logits_dtype).bits // 8
+            return k * (self.k * (8 + 4) + 4 + extra)
+        return k * (self.vocab * torch.finfo(self.logits_dtype).bits // 8 + extra)
 
     def read(self, lo: int, hi: int) -> dict[str, Tensor]:
+        out = self._read(lo, hi)
+        if self.entropy:
+            out["entropy"] = torch.stack([self.store.read_entropy(t, lo, hi) for t in self.teachers])  # (K, n)
+        return out
+
+    def _read(self, lo: int, hi: int) -> dict[str, Tensor]:
         if not self.sparse:
             return {"logits": torch.stack([self.store.read_logits(t, lo, hi).to(self.logits_dtype) for t in self.teachers])}
         ids, logprobs, label_logprob = [], [], []

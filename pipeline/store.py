@@ -238,7 +238,8 @@ class LogitStore:
             name=name,
             spec=attrs.get("spec") or {},
             weights_sha256=attrs.get("weights_sha256", attrs.get("checkpoint_sha256")),  # format 1's name
-            layout=layout_from_attrs(attrs, self.num_classes),
+            # v3 teachers store `entropy`; those written before do not (an optional array, SPEC "Store").
+            layout=layout_from_attrs(attrs, self.num_classes, entropy=(self.path / "teachers" / name / "entropy" / "zarr.json").is_file()),
             complete=bool(attrs.get("complete", False)),
             stats=attrs.get("stats") or {},
         )
@@ -291,8 +292,9 @@ class LogitStore:
                 f"({data.num_rows} rows, fingerprint {data.fingerprint[:12]})"
             )
 
-    def read(self, name: str, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Rows [start, stop) of every array of a teacher, as stored (checksums verified by zarr).
+    def read(self, name: str, start: int, stop: int, *, only: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of every array of a teacher (or of the arrays named in `only`), as
+        stored (checksums verified by zarr).
 
         A chunk that does not read (checksum mismatch, truncated, missing metadata), or bits declared
         another logical dtype, raises CorruptStoreError naming the teacher and the first bad block."""
@@ -300,6 +302,8 @@ class LogitStore:
             raise IndexError(f"rows [{start}, {stop}) out of range (store has {self.num_rows})")
         out = {}
         for spec in self.layout(name).arrays():
+            if only is not None and spec.name not in only:
+                continue
             key = f"teachers/{name}/{spec.name}"
             try:
                 array = self._array(key)
@@ -357,6 +361,12 @@ class LogitStore:
         if not isinstance(layout, TopK):
             raise BadInputError(f"store {str(self.path)!r}: teacher {name!r} is stored {layout.name}, not top-k")
         return layout.decode(self.read(name, start, stop), temperature)
+
+    def read_entropy(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a teacher's stored entropies at T = 1, (stop-start,) float32 (v3 teachers)."""
+        if not self.layout(name).entropy:
+            raise BadInputError(f"store {str(self.path)!r}: teacher {name!r} stores no entropies (written before mtkd stored them)")
+        return torch.from_numpy(self.read(name, start, stop, only=("entropy",))["entropy"])
 
     def block_stats(self, name: str) -> np.ndarray:
         """(num_blocks, S) float64: each recorded block's stats sums (rows of unwritten blocks: NaN)."""
@@ -498,7 +508,7 @@ class LogitStore:
 
 
 # Arrays whose every recorded value is finite (label_logprob is NaN by design where there is no label).
-FINITE_ARRAYS = ("logits", "topk_logprobs", "lse")
+FINITE_ARRAYS = ("logits", "topk_logprobs", "lse", "entropy")
 # The exponent bits of each stored dtype: all ones is inf or NaN.
 _EXPONENT = {"float16": (np.uint16, 0x7C00), "bfloat16": (np.uint16, 0x7F80), "float32": (np.uint32, 0x7F800000)}
 

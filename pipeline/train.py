@@ -7,21 +7,7 @@ A Trainer reads top to bottom, like torchtune's recipes: `setup` resolves and ch
 one loop over every remaining batch, from the loader to the loss, checkpointing atomically at the
 end of every epoch and every `checkpoint_every` batches; `cleanup` leaves the process group.
 
-The loss of one batch of B rows (per-row terms as the SPEC's `fused_kd_loss` defines them):
-
-    L = 1/B * sum_n [ alpha * D_n + (1 - alpha) * CE_n ]         CE_n = 0 where the label is unknown
-
-D_n is the KD term: T^2 KL(p_n || softmax(s_n / T)) for `--loss kl`, sum_v (p_nv - q_nv)^2 with
-q = softmax(s / T) for `--loss mse`. So a row without a label (an unlabelled transfer set) trains
-on alpha * D_n alone rather than being dropped: the kernels' ignore_index drops the CE term only
-(SPEC version 2), so every batch is one kernel call whatever mix of labelled rows it holds.
-The fused target p_n:
-    mean        p = 1/K sum_k softmax(z_k / T)
-    weighted    p = sum_k w_k softmax(z_k / T),   w from --teacher-weights, normalised
-    confidence  p = sum_k w_nk softmax(z_k / T),  w_nk = mtkd.kernels.confidence_weights per batch
-    vote        p_v = fraction of teachers whose argmax is v; fed to the kernel as one pseudo-teacher
-                with logits T * log(p) (-inf where p = 0), since softmax(T log p / T) = p exactly.
-Without a store: L = mean over labelled rows of CE_n.
+The loss of one batch is objective.py's (the fusions' weights come from fusion.py); here the loop.
 
 Optimisation: AdamW; one optimizer step every `grad_accum` batches (the group's batch losses
 averaged; an epoch's last group may be shorter); the learning rate per optimizer step, a linear
@@ -67,8 +53,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtkd.kernels import confidence_weights, fused_kd_loss, fused_linear_sparse_kd_loss, fused_sparse_kd_loss
-from mtkd.pipeline.config import Fusion, Loss, Schedule, TrainConfig, differences, identity
+from mtkd.pipeline.config import Fusion, FusionScope, Loss, Schedule, TrainConfig, differences, identity
+from mtkd.pipeline.fusion import fallback_rows
+from mtkd.pipeline.objective import Objective
 from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.errors import BadInputError, CheckpointError, MtkdError, RunMismatchError, SpecError
 from mtkd.pipeline.evaluate import lm_logits, predict_log_probs, token_metrics
@@ -123,6 +110,7 @@ class Setup:
     plan: Plan
     checkpoint: dict[str, Any] | None
     head: str  # tokens: "fused" (hidden states + output layer into fused_linear_sparse_kd_loss) | "logits"; rows: "logits"
+    entropy: Tensor | None = None  # rows: (K, N) stored entropies, when the fusion reads them (tokens: with the teachers' rows)
 
 
 @dataclass(frozen=True)
@@ -207,7 +195,8 @@ class Trainer:
             config = config.resolved(_choose_teachers(store, config.teachers))
             store.require_complete(list(config.teachers))
             store.check_data(dataset)
-            teacher_rows = _teacher_rows(store, config)
+            entropy = _fusion_needs(store, config)
+            teacher_rows = _teacher_rows(store, config, entropy=entropy)
         elif labelled == 0:
             raise BadInputError(f"data {config.data!r} has no labels: hard-label training needs them (or distil with --store)")
         if samples < self.world_size:
@@ -282,6 +271,7 @@ class Trainer:
                 for t, info in ((t, store.teacher(t)) for t in config.teachers or ())
             ],
             "loss_function": _loss_function(config, teacher_rows, head),
+            **_fusion_fallback(config, dataset, teacher_rows),
             "epochs": plan.epochs,
             "total_steps": plan.total_steps,
             "world_size": self.world_size,
@@ -296,7 +286,10 @@ class Trainer:
         if existing is not None:
             _require_same(existing["config"], record, config.out)
             checkpoint = existing["checkpoint"]
-        return Setup(config, record, spec, model, dataset, val, store, loader, plan, checkpoint, head)
+        row_entropy = None
+        if teacher_rows is not None and teacher_rows.entropy and not tokens:  # (K, N) float32: 4 bytes a row and teacher
+            row_entropy = torch.stack([store.read_entropy(t, 0, store.num_rows) for t in config.teachers])
+        return Setup(config, record, spec, model, dataset, val, store, loader, plan, checkpoint, head, row_entropy)
 
     # -- train ------------------------------------------------------------------------------------------
 
@@ -305,7 +298,7 @@ class Trainer:
         config, plan, loader, run = s.config, s.plan, s.loader, s.config.out
         model = s.model.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        objective = Objective.from_config(config, device)
+        objective = Objective.from_config(config, device, row_entropy=s.entropy)
         tokens = s.data.kind == "tokens"
         lm = _LanguageModel(model, fused=s.head == "fused") if tokens else model
         lr_at = _schedule(config, plan)
@@ -403,7 +396,8 @@ class Trainer:
                         with autocast:
                             out = net(batch.input_ids, batch.attention_mask)[batch.attention_mask]  # (P, H) or (P, V)
                         labels = batch.labels[batch.attention_mask]  # (P,): the real positions, padding dropped
-                        batch_loss = objective.tokens(out, lm.head if s.head == "fused" else None, batch.teachers, labels)
+                        batch_loss = objective.tokens(out, lm.head if s.head == "fused" else None, batch.teachers, labels,
+                                                      batch.position_seqs)
                         student_logits = None if s.head == "fused" else out
                     else:
                         with autocast:
@@ -461,119 +455,6 @@ class Trainer:
         finally:
             if self.owns_group and dist.is_initialized():
                 dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------------
-# The loss of one batch
-# ---------------------------------------------------------------------------------------------------
-
-
-class Objective:
-    """The loss of one batch: mean over its rows of alpha * D_n + (1 - alpha) * CE_n (see the module doc)."""
-
-    def __init__(
-        self, *, distil: bool, fusion: str, weights: Tensor | None, temperature: float, alpha: float, loss: str,
-    ):
-        self.distil = distil
-        self.fusion = Fusion(fusion)
-        self.weights = weights  # (K,) for --fusion weighted
-        self.temperature = temperature
-        self.alpha = alpha
-        self.loss = Loss(loss)
-
-    @classmethod
-    def from_config(cls, config: TrainConfig, device: torch.device) -> Objective:
-        weights = config.teacher_weights
-        return cls(
-            distil=config.distil,
-            fusion=config.fusion,
-            weights=None if not weights else torch.tensor(list(weights.values()), dtype=torch.float32, device=device),
-            temperature=config.temperature,
-            alpha=config.alpha,
-            loss=config.loss,
-        )
-
-    def __call__(self, student_logits: Tensor, batch: Any) -> Tensor:
-        """Rows: (B, V) student logits and a Batch with (K, B, V) logits and (B,) labels."""
-        return self.dense(student_logits, batch.logits, batch.labels)
-
-    def tokens(self, out: Tensor, head: torch.nn.Linear | None, teachers: Mapping[str, Tensor], labels: Tensor) -> Tensor:
-        """Tokens: the P real positions' student output, (P, H) hidden states with the output layer
-        `head`, or (P, V) logits with head None; their teachers' rows (K, P, ...) and labels (P,)."""
-        if "ids" not in teachers:  # dense teachers, or none (hard labels): the rows' loss
-            return self.dense(out, teachers.get("logits"), labels)
-        ids, logprobs, w = self.sparse_target(teachers, labels)
-        options = dict(temperature=self.temperature, weights=w, labels=labels if self.alpha < 1.0 else None,
-                       alpha=self.alpha, reduction="mean", ignore_index=IGNORE_LABEL)
-        if head is None:
-            return fused_sparse_kd_loss(out, ids, logprobs, **options)
-        # Under autocast the hidden states are bf16: the output layer in their dtype, as a Linear would be.
-        bias = None if head.bias is None else head.bias.to(out.dtype)
-        return fused_linear_sparse_kd_loss(out, head.weight.to(out.dtype), ids, logprobs, bias=bias, **options)
-
-    def sparse_target(self, teachers: Mapping[str, Tensor], labels: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The top-k teachers as the sparse kernel sees them: ids and log-probabilities (K', P, k), weights."""
-        ids, logprobs = teachers["ids"], teachers["logprobs"]
-        if self.fusion is Fusion.MEAN:
-            return ids, logprobs, None
-        if self.fusion is Fusion.WEIGHTED:
-            return ids, logprobs, self.weights
-        if self.fusion is Fusion.CONFIDENCE:  # (P, K) from the stored label log-probabilities
-            return ids, logprobs, confidence_weights(label_logprobs=teachers["label_logprob"], labels=labels,
-                                                     ignore_index=IGNORE_LABEL)
-        # vote: one pseudo-teacher listing the teachers' top-1 ids with their vote fractions. A class
-        # voted by several teachers is listed once; the repeats become distinct ids past every
-        # vocabulary with probability 0, which the kernel counts as nothing.
-        k = ids.shape[0]
-        top1 = ids.gather(2, logprobs.argmax(dim=2, keepdim=True)).squeeze(2).T  # (P, K)
-        same = top1[:, :, None] == top1[:, None, :]  # (P, K, K)
-        votes = same.sum(dim=2).float() / k  # (P, K): the fraction of teachers voting each listed id
-        first = ~torch.tril(same, diagonal=-1).any(dim=2)  # the first teacher to name an id lists it
-        pad = TeacherRows.PAD_ID - torch.arange(k, device=ids.device)
-        pseudo_ids = torch.where(first, top1, pad)
-        pseudo_logprobs = torch.where(first, votes.log(), -math.inf)
-        return pseudo_ids.unsqueeze(0), pseudo_logprobs.unsqueeze(0), None  # (1, P, K)
-
-    def dense(self, student_logits: Tensor, logits: Tensor | None, labels: Tensor) -> Tensor:
-        s, y = student_logits, labels
-        if not self.distil:
-            # Hard labels: mean cross-entropy over the batch's labelled rows (0 when none are).
-            known = (y != IGNORE_LABEL).sum().clamp(min=1)
-            return F.cross_entropy(s.float(), y, ignore_index=IGNORE_LABEL, reduction="sum") / known
-        z, w = self.target(logits, y)  # (K', B, V) logits to fuse with weights w (None | (K,) | (B, K))
-        if self.loss is Loss.MSE:
-            return self._mse(s, z, w, y)
-        # One call: rows labelled ignore_index keep their KD term and drop the CE term only.
-        return fused_kd_loss(
-            s, z, temperature=self.temperature, weights=w, labels=y if self.alpha < 1.0 else None, alpha=self.alpha,
-            fusion="prob", reduction="mean", ignore_index=IGNORE_LABEL,
-        )
-
-    def target(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The teachers as the kernel sees them: (K, B, V) logits and their fusion weights."""
-        if self.fusion is Fusion.MEAN:
-            return logits, None
-        if self.fusion is Fusion.WEIGHTED:
-            return logits, self.weights
-        if self.fusion is Fusion.CONFIDENCE:
-            return logits, confidence_weights(logits, labels, ignore_index=IGNORE_LABEL)  # (B, K)
-        # vote: one pseudo-teacher whose tempered softmax is exactly the vote fractions.
-        k, _, v = logits.shape
-        votes = F.one_hot(logits.argmax(dim=-1), v).sum(dim=0).float() / k  # (B, V)
-        return (self.temperature * votes.log()).unsqueeze(0), None  # (1, B, V); log 0 = -inf
-
-    def _mse(self, s: Tensor, z: Tensor, w: Tensor | None, y: Tensor) -> Tensor:
-        t = self.temperature
-        k = z.shape[0]
-        w = torch.full((k,), 1.0 / k, device=z.device) if w is None else w / w.sum(dim=-1, keepdim=True)
-        w = w.reshape(-1, k).T.unsqueeze(-1)  # (K, B or 1, 1)
-        p = (torch.softmax(z.float() / t, dim=-1) * w).sum(dim=0)  # (B, V) fused teacher probabilities
-        q = torch.softmax(s.float() / t, dim=-1)
-        rows = self.alpha * (p - q).square().sum(dim=-1)
-        if self.alpha < 1.0:
-            ce = F.cross_entropy(s.float(), y, ignore_index=IGNORE_LABEL, reduction="none")  # 0 where unknown
-            rows = rows + (1.0 - self.alpha) * ce
-        return rows.mean()
 
 
 class _RunningLoss:
@@ -686,7 +567,38 @@ def _output_width(model: torch.nn.Module, data: RowData, name: str) -> int:
     return int(out.shape[1])
 
 
-def _teacher_rows(store: LogitStore, config: TrainConfig) -> TeacherRows:
+def _fusion_needs(store: LogitStore, config: TrainConfig) -> bool:
+    """Whether the run's fusion reads the stored entropies, after refusing what it cannot run on:
+    --fusion-scope sequence on a store of rows, --fusion entropy on teachers that store none.
+    posterior and best read them where every chosen teacher stores them (for unlabelled rows)."""
+    if config.fusion_scope is FusionScope.SEQUENCE and store.kind != "tokens":
+        raise BadInputError(
+            f"--fusion-scope sequence: store {str(config.store)!r} holds rows, which form no sequences "
+            "(token stores only; use --fusion-scope row)"
+        )
+    if config.fusion not in (Fusion.POSTERIOR, Fusion.BEST, Fusion.ENTROPY):
+        return False
+    without = [t for t in config.teachers if not store.layout(t).entropy]
+    if config.fusion is Fusion.ENTROPY and without:
+        raise BadInputError(
+            f"--fusion entropy: teacher(s) {', '.join(without)} of store {str(config.store)!r} store no entropies "
+            f"(written before mtkd stored them); write the teachers into a new store with this mtkd: "
+            f"`mtkd infer --teachers TEACHERS.toml --data {config.data} --out NEW_STORE`"
+        )
+    return not without
+
+
+def _fusion_fallback(config: TrainConfig, data: RowData | TokenData, teachers: TeacherRows | None) -> dict[str, Any]:
+    """config.json's count of the rows that posterior and best weigh without a label (fusion.py)."""
+    if config.fusion not in (Fusion.POSTERIOR, Fusion.BEST):
+        return {}
+    offsets = data.offsets if data.kind == "tokens" else None
+    rows = fallback_rows(np.asarray(data.labels), offsets, config.fusion_scope)
+    by_entropy = teachers is not None and teachers.entropy
+    return {"fusion_fallback": {"entropy": rows if by_entropy else 0, "prior": 0 if by_entropy else rows}}
+
+
+def _teacher_rows(store: LogitStore, config: TrainConfig, *, entropy: bool = False) -> TeacherRows:
     """The chosen teachers' reader, after checking that they can be fused at --temperature with --loss."""
     layouts = {t: store.layout(t) for t in config.teachers}
     sparse = [t for t, layout in layouts.items() if layout.name == "topk"]
@@ -704,7 +616,7 @@ def _teacher_rows(store: LogitStore, config: TrainConfig) -> TeacherRows:
                 f"--temperature {config.temperature:g}: teacher {name!r} of store {str(config.store)!r} has normalisers "
                 f"at {', '.join(f'{t:g}' for t in stored)} only (give one of those, or rerun mtkd infer --temperatures)"
             )
-    return TeacherRows(store, config.teachers, config.temperature)
+    return TeacherRows(store, config.teachers, config.temperature, entropy=entropy)
 
 
 class _LanguageModel(torch.nn.Module):

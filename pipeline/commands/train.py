@@ -13,7 +13,7 @@ import typer
 from mtkd.pipeline.device import Device
 from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
 from mtkd.pipeline.errors import BadInputError
-from mtkd.pipeline.config import CHECKPOINT_EVERY, DEFAULTS, Fusion, Loss, Schedule, TrainConfig
+from mtkd.pipeline.config import CHECKPOINT_EVERY, DEFAULTS, Fusion, FusionScope, Loss, Schedule, TrainConfig
 
 
 class LoaderMode(str, Enum):
@@ -42,11 +42,21 @@ def train(
     fusion: Annotated[
         Fusion,
         typer.Option("--fusion", help="How teachers combine: mean of probabilities, weighted (--teacher-weights), "
-                     "confidence (per row, by the probability each gives the label), vote (fraction of argmaxes)."),
+                     "confidence (per row, by the probability each gives the label), vote (fraction of argmaxes); "
+                     "selecting: posterior (w ~ pi p_k(label)^(1/tau)), best (all weight on the likeliest teacher), "
+                     "entropy (label-free, w ~ pi exp(-H_k / tau))."),
     ] = DEFAULTS["fusion"],
     teacher_weights: Annotated[
-        str | None, typer.Option("--teacher-weights", help="NAME=WEIGHT pairs for --fusion weighted, e.g. cnn=2,gru=1.")
+        str | None, typer.Option("--teacher-weights", help="NAME=WEIGHT pairs for --fusion weighted, or the prior pi of "
+                                 "posterior, best and entropy (default uniform), e.g. cnn=2,gru=1.")
     ] = None,
+    fusion_temperature: Annotated[
+        float, typer.Option("--fusion-temperature", help="tau of --fusion posterior, best and entropy (> 0; large: towards pi).")
+    ] = DEFAULTS["fusion_temperature"],
+    fusion_scope: Annotated[
+        FusionScope, typer.Option("--fusion-scope", help="Weights per row (tokens: per position) or per sequence "
+                                  "(tokens: scores summed over its labelled positions).")
+    ] = DEFAULTS["fusion_scope"],
     temperature: Annotated[
         float, typer.Option("--temperature", "-T", help="Softmax temperature of the KD term (> 0).")
     ] = DEFAULTS["temperature"],
@@ -106,6 +116,8 @@ def train(
       mtkd train --student mlp.toml --data mnist1d:train --out runs/baseline
       mtkd train --student mlp.toml --data x.npz --store x.zarr -T 2 \\
           --val-data val.npz --out runs/kd
+      mtkd train --student lm.toml --data code+prose.npz --store lm.zarr \\
+          --fusion best --fusion-scope sequence --alpha 0.8 --out runs/experts
       torchrun --nproc_per_node 4 -m mtkd.pipeline.cli train \\
           --student mlp.toml --data x.npz --store x.zarr --out runs/kd --resume
     """
@@ -117,7 +129,7 @@ def train(
         max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
         schedule=schedule, decay_rate=decay_rate, warmup_steps=warmup_steps, seed=seed, device=device.value,
         val_data=val_data, resume=resume, stream=None if loader is LoaderMode.auto else loader is LoaderMode.stream,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=checkpoint_every, fusion_temperature=fusion_temperature, fusion_scope=fusion_scope,
     )
     from mtkd.pipeline.train import run_train  # heavy (torch): here, so --help stays fast
 

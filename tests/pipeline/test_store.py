@@ -163,7 +163,7 @@ def test_bfloat16_is_bit_exact_for_every_kind_of_value(tmp_path):
     n = len(values) // v
     logits = values[: n * v].reshape(n, v).contiguous()
     store, _ = create_store(tmp_path / "s.zarr", data=_data(n), num_classes=v, chunk_rows=1024)
-    _add(store, "t", Dense("bfloat16", v))
+    _add(store, "t", Dense("bfloat16", v, entropy=False))
     labels = torch.full((n,), -100)
     for block in range(store.num_blocks):
         start, stop = store.block_range(block)
@@ -180,10 +180,13 @@ def test_bfloat16_is_bit_exact_for_every_kind_of_value(tmp_path):
 def test_write_block_refuses_wrong_shape_and_dtype(tmp_path):
     store = _store(tmp_path)
     stats = np.zeros(StatsSums.width(Dense("float16", 3)))
+    entropy = np.zeros(4, np.float32)
     with pytest.raises(ValueError, match=r"needs \(4, 3\) float16"):
-        store.write_block("a", 0, {"logits": np.zeros((3, 3), np.float16)}, stats)
+        store.write_block("a", 0, {"logits": np.zeros((3, 3), np.float16), "entropy": entropy}, stats)
     with pytest.raises(ValueError, match=r"needs \(4, 3\) float16"):
-        store.write_block("a", 0, {"logits": np.zeros((4, 3), np.float32)}, stats)
+        store.write_block("a", 0, {"logits": np.zeros((4, 3), np.float32), "entropy": entropy}, stats)
+    with pytest.raises(ValueError, match=r"entropy needs \(4,\) float32"):
+        store.write_block("a", 0, {"logits": np.zeros((4, 3), np.float16), "entropy": entropy.astype(np.float16)}, stats)
     with pytest.raises(ValueError, match="needs arrays"):
         store.write_block("a", 0, {"ids": np.zeros((4, 3), np.float16)}, stats)
     assert store.missing_blocks("a") == [0, 1, 2]

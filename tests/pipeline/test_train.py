@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from mtkd.kernels import confidence_weights, kd_loss_ref
 from mtkd.pipeline.specs import load_student_spec
 from mtkd.pipeline.config import TrainConfig
-from mtkd.pipeline.train import Objective, run_train
+from mtkd.pipeline.objective import Objective
+from mtkd.pipeline.train import run_train
 
 from .conftest import KD_CLASSES, KD_TEACHERS
 
