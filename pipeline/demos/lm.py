@@ -185,25 +185,26 @@ def run_lm_demo(out: str | Path, config: LMDemoConfig = LMDemoConfig(), *, quiet
     student_metrics = {run: {where: pick(run_eval(data, run=out / "runs" / run, device=config.device))
                              for where, data in evaluations.items()}
                        for seeded in runs.values() for run in seeded}
-    reports = {}
+    reports, validation_stores = {}, {where: out / "stores" / f"validation-{where}" for where in evaluations}
     for where, data in evaluations.items():
-        validation_store = out / "stores" / f"validation-{where}"
-        run_infer(teachers_toml, data, validation_store, top_k=config.top_k, temperatures=config.temperatures,
+        run_infer(teachers_toml, data, validation_stores[where], top_k=config.top_k, temperatures=config.temperatures,
                   batch_size=config.infer_batch_size, device=config.device)
-        reports[where] = inspect_store(open_store(validation_store))
+        reports[where] = inspect_store(open_store(validation_stores[where]))
     wall["eval"] = time.perf_counter() - t0
     wall["total"] = sum(wall.values())
 
     teachers = {r.name: _by_where({where: pick(next(t["metrics"] for t in report["teachers"] if t["name"] == r.name))
                                    for where, report in reports.items()})
                 for r in config.teachers}
-    ensembles = {f.label: _by_where({where: pick(_ensemble(report, f)) for where, report in reports.items()})
+    ensembles = {f.label: _by_where({where: fused_ensemble(validation_stores[where], f, config.fusion_temperature)
+                                     for where in evaluations})
                  for f in config.fusions}
     students = {row: _over_seeds([student_metrics[run] for run in seeded]) for row, seeded in runs.items()}
     chosen = config.fusions[-1].label
     result = {
         "teachers": teachers,
-        "ensemble": ensembles[config.fusions[0].label],  # the mean of probabilities, as before
+        # the mean of the teachers' probabilities, as `mtkd inspect` reports it (as before)
+        "ensemble": _by_where({where: pick(report["ensemble"]["metrics"]) for where, report in reports.items()}),
         "ensembles": ensembles,
         "baseline_student": students["baseline"],
         "single_teacher_students": {r.name: students[f"single-{r.name}"] for r in config.teachers},
@@ -227,14 +228,45 @@ def pick(metrics: dict[str, Any]) -> dict[str, float]:
     return {"perplexity": metrics["perplexity"], "accuracy": metrics["accuracy"]}
 
 
-def _ensemble(report: dict[str, Any], fusing: Fusing) -> dict[str, Any]:
-    """The store's fused ensemble under `fusing`, as `mtkd inspect` reports it."""
-    fusions = report.get("ensemble_fusions")
-    if fusions is None:  # an inspect without the per-fusion ensembles: the mean only
-        if fusing.fusion != "mean":
-            raise BadInputError(f"this mtkd inspect reports no ensemble under --fusion {fusing.fusion}")
-        return report["ensemble"]["metrics"]
-    return fusions[fusing.label]["metrics"]
+def fused_ensemble(path: Path, fusing: Fusing, tau: float = 1.0, chunk: int = 512) -> dict[str, float]:
+    """The ensemble of a top-k token store's teachers under `fusing`, weighted as `mtkd train` weighs
+    them (pipeline/fusion.py): perplexity exp(mean_n -log sum_k w_nk p_k(y_n)) over the labelled
+    positions, exactly (from the stored label log-probabilities), and next-token accuracy, the
+    argmax of sum_k w_nk p_k over the ids the teachers list (an id a teacher does not list counts 0
+    for it, as in `mtkd inspect`)."""
+    import numpy as np
+    import torch
+
+    from mtkd.pipeline.config import Fusion
+    from mtkd.pipeline.data import IGNORE_LABEL
+    from mtkd.pipeline.fusion import weights_for
+    from mtkd.pipeline.store import open_store
+
+    store = open_store(path)
+    names, n = store.teachers, store.num_rows
+    fields = ("topk_ids", "topk_logprobs", "label_logprob", "entropy")
+    arrays = [store.read(name, 0, n, only=fields) for name in names]
+    labels = torch.from_numpy(store.labels())
+    scores = torch.stack([torch.from_numpy(a["label_logprob"]) for a in arrays])  # (K, N)
+    offsets = store.offsets()
+    segments = torch.from_numpy(np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)))
+    weights = weights_for(Fusion(fusing.fusion), labels=labels, prior=None, tau=tau, label_logprob=scores,
+                          entropies=torch.stack([torch.from_numpy(a["entropy"]) for a in arrays]),
+                          segments=segments if fusing.scope == "sequence" else None)
+    k = len(names)
+    weights = torch.full((n, k), 1.0 / k) if weights is None else weights.expand(n, k)
+    has = labels != IGNORE_LABEL
+    nll = -torch.logsumexp(weights.double().log() + scores.T.double(), dim=1)[has]
+    ids = torch.from_numpy(np.concatenate([a["topk_ids"] for a in arrays], axis=1)).long()  # (N, K * k)
+    probs = torch.cat([torch.from_numpy(a["topk_logprobs"].astype(np.float32)).exp() * weights[:, j, None]
+                       for j, a in enumerate(arrays)], dim=1)
+    correct = 0
+    for start in range(0, n, chunk):
+        i, p = ids[start:start + chunk], probs[start:start + chunk]
+        mixed = ((i[:, :, None] == i[:, None, :]) * p[:, None, :]).sum(dim=2)  # each listed id's fused probability
+        top1 = i.gather(1, mixed.argmax(dim=1, keepdim=True)).squeeze(1)
+        correct += int(((top1 == labels[start:start + chunk]) & has[start:start + chunk]).sum())
+    return {"perplexity": float(torch.exp(nll.mean())), "accuracy": correct / int(has.sum())}
 
 
 def _by_where(metrics: dict[str, dict[str, float]]) -> dict[str, Any]:

@@ -52,6 +52,9 @@ def test_lm_demo_runs_every_stage_and_the_students_learn(tmp_path, one_thread):
     for where in ("code", "prose"):
         assert best["domains"][where]["perplexity"] <= 1.0001 * min(t["domains"][where]["perplexity"] for t in teachers.values())
         assert best["domains"][where]["perplexity"] < mean["domains"][where]["perplexity"]
+    # The ensembles are weighed as training weighs the teachers: under mean, what `mtkd inspect` says.
+    assert mean["perplexity"] == pytest.approx(result["ensemble"]["perplexity"], rel=1e-4)
+    assert mean["domains"]["prose"]["accuracy"] == pytest.approx(result["ensemble"]["domains"]["prose"]["accuracy"])
     # A real floor: a model at chance has perplexity V; every student must be far below.
     vocab = result["config"]["corpus"]["vocab_size"]
     students = [result["baseline_student"], *result["single_teacher_students"].values(), *result["fused_students"].values()]
