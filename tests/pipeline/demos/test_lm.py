@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from mtkd.pipeline.demos.corpus import CorpusConfig
@@ -46,12 +47,23 @@ def test_lm_demo_runs_every_stage_and_the_students_learn(tmp_path, one_thread):
     for domain, other in (("code", "prose"), ("prose", "code")):
         assert teachers[domain]["domains"][domain]["perplexity"] < teachers[other]["domains"][domain]["perplexity"]
     # `best` per sequence gives each validation window to the teacher that explains it best: its
-    # ensemble is at least as good as either teacher on every split (exactly, not by luck), and
-    # better than the mean of the two on each domain. A fusion that did not select fails here.
+    # ensemble is at least as good as either teacher on every split (exactly, not by luck), and on
+    # the mixture, where each expert wins its own domain's windows, better than both.
     best, mean = result["ensembles"]["best-sequence"], result["ensembles"]["mean"]
     for where in ("code", "prose"):
         assert best["domains"][where]["perplexity"] <= 1.0001 * min(t["domains"][where]["perplexity"] for t in teachers.values())
-        assert best["domains"][where]["perplexity"] < mean["domains"][where]["perplexity"]
+    assert best["perplexity"] < 0.99 * min(t["perplexity"] for t in teachers.values())
+    # ... and it is exactly the float64 computation from the stored label log-probabilities: per
+    # window, the teacher of the highest summed log p(label); a fusion that does not select fails.
+    store = open_store(tmp_path / "demo" / "stores" / "validation-mixture")
+    labels, offsets = store.labels(), store.offsets()
+    scores = np.stack([store.read(t, 0, store.num_rows, only=("label_logprob",))["label_logprob"] for t in ("code", "prose")]).astype(np.float64)
+    chosen = []
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        has = labels[start:stop] != -100
+        window = scores[:, start:stop][:, has]
+        chosen.append(window[int(np.argmax(window.sum(axis=1)))])
+    assert best["perplexity"] == pytest.approx(float(np.exp(-np.concatenate(chosen).mean())), rel=1e-5)
     # The ensembles are weighed as training weighs the teachers: under mean, what `mtkd inspect` says.
     assert mean["perplexity"] == pytest.approx(result["ensemble"]["perplexity"], rel=1e-4)
     assert mean["domains"]["prose"]["accuracy"] == pytest.approx(result["ensemble"]["domains"]["prose"]["accuracy"])
@@ -85,6 +97,8 @@ def test_lm_demo_runs_every_stage_and_the_students_learn(tmp_path, one_thread):
     fused = config_of("fused-best-sequence")
     assert sorted(teachers_of(fused)) == ["code", "prose"] and fused["paths"]["data"].endswith("/train.npz")
     assert (fused["fusion"], fused["fusion_scope"]) == ("best", "sequence")
+    assert fused["fusion_fallback"] == {"entropy": 0, "prior": 0}  # every window has labelled positions
+    assert config_of("fused-mean")["fusion"] == "mean"
     on_disk = sum(p.stat().st_size for p in (demo / "stores" / "train").rglob("*") if p.is_file())
     assert result["bytes_per_token"] == pytest.approx(on_disk / store.num_rows)
     for run in ("baseline", "fused-mean", "single-code-seed1"):
