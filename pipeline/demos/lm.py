@@ -57,8 +57,8 @@ class Fusing:
 class LMDemoConfig:
     corpus: CorpusConfig = CorpusConfig(max_bytes=500_000, prose_max_bytes=500_000)
     teachers: tuple[Recipe, ...] = (
-        Recipe("code", f"{MODELS}:gru_lm", GRU, epochs=3, lr=5e-3, data="code"),
-        Recipe("prose", f"{MODELS}:gru_lm", GRU, epochs=3, lr=5e-3, data="prose"),
+        Recipe("code", f"{MODELS}:gru_lm", GRU, epochs=4, lr=5e-3, data="code"),
+        Recipe("prose", f"{MODELS}:gru_lm", GRU, epochs=4, lr=5e-3, data="prose"),
     )
     student: Recipe = Recipe("student", f"{MODELS}:transformer_lm", {"d_model": 32, "layers": 1, "heads": 4},
                              epochs=2, lr=1e-2)
@@ -199,6 +199,7 @@ def run_lm_demo(out: str | Path, config: LMDemoConfig = LMDemoConfig(), *, quiet
     ensembles = {f.label: _by_where({where: fused_ensemble(validation_stores[where], f, config.fusion_temperature)
                                      for where in evaluations})
                  for f in config.fusions}
+    seeded_metrics = lambda row: [_by_where(student_metrics[run]) for run in runs[row]]  # noqa: E731
     students = {row: _over_seeds([student_metrics[run] for run in seeded]) for row, seeded in runs.items()}
     chosen = config.fusions[-1].label
     result = {
@@ -213,7 +214,13 @@ def run_lm_demo(out: str | Path, config: LMDemoConfig = LMDemoConfig(), *, quiet
         "chosen_fusion": chosen,
         "experts": {r.data: r.name for r in config.teachers if r.data},
         "seeds": list(config.seeds),
-        "per_seed": {row: [_by_where(student_metrics[run]) for run in seeded] for row, seeded in runs.items()},
+        # each seed's, in the shape of the means above (as the rows demo's per_seed)
+        "per_seed": {
+            "baseline_student": seeded_metrics("baseline"),
+            "single_teacher_students": {r.name: seeded_metrics(f"single-{r.name}") for r in config.teachers},
+            "fused_students": {f.label: seeded_metrics(f"fused-{f.label}") for f in config.fusions},
+            "distilled_student": seeded_metrics(f"fused-{chosen}"),
+        },
         "bytes_per_token": _store_bytes(store) / corpus.train_tokens,
         "wall_s": {k: round(v, 2) for k, v in wall.items()},
         "out": str(out),

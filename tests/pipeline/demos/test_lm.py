@@ -74,8 +74,11 @@ def test_lm_demo_runs_every_stage_and_the_students_learn(tmp_path, one_thread):
     assert result["distilled_student"] == result["fused_students"]["best-sequence"]
     assert set(result["wall_s"]) == {"data", "teachers", "infer", "baseline", "single_teacher", "distil", "eval", "total"}
     # Each student once per seed (its own initialisation and order), reported as mean and sample std.
-    for row, kind in (("baseline", result["baseline_student"]), ("fused-best-sequence", result["distilled_student"])):
-        runs = result["per_seed"][row]
+    per_seed = result["per_seed"]
+    assert per_seed["distilled_student"] == per_seed["fused_students"]["best-sequence"]
+    assert len(per_seed["single_teacher_students"]["prose"]) == 2
+    for runs, kind in ((per_seed["baseline_student"], result["baseline_student"]),
+                       (per_seed["distilled_student"], result["distilled_student"])):
         assert len(runs) == 2 and runs[0] != runs[1]
         ppl = [r["perplexity"] for r in runs]
         assert kind["perplexity"] == pytest.approx(sum(ppl) / 2)
