@@ -91,7 +91,7 @@ def _render_rows(result: dict[str, Any]) -> None:
                   _with_std(result["baseline_student"], std["baseline_student"], seeds))
     for name, accuracy in result["single_teacher_students"].items():
         table.add_row(f"student from {name} alone", _with_std(accuracy, std["single_teacher_students"][name], seeds))
-    table.add_row(f"[bold]student from all {len(result['teachers'])} teachers[/]",
+    table.add_row(f"[bold]student from all {len(result['teachers'])} teachers ({result['config']['fusion']})[/]",
                   f"[bold]{_with_std(result['distilled_student'], std['distilled_student'], seeds)}[/]")
     console = Console()
     console.print(table)

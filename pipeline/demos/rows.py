@@ -9,7 +9,8 @@ Every step is the library function behind a command, called as a user would call
                on its own third of the 4000 labelled rows (data/part-NAME.npz: complementary teachers,
                as groups that each hold their own data train them; `disjoint_teachers`)
     infer      `mtkd infer` of the three teachers over the transfer set
-    distil     `mtkd train --store`: the paper's MLP student (40-100-100-10) on the fused teachers
+    distil     `mtkd train --store --fusion posterior`: the paper's MLP student (40-100-100-10) on the
+               fused teachers
     single     the same, from each teacher alone (`--teachers NAME`): what the other teachers add
     baseline   `mtkd train`: the same MLP on the 4000 hard labels
     eval       `mtkd eval` of every model on the test split; `mtkd infer` over the test split and
@@ -62,8 +63,10 @@ class RowsDemoConfig:
         Recipe("cnn_wide", f"{MODELS}:cnn1d", {"channels": 32, "kernel_size": 9}, epochs=30, lr=3e-3),
     )
     student_kwargs: dict[str, Any] = field(default_factory=lambda: {"in_features": 40, "hidden": [100, 100], "num_classes": 10})
-    # Distillation: mean of teacher probabilities at T=2, KD term only, 30 epochs at lr 1e-2.
-    fusion: str = "mean"
+    # Distillation: T=2, KD term only, 30 epochs at lr 1e-2. Fusion `posterior`: on a labelled row
+    # each teacher weighs by how well it explains the label, on an unlabelled one by its certainty
+    # (the entropy fallback), so a weak teacher does not dilute the others as under `mean`.
+    fusion: str = "posterior"
     temperature: float = 2.0
     alpha: float = 1.0
     distil_epochs: int = 30
