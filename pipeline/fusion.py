@@ -97,14 +97,12 @@ def entropy(entropies: Tensor, log_pi: Tensor, tau: float) -> Tensor:
     return torch.softmax(log_pi - entropies.float() / tau, dim=0).T
 
 
-def per_sequence(values: Tensor, segments: Tensor, counted: Tensor) -> Tensor:
-    """(K, N) values, (N,) sequence of each position, (N,) bool -> (K, N): each position holds the
-    sum of `values` over the counted positions of its sequence."""
-    num = int(segments.max()) + 1 if len(segments) else 0
+def per_sequence(values: Tensor, segments: Tensor, counted: Tensor, num: int) -> Tensor:
+    """(K, N) values, (N,) sequence of each position (< num), (N,) bool -> (K, num): each sequence's
+    sum of `values` over its counted positions."""
     picked = torch.where(counted[None, :], values.float(), torch.zeros((), device=values.device))
     sums = torch.zeros((values.shape[0], num), dtype=torch.float32, device=values.device)
-    sums.index_add_(1, segments, picked)
-    return sums[:, segments]
+    return sums.index_add_(1, segments, picked)
 
 
 def fusion_weights(
@@ -123,26 +121,27 @@ def fusion_weights(
     (K, N) or None, labelled (N,) bool: the rows that have a score, prior (K,) pi or None (uniform),
     segments (N,) int64 for scope `sequence` (None: each row on its own).
     """
+    if fusion not in SELECTING:
+        raise ValueError(f"fusion {fusion.value!r} does not select")
+    if (entropies if fusion is Fusion.ENTROPY else scores) is None:
+        raise ValueError(f"--fusion {fusion.value} needs the teachers' {'entropies' if fusion is Fusion.ENTROPY else 'label scores'}")
+    if segments is not None:
+        # Weights per sequence (K, S), then each position takes its sequence's (the very same numbers).
+        num = int(segments.max()) + 1 if len(segments) else 0
+        has = torch.zeros(num, dtype=torch.int64, device=labelled.device).index_add_(0, segments, labelled.long()) > 0
+        counted = labelled | ~has[segments]  # a sequence's labelled positions, or all when it has none
+        w = fusion_weights(
+            fusion,
+            scores=None if scores is None else per_sequence(scores, segments, labelled, num),
+            entropies=None if entropies is None else per_sequence(entropies, segments, counted, num),
+            labelled=has, prior=prior, tau=tau,
+        )
+        return w[segments]  # (N, K)
     values = scores if scores is not None else entropies
     k, device = values.shape[0], values.device
     log_pi = log_prior(prior, k, device)
-    if segments is not None:
-        # The positions a sequence's weights are formed from: its labelled ones, or all when it has none.
-        num = int(segments.max()) + 1 if len(segments) else 0
-        per_seq = torch.zeros(num, dtype=torch.int64, device=device).index_add_(0, segments, labelled.long())
-        has = per_seq[segments] > 0  # (N,): the position's sequence has a labelled position
-        counted = labelled | ~has
-        if scores is not None:
-            scores = per_sequence(scores, segments, labelled)
-        if entropies is not None:
-            entropies = per_sequence(entropies, segments, counted)
-        labelled = has
     if fusion is Fusion.ENTROPY:
-        if entropies is None:
-            raise ValueError("--fusion entropy needs the teachers' entropies")
         return entropy(entropies, log_pi, tau)
-    if fusion not in (Fusion.POSTERIOR, Fusion.BEST):
-        raise ValueError(f"fusion {fusion.value!r} does not select")
     known = torch.where(labelled[None, :], scores, torch.zeros((), device=device))  # no NaN reaches the exp
     chosen = posterior(known, log_pi, tau) if fusion is Fusion.POSTERIOR else best(known, log_pi, tau)
     if entropies is not None:

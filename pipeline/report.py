@@ -12,6 +12,14 @@ larger than memory is measured in one pass. Dense rows get the full classificati
 (`metrics.RunningMetrics`); top-k teachers and tokens the metrics their stored values determine
 (accuracy / next-token accuracy, NLL, perplexity, ECE) from the same sums as the stats. Rows with
 label -100 are left out of everything that needs a label.
+
+Complementary teachers (v3): per complete teacher, the fraction of labelled rows (tokens: also of
+sequences, by their summed label log-probability) on which it is the best teacher, the one `--fusion
+best` picks (the lowest on ties); and the ensemble under each fusion (fusion.py at its defaults:
+uniform prior, tau 1, each row on its own): mean, posterior, best, entropy (where every complete
+teacher stores entropies) and, for tokens, best per sequence (exact from per-sequence sums: one
+teacher a sequence). posterior and best know the label: what they show is the most a student can
+gain from targets that select, not a model's held-out score.
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtkd.pipeline.config import Fusion
 from mtkd.pipeline.data import IGNORE_LABEL
+from mtkd.pipeline.fusion import fusion_weights
 from mtkd.pipeline.layouts import Dense, Layout, RowSummary, TopK, format_temperatures
 from mtkd.pipeline.metrics import ECE_BINS, RunningMetrics, fuse_log_probs
 from mtkd.pipeline.store import LogitStore
@@ -106,7 +116,8 @@ def teacher_stats(store: LogitStore, name: str) -> dict[str, Any]:
 
 def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Kind, teachers (layout, dtype, vocabulary, k, temperatures), completeness, bytes per row;
-    per-teacher and fused-ensemble metrics; pairwise top-1 agreement; mean tail mass (top-k).
+    per-teacher and fused-ensemble metrics; pairwise top-1 agreement; mean tail mass (top-k);
+    "selection": who is best where and the ensemble under each fusion (complete teachers; see the module doc).
 
     `progress(blocks_done, blocks)` is called after each row block. A teacher's metrics cover the
     rows it has written; the ensemble (mean of the teachers' probabilities) covers the complete
@@ -123,6 +134,7 @@ def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None
 
     per_teacher = {name: RunningMetrics(store.num_classes) if full else np.zeros(StatsSums.width(layouts[name])) for name in names}
     ensemble = RunningMetrics(store.num_classes) if full else _EnsembleSums()
+    selection = _SelectionSums(complete, layouts, store.offsets() if store.kind == "tokens" else None) if complete else None
     pairs = list(itertools.combinations(names, 2))
     agree = {pair: [0, 0] for pair in pairs}  # (rows agreeing, rows compared)
     for block in range(store.num_blocks):
@@ -131,10 +143,10 @@ def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None
             continue
         start, stop = store.block_range(block)
         y = labels[start:stop]
-        arrays, preds = {}, {}
+        arrays, preds, summaries = {}, {}, {}
         for name in present:
             arrays[name] = _read_block(store, name, layouts[name], block)
-            summary = layouts[name].summarize(arrays[name], y)
+            summary = summaries[name] = layouts[name].summarize(arrays[name], y)
             preds[name] = summary.top1
             if full:
                 per_teacher[name].update(torch.log_softmax(arrays[name]["logits"].double(), dim=1), y)
@@ -148,6 +160,8 @@ def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None
             ensemble.update(fuse_log_probs(torch.stack([arrays[name]["logits"] for name in complete])), y)
         elif complete:
             ensemble.update([arrays[name] for name in complete], [layouts[name] for name in complete], y)
+        if selection is not None:
+            selection.update(start, arrays, summaries, y)
         if progress is not None:
             progress(block + 1, store.num_blocks)
 
@@ -179,6 +193,7 @@ def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None
             for name in names
         ],
         "ensemble": {"teachers": complete, "metrics": ensemble.result(store.kind) if not full else ensemble.result()} if complete else None,
+        "selection": None if selection is None else selection.result(store.kind),
         "agreement": [
             {"a": a, "b": b, "agreement": agree[(a, b)][0] / agree[(a, b)][1] if agree[(a, b)][1] else float("nan"), "rows": agree[(a, b)][1]}
             for a, b in pairs
@@ -227,6 +242,91 @@ class _EnsembleSums:
         out = {"n": self.n, "accuracy": self.correct / self.n if self.n else nan, "nll": nll}
         if kind == "tokens":
             out["perplexity"] = math.exp(nll) if self.n else nan
+        return out
+
+
+class _SelectionSums:
+    """Whether the complete teachers are complementary (see the module doc), summed block by block:
+    per teacher the labelled rows it is best on; per fusion the ensemble's n, correct top-1 and NLL;
+    for tokens, per sequence and teacher the summed label log-probability and correct top-1 count."""
+
+    def __init__(self, names: list[str], layouts: dict[str, Layout], offsets: np.ndarray | None):
+        self.names, self.layouts, self.offsets = names, [layouts[n] for n in names], offsets
+        k = len(names)
+        self.fusions = [Fusion.MEAN, Fusion.POSTERIOR, Fusion.BEST] + ([Fusion.ENTROPY] if all(lay.entropy for lay in self.layouts) else [])
+        self.sums = {f.value: [0, 0.0, 0.0] for f in self.fusions}  # n, correct, nll
+        self.best_rows = np.zeros(k, dtype=np.int64)
+        if offsets is not None:
+            s = len(offsets) - 1
+            self.seq_score, self.seq_correct = np.zeros((k, s)), np.zeros((k, s))
+            self.seq_labelled = np.zeros(s, dtype=np.int64)
+
+    def update(self, start: int, arrays: dict[str, dict[str, torch.Tensor]], summaries: dict[str, RowSummary], labels: torch.Tensor) -> None:
+        keep = labels != IGNORE_LABEL
+        if not bool(keep.any()):
+            return
+        k, y = len(self.names), labels[keep]
+        score = torch.stack([summaries[n].label_logprob.double()[keep] for n in self.names])  # (K, n)
+        correct = torch.stack([(summaries[n].top1[keep] == y) for n in self.names]).double()  # (K, n)
+        self.best_rows += np.bincount(score.argmax(dim=0).numpy(), minlength=k)
+        ids, probs = [], []  # each teacher's listed classes and probabilities, for the mixture's top-1
+        for name, layout in zip(self.names, self.layouts):
+            a = arrays[name]
+            if isinstance(layout, TopK):
+                ids.append(a["topk_ids"].long()[keep])
+                probs.append(a["topk_logprobs"].double()[keep].exp())
+            else:
+                p = torch.softmax(a["logits"].double()[keep], dim=1)
+                ids.append(torch.arange(p.shape[1]).expand_as(p))
+                probs.append(p)
+        entropies = torch.stack([arrays[n]["entropy"][keep] for n in self.names]) if Fusion.ENTROPY in self.fusions else None
+        for fusion in self.fusions:
+            if fusion is Fusion.MEAN:
+                w = torch.full((len(y), k), 1.0 / k, dtype=torch.float64)
+            else:
+                w = fusion_weights(fusion, scores=score.float(), entropies=entropies, labelled=torch.ones_like(y, dtype=torch.bool)).double()
+            label_p = (w * score.T.exp()).sum(dim=1)  # (n,) the ensemble's probability of the label
+            top1 = _top_of_mixture(torch.cat(ids, dim=1), torch.cat([p * w[:, j : j + 1] for j, p in enumerate(probs)], dim=1))
+            sums = self.sums[fusion.value]
+            sums[0] += len(y)
+            sums[1] += float((top1 == y).sum())
+            sums[2] -= float(label_p.log().sum())
+        if self.offsets is not None:
+            rows = start + np.flatnonzero(keep.numpy())
+            seq = np.searchsorted(self.offsets, rows, side="right") - 1
+            for j in range(k):
+                np.add.at(self.seq_score[j], seq, score[j].numpy())
+                np.add.at(self.seq_correct[j], seq, correct[j].numpy())
+            np.add.at(self.seq_labelled, seq, 1)
+
+    def result(self, kind: str) -> dict[str, Any]:
+        nan = float("nan")
+
+        def metrics(n: int, correct: float, nll: float) -> dict[str, Any]:
+            out = {"n": n, "accuracy": correct / n if n else nan, "nll": nll / n if n else nan}
+            if kind == "tokens":
+                out["perplexity"] = math.exp(nll / n) if n else nan
+            return out
+
+        rows = int(self.best_rows.sum())
+        out: dict[str, Any] = {
+            "teachers": self.names,
+            "rows": rows,
+            "best_rows": {n: (int(c) / rows if rows else nan) for n, c in zip(self.names, self.best_rows)},
+            "fusions": {name: metrics(*sums) for name, sums in self.sums.items()},
+        }
+        if self.offsets is not None:
+            has = self.seq_labelled > 0
+            best = self.seq_score[:, has].argmax(axis=0)  # the teacher of each sequence (lowest on ties)
+            count = np.bincount(best, minlength=len(self.names))
+            seqs = int(has.sum())
+            out["sequences"] = seqs
+            out["best_sequences"] = {n: (int(c) / seqs if seqs else nan) for n, c in zip(self.names, count)}
+            picked = np.arange(len(best))
+            out["fusions"]["best_sequence"] = metrics(
+                int(self.seq_labelled.sum()), float(self.seq_correct[:, has][best, picked].sum()),
+                -float(self.seq_score[:, has][best, picked].sum()),
+            )
         return out
 
 

@@ -396,8 +396,8 @@ class Trainer:
                         with autocast:
                             out = net(batch.input_ids, batch.attention_mask)[batch.attention_mask]  # (P, H) or (P, V)
                         labels = batch.labels[batch.attention_mask]  # (P,): the real positions, padding dropped
-                        batch_loss = objective.tokens(out, lm.head if s.head == "fused" else None, batch.teachers, labels,
-                                                      batch.position_seqs)
+                        segments = batch.position_seqs if config.fusion_scope is FusionScope.SEQUENCE else None  # (P,)
+                        batch_loss = objective.tokens(out, lm.head if s.head == "fused" else None, batch.teachers, labels, segments)
                         student_logits = None if s.head == "fused" else out
                     else:
                         with autocast:

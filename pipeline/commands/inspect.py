@@ -26,6 +26,10 @@ def inspect(
     next-token accuracy. The ensemble is the mean of the complete teachers'
     probabilities. Against the stored labels (-100: left out). Top-k
     teachers also show their mean tail mass at each stored temperature.
+    Complementary teachers: the share of labelled rows (tokens: and of
+    sequences) on which each teacher gives the label the highest
+    probability, and the ensemble under each fusion (posterior and best
+    know the label: an upper bound of what selecting targets offer).
 
     Example:
       mtkd inspect train.zarr
@@ -94,3 +98,28 @@ def _render(report: dict) -> None:
         for p in report["agreement"]:
             pairs.add_row(p["a"], p["b"], _fmt(p["agreement"]), str(p["rows"]))
         console.print(pairs)
+    if report.get("selection"):
+        _render_selection(console, report["selection"], tokens)
+
+
+def _render_selection(console: Console, selection: dict, tokens: bool) -> None:
+    """Whether the teachers are complementary: who is best where, and the ensemble per fusion."""
+    best = Table(title="best teacher (label log-prob)")
+    for column in ("teacher", "rows", *(("sequences",) if tokens else ())):
+        best.add_column(column, justify="left" if column == "teacher" else "right")
+    for name in selection["teachers"]:
+        cells = [_fmt(selection["best_rows"][name], 3)] + ([_fmt(selection["best_sequences"][name], 3)] if tokens else [])
+        best.add_row(name, *cells)
+    console.print(best)
+    unit = "tokens" if tokens else "rows"
+    seqs = f" ({selection['sequences']} sequences)" if tokens else ""
+    console.print(f"share of the {selection['rows']} labelled {unit}{seqs} on which each teacher is best")
+    fused = Table(title="ensemble by fusion")
+    quality = ("acc", "ppl", "NLL") if tokens else ("acc", "NLL")
+    for column in ("fusion", *quality):
+        fused.add_column(column, justify="left" if column == "fusion" else "right")
+    for name, m in selection["fusions"].items():
+        cells = [_fmt(m["accuracy"], 3)] + ([_fmt(m.get("perplexity"), 1)] if tokens else []) + [_fmt(m["nll"], 3)]
+        fused.add_row(name.replace("_", " per "), *cells)
+    console.print(fused)
+    console.print("posterior and best know the label: the most that selecting targets offer, not a held-out score")

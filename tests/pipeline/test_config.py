@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from mtkd.pipeline.config import DEFAULTS, Fusion, Loss, Schedule, TrainConfig, differences
+from mtkd.pipeline.config import DEFAULTS, Fusion, FusionScope, Loss, Schedule, TrainConfig, differences
 from mtkd.pipeline.errors import BadInputError
 
 
@@ -98,3 +98,43 @@ def test_resume_compares_what_is_trained_not_where_things_are():
     assert differences(a, moved) == []
     assert differences(a, config(store="s.zarr", temperature=3.0).resolved(["a"]).to_json()) == ["temperature"]
     assert differences(a, config(store="s.zarr", grad_accum=2).resolved(["a"]).to_json()) == ["grad_accum"]
+
+
+@pytest.mark.parametrize(
+    ("options", "flag"),
+    [
+        ({"store": "s.zarr", "fusion": "posterior", "fusion_temperature": 0.0}, "--fusion-temperature must be > 0"),
+        ({"store": "s.zarr", "fusion": "entropy", "fusion_temperature": float("inf")}, "--fusion-temperature must be > 0"),
+        ({"store": "s.zarr", "fusion": "best", "fusion_scope": "document"}, "--fusion-scope must be one of row, sequence"),
+        ({"store": "s.zarr", "fusion_scope": "sequence"}, "--fusion-scope needs --fusion posterior, best or entropy"),
+        ({"store": "s.zarr", "fusion": "vote", "fusion_temperature": 2.0}, "--fusion-temperature needs"),
+        ({"store": "s.zarr", "fusion": "confidence", "teacher_weights": {"a": 1.0}}, "--teacher-weights needs"),
+        ({"store": "s.zarr", "fusion": "posterior", "teacher_weights": {"a": 0.0}}, "all zero"),
+    ],
+)
+def test_each_bad_fusion_option_is_refused_naming_it(options, flag):
+    with pytest.raises(BadInputError, match=flag):
+        config(**options)
+
+
+@pytest.mark.parametrize("fusion", ["posterior", "best", "entropy"])
+def test_selecting_fusions_take_the_teacher_weights_as_prior_and_record_tau_and_scope(fusion):
+    c = config(store="s.zarr", fusion=fusion, teacher_weights={"b": 1, "a": 3}, fusion_temperature=0.5,
+               fusion_scope="sequence").resolved(["a", "b"])
+    assert c.fusion_scope is FusionScope.SEQUENCE and c.fusion_temperature == 0.5
+    record = c.to_json()
+    assert (record["fusion"], record["fusion_temperature"], record["fusion_scope"]) == (fusion, 0.5, "sequence")
+    assert record["teacher_weights"] == {"a": 3.0, "b": 1.0}
+    pairs = dict(zip(*(lambda a: (a[2::2], a[3::2]))(shlex.split(record["command"]))))
+    assert pairs["--fusion"] == fusion and pairs["--fusion-temperature"] == "0.5" and pairs["--fusion-scope"] == "sequence"
+    assert pairs["--teacher-weights"] == "a=3,b=1"
+    assert differences(record, config(store="s.zarr", fusion=fusion, teacher_weights={"a": 3, "b": 1}, fusion_temperature=0.5)
+                       .resolved(["a", "b"]).to_json()) == ["fusion_scope"]
+
+
+def test_the_other_fusions_record_no_tau_or_scope_so_older_runs_resume():
+    record = config(store="s.zarr").resolved(["a"]).to_json()
+    assert record["fusion_temperature"] is None and record["fusion_scope"] is None
+    assert "--fusion-temperature" not in record["command"] and "--fusion-scope" not in record["command"]
+    older = {k: v for k, v in record.items() if k not in ("fusion_temperature", "fusion_scope")}  # config.json before v3
+    assert differences(older, record) == []

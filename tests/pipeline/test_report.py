@@ -105,3 +105,70 @@ def test_inspect_empty_store():
         store, _ = create_store(Path(tmp) / "s.zarr", data=make_row_data("d", np.zeros((3, 1))), num_classes=2, chunk_rows=3)
         report = inspect_store(store)
         assert report["teachers"] == [] and report["ensemble"] is None and report["labelled_rows"] == 0
+
+
+# -- complementary teachers (v3): who is best where, and the ensemble under each fusion ---------------
+
+
+def _selection_reference(z: np.ndarray, labels: np.ndarray, offsets: np.ndarray | None, fusions: list[str]):
+    """The inspect report's "selection" from (K, N, V) float64 logits, written out with numpy."""
+    from .test_fusion import reference_weights
+
+    k = z.shape[0]
+    z = z.astype(np.float64)
+    logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+    keep = labels != -100
+    rows = np.flatnonzero(keep)
+    score = logp[:, rows, labels[rows]]  # (K, n)
+    out = {"best_rows": np.bincount(score.argmax(0), minlength=k) / len(rows), "nll": {}}
+    for fusion in fusions:
+        w = np.full((len(rows), k), 1 / k) if fusion == "mean" else reference_weights(fusion, z, labels, np.ones(k), 1.0)[rows]
+        out["nll"][fusion] = -np.log((w * np.exp(score.T)).sum(1)).mean()
+        out.setdefault("accuracy", {})[fusion] = float(((w.T[:, :, None] * np.exp(logp[:, rows])).sum(0).argmax(1) == labels[rows]).mean())
+    if offsets is not None:
+        seq = np.searchsorted(offsets, rows, side="right") - 1
+        sums = np.zeros((k, len(offsets) - 1))
+        for j in range(k):
+            np.add.at(sums[j], seq, score[j])
+        has = np.bincount(seq, minlength=len(offsets) - 1) > 0
+        best = sums[:, has].argmax(0)
+        out["best_sequences"] = np.bincount(best, minlength=k) / has.sum()
+        out["nll"]["best_sequence"] = -sums[:, has][best, np.arange(len(best))].sum() / len(rows)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk"])
+def test_inspect_shows_which_teacher_is_best_and_the_ensemble_under_each_fusion(tmp_path, kind):
+    from .test_fusion import NAMES, token_store
+
+    store, data, z = token_store(tmp_path, kind)
+    selection = inspect_store(store)["selection"]
+    expected = _selection_reference(z, data.labels, data.offsets, ["mean", "posterior", "best", "entropy"])
+    assert selection["teachers"] == list(NAMES) and selection["rows"] == int((data.labels != -100).sum())
+    assert selection["sequences"] == 6  # the two 1-token sequences have no labelled position
+    np.testing.assert_allclose([selection["best_rows"][t] for t in NAMES], expected["best_rows"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose([selection["best_sequences"][t] for t in NAMES], expected["best_sequences"], rtol=0, atol=1e-12)
+    assert set(selection["fusions"]) == {"mean", "posterior", "best", "entropy", "best_sequence"}
+    for fusion, nll in expected["nll"].items():
+        got = selection["fusions"][fusion]
+        assert got["nll"] == pytest.approx(nll, rel=1e-5), fusion
+        assert got["perplexity"] == pytest.approx(np.exp(nll), rel=1e-5), fusion
+        if kind == "dense" and fusion in expected["accuracy"]:
+            assert got["accuracy"] == pytest.approx(expected["accuracy"][fusion], abs=1e-12), fusion
+    # knowing the label, best per row is at least as good as the mean and as one teacher a sequence
+    fused = selection["fusions"]
+    assert fused["best"]["nll"] <= min(fused["mean"]["nll"], fused["best_sequence"]["nll"], fused["posterior"]["nll"])
+
+
+def test_inspect_of_rows_and_of_teachers_without_entropies(tmp_path):
+    from .test_fusion import NAMES, row_store
+
+    store, data, z = row_store(tmp_path, entropy=False)
+    selection = inspect_store(store)["selection"]
+    expected = _selection_reference(z, data.labels, None, ["mean", "posterior", "best"])
+    assert set(selection["fusions"]) == {"mean", "posterior", "best"}  # no entropies stored: no entropy fusion
+    assert "best_sequences" not in selection
+    np.testing.assert_allclose([selection["best_rows"][t] for t in NAMES], expected["best_rows"], rtol=0, atol=1e-12)
+    for fusion, nll in expected["nll"].items():
+        assert selection["fusions"][fusion]["nll"] == pytest.approx(nll, rel=1e-5), fusion
+        assert selection["fusions"][fusion]["accuracy"] == pytest.approx(expected["accuracy"][fusion], abs=1e-12), fusion

@@ -94,6 +94,9 @@ DAMAGES = {
     "NaN values": (_nan_through_zarr, NON_FINITE, "a", 1),
     "deleted record": (_delete_record, NO_RECORD, "b", 0),
     "edited logical_dtype": (_edit_logical_dtype, ATTRIBUTE, "a", None),
+    # v3: the entropies are one of the teacher's arrays, checked like the logits
+    "NaN entropy": (lambda p: zarr.open_array(p / "teachers" / "b" / "entropy", mode="r+").__setitem__(20, np.nan), NON_FINITE, "b", 2),
+    "deleted entropy chunk": (lambda p: (p / "teachers" / "a" / "entropy" / "c" / "1").unlink(), NO_CHUNK, "a", 1),
 }
 
 
@@ -172,6 +175,7 @@ SPARSE_DAMAGES = {
     "an id outside the vocabulary": (lambda p: _array(p, "topk_ids").__setitem__((3, 0), 7), INVALID, 0),
     "the -1 fill in a recorded block": (lambda p: _array(p, "topk_ids").__setitem__((9, 1), -1), INVALID, 1),
     "deleted block_stats chunk": (lambda p: (p / "teachers" / "k" / "block_stats" / "c" / "3" / "0").unlink(), NO_CHUNK, 3),
+    "NaN in entropy": (lambda p: _array(p, "entropy").__setitem__(30, np.nan), NON_FINITE, 3),
 }
 
 

@@ -99,3 +99,19 @@ def test_a_token_store(tmp_path, make_tokens, make_teachers):
     table = runner.invoke(app, ["inspect", str(tmp_path / "t.zarr")])
     for text in ("tokens", "top-5 f16", "ppl", "T=4", "ensemble (2)"):
         assert text in table.stdout
+
+
+@pytest.mark.parametrize("kind", ["rows", "tokens"])
+def test_human_output_and_json_show_which_teacher_is_best_and_each_fusion(tmp_path, kind):
+    from tests.pipeline.test_fusion import row_store, token_store
+
+    store = (row_store(tmp_path) if kind == "rows" else token_store(tmp_path, "topk"))[0]
+    human = runner.invoke(app, ["inspect", str(store.path), "--quiet"], env={"COLUMNS": "100"})
+    assert human.exit_code == 0, human.output
+    assert "best teacher" in human.output and "ensemble by fusion" in human.output
+    for fusion in ("posterior", "best", "entropy", *(("best per sequence",) if kind == "tokens" else ())):
+        assert f"│ {fusion} " in human.output, fusion
+    assert ("sequences" in human.output) == (kind == "tokens")
+    report = json.loads(runner.invoke(app, ["inspect", str(store.path), "--json"]).stdout.strip().splitlines()[-1])
+    shares = report["selection"]["best_rows"]
+    assert set(shares) == {"a", "b", "c"} and sum(shares.values()) == pytest.approx(1.0)
