@@ -35,18 +35,22 @@ def demo(
 ) -> None:
     """Run a demo end to end: teachers, stage one, students, one table.
 
-    rows (the default): trains a CNN, a GRU and a wide-kernel CNN on the
-    4000 labelled rows of MNIST-1D, stores their logits over those rows and
-    an unlabelled transfer set, and trains the paper's MLP (40-100-100-10)
-    on the hard labels, from each teacher alone and from all three, over 3
-    seeds. Prints every model's test accuracy and each stage's wall time,
-    and draws a plot (README: what it measured, and how long it took).
+    rows (the default): trains a CNN, a GRU and a wide-kernel CNN, each
+    on its own third of the 4000 labelled rows of MNIST-1D (complementary
+    teachers, as different groups' are), stores their logits over those
+    rows and an unlabelled transfer set, and trains the paper's MLP
+    (40-100-100-10) on the hard labels, from each teacher alone and from
+    all three, over 3 seeds. Prints every model's test accuracy and each
+    stage's wall time, and draws a plot (README: what it measured).
 
-    lm: the Python standard library's own .py files as text, a BPE
-    tokenizer trained here, three teacher language models, stage one
-    sparse (top-k), and a student several times smaller distilled from the
-    store beside the same student on the next tokens alone. Prints each
-    model's validation perplexity and next-token accuracy, the store's
+    lm: two domains of text every Python has, the standard library's .py
+    files (code) and its help pages (prose, pydoc_data.topics), a BPE
+    tokenizer trained here, one teacher language model per domain trained
+    on that domain only, stage one sparse (top-k) over the mixture, and a
+    student several times smaller on the mixture: on the next tokens
+    alone, from each teacher alone, and from both under `mean` and under
+    a selecting fusion (`best`, per sequence). Prints each model's
+    validation perplexity on the mixture and per domain, the store's
     bytes per token and each stage's wall time, and draws a plot.
 
     Example:
@@ -87,7 +91,7 @@ def _render_rows(result: dict[str, Any]) -> None:
                   _with_std(result["baseline_student"], std["baseline_student"], seeds))
     for name, accuracy in result["single_teacher_students"].items():
         table.add_row(f"student from {name} alone", _with_std(accuracy, std["single_teacher_students"][name], seeds))
-    table.add_row(f"[bold]student from all {len(result['teachers'])} teachers[/]",
+    table.add_row(f"[bold]student from all {len(result['teachers'])} teachers ({result['config']['fusion']})[/]",
                   f"[bold]{_with_std(result['distilled_student'], std['distilled_student'], seeds)}[/]")
     console = Console()
     console.print(table)
@@ -100,28 +104,54 @@ def _render_rows(result: dict[str, Any]) -> None:
 
 def _render_lm(result: dict[str, Any]) -> None:
     seeds = len(result["seeds"])
-    title = "mtkd demo lm: Python stdlib, validation split"
-    table = Table(title=title + (f"\n(students: mean over {seeds} seeds)" if seeds > 1 else ""))
+    wheres = ["mixture", *next(iter(result["teachers"].values()))["domains"]]
+    title = "mtkd demo lm: validation perplexity (code: stdlib .py; prose: pydoc topics)"
+    table = Table(title=title + (f"\n(students: mean ± std over {seeds} seeds)" if seeds > 1 else ""))
     table.add_column("model")
-    table.add_column("perplexity", justify="right")
-    table.add_column("next-token accuracy", justify="right")
-    rows = [(f"teacher {name}", m) for name, m in result["teachers"].items()]
-    rows += [("ensemble (mean of probabilities)", result["ensemble"]),
-             ("student on next tokens (baseline)", result["baseline_student"])]
-    for label, m in rows:
-        table.add_row(label, f"{m['perplexity']:.1f}", f"{m['accuracy']:.3f}")
-    distilled, baseline = result["distilled_student"], result["baseline_student"]
-    table.add_row(f"[bold]student from all {len(result['teachers'])} teachers[/]", f"[bold]{distilled['perplexity']:.1f}[/]",
-                  f"[bold]{distilled['accuracy']:.3f}[/]")
+    for where in wheres:
+        table.add_column(where, justify="right")
+    singles = result["single_teacher_students"]
+    experts = result["experts"]  # domain -> its expert teacher
+
+    def cells(m: dict[str, Any], against_experts: bool = False) -> list[str]:
+        out = []
+        for where in wheres:
+            cell = m if where == "mixture" else m["domains"][where]
+            text = _ppl(cell, seeds)
+            if against_experts and where in experts:
+                expert = singles[experts[where]]["domains"][where]["perplexity"]
+                text += f" ({cell['perplexity'] / expert:.2f}x {experts[where]}'s)"
+            out.append(text)
+        return out
+
+    for name, m in result["teachers"].items():
+        table.add_row(f"teacher {name}", *cells(m))
+    for fusion, m in result["ensembles"].items():
+        table.add_row(f"ensemble, {fusion}", *cells(m))
+    table.add_row("student on next tokens (baseline)", *cells(result["baseline_student"]))
+    for name, m in singles.items():
+        table.add_row(f"student from {name} alone", *cells(m))
+    for fusion, m in result["fused_students"].items():
+        bold = fusion == result["chosen_fusion"]
+        label = f"student from all {len(result['teachers'])}, {fusion}"
+        row = [label, *cells(m, against_experts=True)]
+        table.add_row(*([f"[bold]{c}[/]" for c in row] if bold else row))
     console = Console()
     console.print(table)
-    console.print(f"distilled / baseline perplexity: {distilled['perplexity'] / baseline['perplexity']:.3f}; "
-                  f"store: {result['bytes_per_token']:.1f} bytes per token ({len(result['teachers'])} teachers, "
-                  f"top-{result['config']['top_k']})")
+    best = min(singles, key=lambda n: singles[n]["perplexity"])
+    distilled, baseline = result["distilled_student"], result["baseline_student"]
+    console.print(f"mixture perplexity, {result['chosen_fusion']} student / best single-teacher student ({best}): "
+                  f"{distilled['perplexity'] / singles[best]['perplexity']:.3f}; / baseline: "
+                  f"{distilled['perplexity'] / baseline['perplexity']:.3f}; store: {result['bytes_per_token']:.1f} bytes "
+                  f"per token ({len(result['teachers'])} teachers, top-{result['config']['top_k']})")
     _print_wall(console, result["wall_s"])
     console.print(f"data, models, stores and runs under {result['out']}")
     if result["plot"]:
         console.print(f"plot: {result['plot']}")
+
+
+def _ppl(m: dict[str, Any], seeds: int) -> str:
+    return f"{m['perplexity']:.1f} ± {m['perplexity_std']:.1f}" if seeds > 1 and "perplexity_std" in m else f"{m['perplexity']:.1f}"
 
 
 def _print_wall(console: Console, wall: dict[str, float]) -> None:

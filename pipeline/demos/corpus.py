@@ -1,16 +1,22 @@
-"""The language-model demo's text: the Python standard library's own source, a BPE tokenizer trained
-on it here, and windows of tokens written as token data (`input_ids` (N, L), `attention_mask`).
+"""The language-model demo's text: two domains every machine has, a BPE tokenizer trained on them
+here, and windows of tokens written as token data (`input_ids` (N, L), `attention_mask`).
 
-    files       the top-level `.py` files of `sysconfig.get_paths()["stdlib"]` (present wherever Python
+    code        the top-level `.py` files of `sysconfig.get_paths()["stdlib"]` (present wherever Python
                 is; never downloaded), in a fixed pseudo-random order (crc32 of the file name, so the
                 order depends on no directory listing), taken until `max_bytes` of text
-    split       by file: each file goes to the side that keeps validation's share of the bytes so far
-                nearest `validation_fraction` (a file's text never lands on both sides, so
-                validation measures generalisation to unseen modules)
-    tokenizer   byte-level BPE (`tokenizers`), trained on the train split only: every byte is in the
-                alphabet, so no text is ever unknown; one special token, <|endoftext|>, ends each file
-    windows     each split's files, tokenised and joined (file, <|endoftext|>, file, ...), cut into
-                rows of `window` tokens; the last partial row is padded (attention_mask 0)
+    prose       the English documentation text of `pydoc_data.topics` (the standard library's help()
+                pages: a dict of topic -> text), in crc32 order of the topic, until `prose_max_bytes`
+                (0: no prose domain)
+    split       per domain, by file or topic: each goes to the side that keeps validation's share of
+                the bytes so far nearest `validation_fraction` (a text never lands on both sides, so
+                validation measures generalisation to unseen modules and topics)
+    tokenizer   byte-level BPE (`tokenizers`), trained on the train split of every domain only: every
+                byte is in the alphabet, so no text is ever unknown; one special token, <|endoftext|>,
+                ends each text
+    windows     each domain's split, tokenised and joined (text, <|endoftext|>, text, ...), cut into
+                rows of `window` tokens; the last partial row is padded (attention_mask 0). A window
+                never spans two domains. Per domain {train,validation}-DOMAIN.npz; train.npz and
+                validation.npz are the mixture: every domain's windows, code first
 
 The same Python gives the same corpus, tokenizer and windows on every run and machine.
 """
@@ -31,7 +37,8 @@ END_OF_TEXT = "<|endoftext|>"
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    max_bytes: int = 1_600_000  # text used, both splits together
+    max_bytes: int = 1_600_000  # code text used, both splits together
+    prose_max_bytes: int = 0  # pydoc topics text used, both splits together; 0: code only
     validation_fraction: float = 0.1  # of the bytes
     vocab_size: int = 2048
     window: int = 128  # tokens per row
@@ -39,6 +46,8 @@ class CorpusConfig:
     def __post_init__(self) -> None:
         if self.max_bytes <= 0:
             raise BadInputError(f"corpus max_bytes must be > 0, got {self.max_bytes}")
+        if self.prose_max_bytes < 0:
+            raise BadInputError(f"corpus prose_max_bytes must be >= 0, got {self.prose_max_bytes}")
         if not 0.0 < self.validation_fraction < 1.0:
             raise BadInputError(f"corpus validation_fraction must lie in (0, 1), got {self.validation_fraction}")
         if self.vocab_size < 257:
@@ -48,19 +57,53 @@ class CorpusConfig:
 
 
 @dataclass(frozen=True)
-class Corpus:
-    """What `build_corpus` wrote: the tokenizer, the two token-data files, and their sizes."""
+class Domain:
+    """One domain's part of the corpus: its two token-data files, the texts on each side, sizes."""
 
-    tokenizer: Path
+    name: str  # "code" or "prose"
     train: Path
     validation: Path
-    train_files: tuple[str, ...]
-    validation_files: tuple[str, ...]
+    train_texts: tuple[str, ...]  # file names (code) or topics (prose), in corpus order
+    validation_texts: tuple[str, ...]
     train_bytes: int
     validation_bytes: int
     train_tokens: int  # real tokens (padding excluded), end-of-text tokens included
     validation_tokens: int
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """What `build_corpus` wrote: the tokenizer, the mixture's two token-data files, each domain's."""
+
+    tokenizer: Path
+    train: Path  # the mixture: every domain's train windows
+    validation: Path
+    domains: dict[str, Domain]
     vocab_size: int  # as trained (at most the configured size)
+
+    @property
+    def train_files(self) -> tuple[str, ...]:
+        return self.domains["code"].train_texts
+
+    @property
+    def validation_files(self) -> tuple[str, ...]:
+        return self.domains["code"].validation_texts
+
+    @property
+    def train_bytes(self) -> int:
+        return sum(d.train_bytes for d in self.domains.values())
+
+    @property
+    def validation_bytes(self) -> int:
+        return sum(d.validation_bytes for d in self.domains.values())
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(d.train_tokens for d in self.domains.values())
+
+    @property
+    def validation_tokens(self) -> int:
+        return sum(d.validation_tokens for d in self.domains.values())
 
     @property
     def text_bytes_per_token(self) -> float:
@@ -76,24 +119,38 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     return sorted(files, key=lambda p: (zlib.crc32(p.name.encode()), p.name))
 
 
+def prose_topics() -> list[tuple[str, str]]:
+    """(topic, text) of `pydoc_data.topics`, in the corpus order (crc32 of the topic)."""
+    from pydoc_data.topics import topics
+
+    return sorted(topics.items(), key=lambda item: (zlib.crc32(item[0].encode()), item[0]))
+
+
 def split_files(files: list[Path], config: CorpusConfig) -> tuple[list[Path], list[Path]]:
     """(train, validation): files in order until max_bytes; each goes to the side that keeps
     validation's share of the bytes so far nearest validation_fraction."""
-    train, validation, total, held_out = [], [], 0, 0
-    for path in files:
-        if total >= config.max_bytes:
-            break
-        size = path.stat().st_size
-        if held_out + size / 2 < config.validation_fraction * (total + size):
-            validation.append(path)
-            held_out += size
-        else:
-            train.append(path)
-        total += size
+    train, validation = split_texts([(p, p.stat().st_size) for p in files], config.max_bytes,
+                                    config.validation_fraction)
     if not validation:
         raise BadInputError(
             f"corpus max_bytes={config.max_bytes} selects {len(train)} file(s): too few to hold any out for validation"
         )
+    return train, validation
+
+
+def split_texts(items: list, max_bytes: int, validation_fraction: float) -> tuple[list, list]:
+    """(train, validation) of (item, size) pairs taken in order until max_bytes; each item goes to
+    the side that keeps validation's share of the bytes so far nearest validation_fraction."""
+    train, validation, total, held_out = [], [], 0, 0
+    for item, size in items:
+        if total >= max_bytes:
+            break
+        if held_out + size / 2 < validation_fraction * (total + size):
+            validation.append(item)
+            held_out += size
+        else:
+            train.append(item)
+        total += size
     return train, validation
 
 
@@ -132,28 +189,43 @@ def token_windows(tokenizer, texts: list[str], window: int) -> tuple[np.ndarray,
 
 
 def build_corpus(folder: str | Path, config: CorpusConfig = CorpusConfig(), *, stdlib: Path | None = None) -> Corpus:
-    """Write tokenizer.json, train.npz and validation.npz under `folder`; return what was written."""
+    """Write tokenizer.json, {train,validation}-DOMAIN.npz per domain and the mixture's train.npz and
+    validation.npz under `folder`; return what was written."""
     folder = Path(folder)
     train_paths, validation_paths = split_files(stdlib_files(stdlib), config)
     # The stdlib is UTF-8 (PEP 3120); a stray undecodable byte becomes U+FFFD rather than a failure.
     read = lambda paths: [p.read_bytes().decode("utf-8", errors="replace") for p in paths]  # noqa: E731
-    train_texts, validation_texts = read(train_paths), read(validation_paths)
-    tokenizer = train_tokenizer(train_texts, config.vocab_size)
+    # domain -> (train names, train texts, validation names, validation texts)
+    sides = {"code": ([p.name for p in train_paths], read(train_paths),
+                      [p.name for p in validation_paths], read(validation_paths))}
+    if config.prose_max_bytes:
+        topics = prose_topics()
+        train_topics, validation_topics = split_texts([((t, text), len(text.encode())) for t, text in topics],
+                                                      config.prose_max_bytes, config.validation_fraction)
+        if not validation_topics:
+            raise BadInputError(f"corpus prose_max_bytes={config.prose_max_bytes} selects {len(train_topics)} "
+                                "topic(s): too few to hold any out for validation")
+        sides["prose"] = ([t for t, _ in train_topics], [text for _, text in train_topics],
+                          [t for t, _ in validation_topics], [text for _, text in validation_topics])
+    tokenizer = train_tokenizer([text for side in sides.values() for text in side[1]], config.vocab_size)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
-    counts = {}
-    for name, texts in (("train", train_texts), ("validation", validation_texts)):
-        input_ids, mask, counts[name] = token_windows(tokenizer, texts, config.window)
-        np.savez(folder / f"{name}.npz", input_ids=input_ids, attention_mask=mask)
-    return Corpus(
-        tokenizer=folder / "tokenizer.json",
-        train=folder / "train.npz",
-        validation=folder / "validation.npz",
-        train_files=tuple(p.name for p in train_paths),
-        validation_files=tuple(p.name for p in validation_paths),
-        train_bytes=sum(len(t.encode()) for t in train_texts),
-        validation_bytes=sum(len(t.encode()) for t in validation_texts),
-        train_tokens=counts["train"],
-        validation_tokens=counts["validation"],
-        vocab_size=tokenizer.get_vocab_size(),
-    )
+    domains, mixture = {}, {"train": [], "validation": []}
+    for name, (train_names, train_texts, validation_names, validation_texts) in sides.items():
+        counts = {}
+        for split, texts in (("train", train_texts), ("validation", validation_texts)):
+            input_ids, mask, counts[split] = token_windows(tokenizer, texts, config.window)
+            np.savez(folder / f"{split}-{name}.npz", input_ids=input_ids, attention_mask=mask)
+            mixture[split].append((input_ids, mask))
+        domains[name] = Domain(
+            name=name, train=folder / f"train-{name}.npz", validation=folder / f"validation-{name}.npz",
+            train_texts=tuple(train_names), validation_texts=tuple(validation_names),
+            train_bytes=sum(len(t.encode()) for t in train_texts),
+            validation_bytes=sum(len(t.encode()) for t in validation_texts),
+            train_tokens=counts["train"], validation_tokens=counts["validation"],
+        )
+    for split, parts in mixture.items():
+        np.savez(folder / f"{split}.npz", input_ids=np.concatenate([ids for ids, _ in parts]),
+                 attention_mask=np.concatenate([mask for _, mask in parts]))
+    return Corpus(tokenizer=folder / "tokenizer.json", train=folder / "train.npz",
+                  validation=folder / "validation.npz", domains=domains, vocab_size=tokenizer.get_vocab_size())

@@ -69,9 +69,10 @@ def _val_accuracy(run: Path) -> list[float]:
     return [r["val_accuracy"] for r in rows if r.get("val_accuracy") is not None]
 
 
-def plot_lm_demo(out: Path, result: dict[str, Any]) -> str | None:
-    """Write out/perplexity.png: each model's validation perplexity, and both students' validation
-    perplexity per epoch (runs out/runs/baseline and out/runs/distilled). None without matplotlib."""
+def plot_lm_demo(out: Path, result: dict[str, Any], runs: dict[str, list[str]]) -> str | None:
+    """Write out/perplexity.png: each model's validation perplexity on the mixture and on each domain,
+    and every student's validation perplexity per epoch (`runs`: table row -> its runs, first seed
+    first). None without matplotlib."""
     try:
         import matplotlib
 
@@ -79,26 +80,35 @@ def plot_lm_demo(out: Path, result: dict[str, Any]) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    bars = [(f"teacher\n{n.replace('_', chr(10))}", m["perplexity"], TEACHER) for n, m in result["teachers"].items()]
-    bars += [("ensemble", result["ensemble"]["perplexity"], ENSEMBLE),
-             ("baseline", result["baseline_student"]["perplexity"], BASELINE),
-             ("distilled", result["distilled_student"]["perplexity"], DISTILLED)]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    drawn = left.bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
-    left.bar_label(drawn, labels=[f"{b[1]:.1f}" for b in bars], fontsize=8, padding=2)
+    models = [(f"teacher\n{n}", m, TEACHER) for n, m in result["teachers"].items()]
+    models += [(f"ensemble\n{f}", m, ENSEMBLE) for f, m in result["ensembles"].items()]
+    models.append(("baseline", result["baseline_student"], BASELINE))
+    models += [(f"from {n}\nonly", m, SINGLE) for n, m in result["single_teacher_students"].items()]
+    models += [(f"from all\n{f}", m, DISTILLED) for f, m in result["fused_students"].items()]
+    wheres = ["mixture", *next(iter(result["teachers"].values()))["domains"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(wheres)
+    for j, where in enumerate(wheres):
+        values = [m["perplexity"] if where == "mixture" else m["domains"][where]["perplexity"] for _, m, _ in models]
+        xs = [i + (j - (len(wheres) - 1) / 2) * width for i in range(len(models))]
+        drawn = left.bar(xs, values, width, color=[c for _, _, c in models], alpha=1.0 - 0.3 * j,
+                         edgecolor="black" if j == 0 else "none", label=where)
+        left.bar_label(drawn, labels=[f"{v:.0f}" for v in values], fontsize=6, padding=1)
+    left.set_xticks(range(len(models)), [label for label, _, _ in models], fontsize=7)
+    left.set_yscale("log")
     left.set_ylabel("validation perplexity (lower is better)")
-    left.set_title("Python stdlib: validation perplexity per model")
-    left.tick_params(axis="x", labelsize=8)
-    for run, label, colour in (("baseline", "baseline (next tokens only)", BASELINE),
-                               ("distilled", "distilled (teachers' top-k + next tokens)", DISTILLED)):
-        curve = _val_metric(out / "runs" / run, "val_perplexity")
-        right.plot(range(1, len(curve) + 1), curve, marker="o", label=label, color=colour)
+    left.set_title("perplexity per model: " + " / ".join(wheres) + " (left to right)")
+    for row, seeded in runs.items():
+        curve = _val_metric(out / "runs" / seeded[0], "val_perplexity")
+        colour = BASELINE if row == "baseline" else SINGLE if row.startswith("single-") else DISTILLED
+        style = "--" if row.startswith("single-") else "-"
+        right.plot(range(1, len(curve) + 1), curve, marker="o", linestyle=style, label=row, color=colour)
     right.set_xlabel("epoch")
     right.xaxis.get_major_locator().set_params(integer=True)
-    right.set_ylabel("validation perplexity")
+    right.set_ylabel("validation perplexity (mixture)")
     right.set_yscale("log")
-    right.set_title("students per epoch")
-    right.legend(fontsize=8)
+    right.set_title("students per epoch (first seed)")
+    right.legend(fontsize=7)
     fig.tight_layout()
     path = out / "perplexity.png"
     fig.savefig(path, dpi=110)

@@ -5,9 +5,12 @@ Every step is the library function behind a command, called as a user would call
     data       mnist1d:train (4000 labelled), mnist1d:test (1000), a validation draw (1000 labelled
                rows of another seed), and a transfer set: the 4000 labelled rows plus N unlabelled
                ones drawn in chunks with other seeds (labels -100), as transfer.npz
-    teachers   `mtkd train` on the labels: a 1-D CNN, a bidirectional GRU, a wide-kernel 1-D CNN
+    teachers   `mtkd train` on the labels: a 1-D CNN, a bidirectional GRU, a wide-kernel 1-D CNN, each
+               on its own third of the 4000 labelled rows (data/part-NAME.npz: complementary teachers,
+               as groups that each hold their own data train them; `disjoint_teachers`)
     infer      `mtkd infer` of the three teachers over the transfer set
-    distil     `mtkd train --store`: the paper's MLP student (40-100-100-10) on the fused teachers
+    distil     `mtkd train --store --fusion posterior`: the paper's MLP student (40-100-100-10) on the
+               fused teachers
     single     the same, from each teacher alone (`--teachers NAME`): what the other teachers add
     baseline   `mtkd train`: the same MLP on the 4000 hard labels
     eval       `mtkd eval` of every model on the test split; `mtkd infer` over the test split and
@@ -36,6 +39,7 @@ from mtkd.pipeline.progress import progress_bar
 MODELS = "mtkd.pipeline.models"
 TRANSFER_CHUNK = 5000  # rows per generated chunk of the transfer set: one step of the data bar
 TRANSFER_SEED = 1234  # chunk i is drawn with seed TRANSFER_SEED + i (the labelled splits use 42)
+PARTS_SEED = 99  # the shuffle of the labelled rows that disjoint_teachers cuts into the teachers' parts
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class Recipe:
     kwargs: dict[str, Any]
     epochs: int
     lr: float
+    data: str | None = None  # what it trains on where a demo's models differ: an lm demo domain; None: all
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,10 @@ class RowsDemoConfig:
         Recipe("cnn_wide", f"{MODELS}:cnn1d", {"channels": 32, "kernel_size": 9}, epochs=30, lr=3e-3),
     )
     student_kwargs: dict[str, Any] = field(default_factory=lambda: {"in_features": 40, "hidden": [100, 100], "num_classes": 10})
-    # Distillation: mean of teacher probabilities at T=2, KD term only, 30 epochs at lr 1e-2.
-    fusion: str = "mean"
+    # Distillation: T=2, KD term only, 30 epochs at lr 1e-2. Fusion `posterior`: on a labelled row
+    # each teacher weighs by how well it explains the label, on an unlabelled one by its certainty
+    # (the entropy fallback), so a weak teacher does not dilute the others as under `mean`.
+    fusion: str = "posterior"
     temperature: float = 2.0
     alpha: float = 1.0
     distil_epochs: int = 30
@@ -70,6 +77,9 @@ class RowsDemoConfig:
     baseline_lr: float = 1e-2
     batch_size: int = 128
     infer_batch_size: int = 256  # on 2 CPU cores these teachers forward 1.6x faster at 256 rows than at 512
+    # Complementary teachers, as real ones come from different groups: teacher i trains on part i of
+    # the labelled rows (a fixed shuffle cut into len(teachers) disjoint parts); False: all on all.
+    disjoint_teachers: bool = True
     seeds: tuple[int, ...] = (0, 1, 2)  # one run of every student per seed; the teachers use seeds[0]
     val_data: str = "mnist1d:test?seed=7"  # a labelled draw of its own: picks each student's best epoch
     device: str = "auto"
@@ -150,17 +160,21 @@ def run_rows_demo(out: str | Path, config: RowsDemoConfig = RowsDemoConfig(), *,
     wall["data"] = time.perf_counter() - t0
     log(f"data: {len(labelled)} labelled + {config.transfer_size} unlabelled rows ({wall['data']:.1f} s)")
 
-    # -- teachers: trained on the labels with `mtkd train` -------------------------------------------
+    # -- teachers: trained on the labels with `mtkd train`, each on its own part of them --------------
     t0 = time.perf_counter()
+    teacher_data = teacher_parts(out / "data", labelled.x, labelled.labels, config) if config.disjoint_teachers \
+        else {r.name: train for r in config.teachers}
     teacher_tables = []
     for recipe in config.teachers:
         spec = out / "models" / f"{recipe.name}.toml"
+        data = teacher_data[recipe.name]
+        shown = f"../data/{Path(data).name}" if config.disjoint_teachers else data
         spec.write_text(
-            f"# mtkd train --student {spec.name} --data {train} --epochs {recipe.epochs} --lr {recipe.lr} "
+            f"# mtkd train --student {spec.name} --data {shown} --epochs {recipe.epochs} --lr {recipe.lr} "
             f"--out ../runs/teacher-{recipe.name}\n"
             + toml_table("[student]", {"name": recipe.name, "factory": recipe.factory, "kwargs": recipe.kwargs})
         )
-        _train(spec, train, runs / f"teacher-{recipe.name}", epochs=recipe.epochs, lr=recipe.lr,
+        _train(spec, data, runs / f"teacher-{recipe.name}", epochs=recipe.epochs, lr=recipe.lr,
                batch_size=config.batch_size, seed=config.seeds[0], device=config.device, quiet=quiet)
         teacher_tables.append(
             toml_table("[[teachers]]", {"name": recipe.name, "factory": recipe.factory, "kwargs": recipe.kwargs,
@@ -232,7 +246,7 @@ def run_rows_demo(out: str | Path, config: RowsDemoConfig = RowsDemoConfig(), *,
         "config": {
             "transfer_size": config.transfer_size, "fusion": config.fusion, "temperature": config.temperature,
             "alpha": config.alpha, "distil_epochs": config.distil_epochs, "distil_lr": config.distil_lr,
-            "val_data": config.val_data,
+            "val_data": config.val_data, "disjoint_teachers": config.disjoint_teachers,
         },
     }
     from mtkd.pipeline.demos.plot import plot_rows_demo
@@ -240,6 +254,20 @@ def run_rows_demo(out: str | Path, config: RowsDemoConfig = RowsDemoConfig(), *,
     result["plot"] = plot_rows_demo(out, result, students)
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def teacher_parts(folder: Path, x, labels, config: RowsDemoConfig) -> dict[str, str]:
+    """Write part-NAME.npz per teacher under `folder`: the labelled rows in a fixed shuffle
+    (PARTS_SEED), cut into len(config.teachers) disjoint, near-equal parts; return name -> path."""
+    import numpy as np
+
+    order = np.random.default_rng(PARTS_SEED).permutation(len(labels))
+    paths = {}
+    for recipe, part in zip(config.teachers, np.array_split(order, len(config.teachers))):
+        part = np.sort(part)
+        paths[recipe.name] = str(folder / f"part-{recipe.name}.npz")
+        np.savez(paths[recipe.name], x=x[part], y=labels[part])
+    return paths
 
 
 def _std(values: list[float]) -> float:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from mtkd.pipeline.cli import app
+from mtkd.pipeline.data import load_data
 from mtkd.pipeline.demos.rows import RowsDemoConfig, run_rows_demo
 from mtkd.pipeline.store import open_store
 
@@ -17,7 +19,8 @@ CHANCE = 0.1  # MNIST-1D has 10 balanced classes
 
 
 def tiny_config() -> RowsDemoConfig:
-    teachers = tuple(dataclasses.replace(t, epochs=2) for t in RowsDemoConfig().teachers)
+    # Each teacher sees its own third of the labelled rows: 6 epochs are the steps 2 epochs on all were.
+    teachers = tuple(dataclasses.replace(t, epochs=6) for t in RowsDemoConfig().teachers)
     return RowsDemoConfig(transfer_size=1000, teachers=teachers, distil_epochs=3, baseline_epochs=3, seeds=(0, 1),
                           device="cpu")
 
@@ -32,7 +35,7 @@ def test_demo_runs_every_stage_and_its_students_learn(tmp_path, one_thread):
     result = run_rows_demo(tmp_path / "demo", tiny_config(), log=lambda message: None)
 
     assert set(result["teachers"]) == set(result["single_teacher_students"]) == {"cnn", "gru", "cnn_wide"}
-    # A real floor: 2 epochs of the CNN teacher reach ~0.9 and the students ~0.4 at 3 epochs; a
+    # A real floor: 6 epochs of the CNN teacher on its third reach ~0.9 and the students ~0.4 at 3 epochs; a
     # model at chance (0.1), or a student that learnt nothing from its store, fails here.
     assert result["ensemble"] >= 0.6 and max(result["teachers"].values()) >= 0.6
     students = [result["baseline_student"], result["distilled_student"], *result["single_teacher_students"].values()]
@@ -50,6 +53,17 @@ def test_demo_runs_every_stage_and_its_students_learn(tmp_path, one_thread):
     assert store.num_rows == 4000 + 1000
     assert (store.labels()[4000:] == -100).all() and (store.labels()[:4000] >= 0).all()
     store.require_complete(["cnn", "gru", "cnn_wide"])
+    # Complementary teachers: each trained on its own third of the 4000 labelled rows, disjoint.
+    parts = {}
+    for name in ("cnn", "gru", "cnn_wide"):
+        run = json.loads((tmp_path / "demo" / "runs" / f"teacher-{name}" / "config.json").read_text())
+        assert run["paths"]["data"].endswith(f"part-{name}.npz")
+        parts[name] = np.load(tmp_path / "demo" / "data" / f"part-{name}.npz")
+    rows = np.concatenate([p["x"] for p in parts.values()])
+    assert len(rows) == 4000 and {len(p["y"]) for p in parts.values()} == {1333, 1334}
+    assert len(np.unique(rows, axis=0)) == 4000  # no row in two parts
+    labelled = load_data("mnist1d:train")
+    assert sorted(map(bytes, rows)) == sorted(map(bytes, labelled.x))  # and together every labelled row
     # A single-teacher student saw one teacher only; the distilled one all three.
     assert teachers_of(tmp_path / "demo" / "runs" / "single-gru-s1") == ["gru"]
     assert sorted(teachers_of(tmp_path / "demo" / "runs" / "distilled-s0")) == ["cnn", "cnn_wide", "gru"]
