@@ -80,7 +80,8 @@ def infer(
       mtkd infer --teachers teachers.toml --data mnist1d:train --out train.zarr
       mtkd infer --teachers teachers.toml --data x.npz --out x.zarr --shard 3/8
       mtkd infer --teachers lm.toml --data tok.parquet --out tok.zarr --top-k 64
-      mtkd infer --teachers lm.toml --data tok.parquet --out tok.zarr --top-k 32 --tail-samples 32
+      mtkd infer --teachers lm.toml --data tok.parquet --out tok.zarr \\
+          --top-k 32 --tail-samples 32
     """
     from mtkd.pipeline.infer import parse_shard, run_infer  # heavy (torch): here, so --help stays fast
 
