@@ -1,8 +1,8 @@
 """Warnings about a store's teachers that predict a poor student, for `mtkd train` (at setup) and
 `mtkd inspect`: one line each, also in `--json` as `warnings`.
 
-- a top-k teacher whose mean tail mass (its probability outside the stored top-k) is above
-  TAIL_MASS_LIMIT at the training temperature: the tail bucket teaches the student nothing about
+- a top-k teacher without tail samples whose mean tail mass (its probability outside the stored
+  top-k) is above TAIL_MASS_LIMIT at the training temperature: the tail bucket teaches the student nothing about
   which unlisted class (README, "Top-k fidelity"); more k, or tail samples, help;
 - a fused ensemble (the mean of the teachers' probabilities) worse than its best teacher by more
   than DILUTION_LIMIT in perplexity (exp of the NLL; rows too): the others dilute it; a selecting
@@ -78,8 +78,9 @@ def unigram(labels: np.ndarray) -> tuple[float, float]:
 
 def report_warnings(report: Mapping[str, Any], labels: np.ndarray, temperature: float) -> list[str]:
     """For `mtkd inspect`: from its report (every stored row) and the store's labels."""
+    # A teacher with tail samples has its tail taught by them, not spread as one bucket: no tail warning.
     teachers = {t["name"]: {"nll": t["metrics"].get("nll"), "accuracy": t["metrics"].get("accuracy"),
-                            "tail_mass": t["metrics"].get("tail_mass")}
+                            "tail_mass": None if t.get("tail_samples") else t["metrics"].get("tail_mass")}
                 for t in report["teachers"] if t["complete"]}
     ensemble = report.get("ensemble")
     nll = ensemble["metrics"]["nll"] if ensemble and len(ensemble["teachers"]) > 1 else None
@@ -105,7 +106,7 @@ def training_warnings(store: Any, teachers: Sequence[str], temperature: float, r
         labelled = bool(keep.any())
         stats[name] = {"nll": -float(label_lp[name].mean()) if labelled else math.nan,
                        "accuracy": float((summary.top1[keep] == y[keep]).double().mean()) if labelled else math.nan,
-                       "tail_mass": (store.teacher(name).stats or {}).get("tail_mass")}
+                       "tail_mass": None if getattr(layout, "tail_samples", 0) else (store.teacher(name).stats or {}).get("tail_mass")}
     ensemble = None
     if len(teachers) > 1 and bool(keep.any()):
         mixed = torch.logsumexp(torch.stack([label_lp[n] for n in teachers]), dim=0) - math.log(len(teachers))

@@ -9,6 +9,7 @@ import pytest
 import torch
 import zarr
 
+from mtkd.pipeline.advice import report_warnings, training_warnings
 from mtkd.pipeline.data import load_data
 from mtkd.pipeline.errors import BadInputError, StoreMismatchError
 from mtkd.pipeline.infer import run_infer
@@ -96,6 +97,10 @@ def test_pure_sampling_and_the_reader_give_targets_of_mass_one(tmp_path, make_to
     assert verify_store(store.path).clean
     report = inspect_store(store)
     assert all(t["tail_samples"] == 8 and t["bytes_per_row"] > 0 for t in report["teachers"])
+    # Every class is tail here, but the samples teach it: no "outside its stored top-k" warning.
+    tail_warnings = [w for w in training_warnings(store, store.teachers, 1.0) + report_warnings(report, store.labels(), 1.0)
+                     if "outside its stored top-k" in w]
+    assert tail_warnings == []
 
 
 def test_a_head_and_tail_store_mixes_with_a_plain_top_k_teacher(tmp_path, make_tokens, make_teachers):
