@@ -348,9 +348,15 @@ def _infer_process(tmp_path, out, *extra):
     )
 
 
-def _reference(tmp_path, name="reference.zarr"):
+# Stage one's layouts the process tests run: dense rows, and top-k with sampled tails (their draws
+# must reproduce across kills and shards too; the test teachers have 3 classes).
+SAMPLED = ("--top-k", "1", "--tail-samples", "5", "--seed", "9")
+LAYOUTS = pytest.mark.parametrize("layout", [(), SAMPLED], ids=["dense", "sampled"])
+
+
+def _reference(tmp_path, *extra, name="reference.zarr"):
     """An uninterrupted single run, in a process of its own like the runs it is compared with."""
-    proc = _infer_process(tmp_path, name)
+    proc = _infer_process(tmp_path, name, *extra)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     return snapshot(tmp_path / name)
@@ -370,17 +376,19 @@ def _kill_once_recorded(proc, store: Path, blocks: int) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path, make_data, make_teachers, odd_teachers):
+@LAYOUTS
+def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path, make_data, make_teachers, odd_teachers, layout):
     make_data(80)
     make_teachers([{"name": "fast"}, {"name": "slow", **SLOW}])
-    expected = _reference(tmp_path)
+    expected = _reference(tmp_path, *layout)
+    assert bool(layout) == any(key.startswith("teachers/slow/tail_ids/c/") for key in expected)
 
-    proc = _infer_process(tmp_path, "s.zarr")
+    proc = _infer_process(tmp_path, "s.zarr", *layout)
     _kill_once_recorded(proc, tmp_path / "s.zarr", 3)
     done = len(os.listdir(tmp_path / "s.zarr/teachers/slow/done/c"))
     assert 3 <= done < 20, "the kill came too late to test anything"
 
-    rerun = _infer_process(tmp_path, "s.zarr", "--json")
+    rerun = _infer_process(tmp_path, "s.zarr", *layout, "--json")
     stdout, stderr = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, stderr
     assert json.loads(stdout.strip().splitlines()[-1])["blocks_skipped"] >= 2
@@ -388,12 +396,13 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path, make_data, make_t
 
 
 @pytest.mark.slow
-def test_concurrent_shard_processes_equal_one_run(tmp_path, make_data, make_teachers, odd_teachers):
+@LAYOUTS
+def test_concurrent_shard_processes_equal_one_run(tmp_path, make_data, make_teachers, odd_teachers, layout):
     make_data(80)
     make_teachers([{"name": "fast"}, {"name": "slow", **SLOW}])
-    expected = _reference(tmp_path)
+    expected = _reference(tmp_path, *layout)
 
-    procs = [_infer_process(tmp_path, "s.zarr", "--shard", f"{i}/3") for i in range(3)]
+    procs = [_infer_process(tmp_path, "s.zarr", *layout, "--shard", f"{i}/3") for i in range(3)]
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr

@@ -1,53 +1,15 @@
-"""`mtkd infer --tail-samples` through the real CLI: refusals (exit 2, nothing written), and real
-processes (killed with SIGKILL and resumed, concurrent shards) giving the bytes of one run."""
+"""`mtkd infer --tail-samples` through the real CLI: refusals (exit 2, nothing written), the table and
+inspect. Real processes killed and resumed, and concurrent shards, run on sampled stores in
+test_infer.py's process tests (parametrized over the layouts)."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from tests.pipeline.commands.test_infer import SLOW, _infer_process, _kill_once_recorded, invoke
+from tests.pipeline.commands.test_infer import SAMPLED, invoke
 from tests.pipeline.conftest import LM_VOCAB, refused, snapshot
-
-SAMPLED = ("--top-k", "1", "--tail-samples", "5", "--seed", "9")  # the test teachers have 3 classes
-
-
-def _reference(tmp_path, name="reference.zarr"):
-    proc = _infer_process(tmp_path, name, *SAMPLED)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
-    return snapshot(tmp_path / name)
-
-
-@pytest.mark.slow
-def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path, make_data, make_teachers, odd_teachers):
-    make_data(80)
-    make_teachers([{"name": "fast"}, {"name": "slow", **SLOW}])
-    expected = _reference(tmp_path)
-    assert any(key.startswith("teachers/slow/tail_ids/c/") for key in expected)
-    proc = _infer_process(tmp_path, "s.zarr", *SAMPLED)
-    _kill_once_recorded(proc, tmp_path / "s.zarr", 3)
-    assert 3 <= len(os.listdir(tmp_path / "s.zarr/teachers/slow/done/c")) < 20, "the kill came too late to test anything"
-    rerun = _infer_process(tmp_path, "s.zarr", *SAMPLED, "--json")
-    stdout, stderr = rerun.communicate(timeout=120)
-    assert rerun.returncode == 0, stderr
-    assert json.loads(stdout.strip().splitlines()[-1])["blocks_skipped"] >= 2
-    assert snapshot(tmp_path / "s.zarr") == expected
-
-
-@pytest.mark.slow
-def test_concurrent_shard_processes_equal_one_run(tmp_path, make_data, make_teachers, odd_teachers):
-    make_data(80)
-    make_teachers([{"name": "fast"}, {"name": "slow", **SLOW}])
-    expected = _reference(tmp_path)
-    procs = [_infer_process(tmp_path, "s.zarr", *SAMPLED, "--shard", f"{i}/3") for i in range(3)]
-    for proc in procs:
-        _, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 0, stderr
-    assert snapshot(tmp_path / "s.zarr") == expected
-
 
 LM = {"factory": "mtkd.pipeline.models:gru_lm", "kwargs": {"vocab_size": LM_VOCAB, "hidden": 8}}
 
