@@ -554,7 +554,7 @@ class LogitStore:
         layout = self.layout(name)
         if not isinstance(layout, Dense):
             raise BadInputError(f"store {str(self.path)!r}: teacher {name!r} is stored {layout.name}, not dense logits")
-        return layout.decode(self.read(name, start, stop))
+        return layout.decode(self.read(name, start, stop, only=("logits",)))  # entropies: read_entropy, when a fusion asks
 
     def read_topk(self, name: str, start: int, stop: int, temperature: float = 1.0) -> SparseRows:
         """Rows [start, stop) of a top-k teacher: ids (n, k) int64, log-probabilities (n, k) float32
@@ -562,7 +562,9 @@ class LogitStore:
         layout = self.layout(name)
         if not isinstance(layout, TopK):
             raise BadInputError(f"store {str(self.path)!r}: teacher {name!r} is stored {layout.name}, not top-k")
-        return layout.decode(self.read(name, start, stop), temperature)
+        # Every array but the entropies (read_entropy, only when a fusion asks): none read for nothing per batch.
+        needed = tuple(a.name for a in layout.arrays() if a.name != "entropy")
+        return layout.decode(self.read(name, start, stop, only=needed), temperature)
 
     def read_entropy(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a teacher's stored entropies at T = 1, (stop-start,) float32 (v3 teachers)."""
