@@ -36,8 +36,9 @@ def demo(
     """Run a demo end to end: teachers, stage one, students, one table.
 
     rows (the default): trains a CNN, a GRU and a wide-kernel CNN, each
-    on its own third of the 4000 labelled rows of MNIST-1D (complementary
-    teachers, as different groups' are), stores their logits over those
+    on its own part of the 4000 labelled rows of MNIST-1D, a part that
+    holds mostly its own classes (complementary teachers, as different
+    groups' are), stores their logits over those
     rows and an unlabelled transfer set, and trains the paper's MLP
     (40-100-100-10) on the hard labels, from each teacher alone and from
     all three, over 3 seeds. Prints every model's test accuracy and each

@@ -6,8 +6,10 @@ Every step is the library function behind a command, called as a user would call
                rows of another seed), and a transfer set: the 4000 labelled rows plus N unlabelled
                ones drawn in chunks with other seeds (labels -100), as transfer.npz
     teachers   `mtkd train` on the labels: a 1-D CNN, a bidirectional GRU, a wide-kernel 1-D CNN, each
-               on its own third of the 4000 labelled rows (data/part-NAME.npz: complementary teachers,
-               as groups that each hold their own data train them; `disjoint_teachers`)
+               on its own part of the 4000 labelled rows (data/part-NAME.npz): complementary teachers,
+               as groups that each collected their own data train them. Each group labelled mostly its
+               own classes (class c belongs to teacher c mod 3: {0,3,6,9}, {1,4,7}, {2,5,8}): 90% of a
+               class's rows are in its owner's part, the rest spread over the others (`own_share`)
     infer      `mtkd infer` of the three teachers over the transfer set
     distil     `mtkd train --store --fusion posterior`: the paper's MLP student (40-100-100-10) on the
                fused teachers
@@ -39,7 +41,7 @@ from mtkd.pipeline.progress import progress_bar
 MODELS = "mtkd.pipeline.models"
 TRANSFER_CHUNK = 5000  # rows per generated chunk of the transfer set: one step of the data bar
 TRANSFER_SEED = 1234  # chunk i is drawn with seed TRANSFER_SEED + i (the labelled splits use 42)
-PARTS_SEED = 99  # the shuffle of the labelled rows that disjoint_teachers cuts into the teachers' parts
+PARTS_SEED = 99  # the draw that puts each labelled row in one teacher's part (teacher_parts)
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,12 @@ class RowsDemoConfig:
     baseline_lr: float = 1e-2
     batch_size: int = 128
     infer_batch_size: int = 256  # on 2 CPU cores these teachers forward 1.6x faster at 256 rows than at 512
-    # Complementary teachers, as real ones come from different groups: teacher i trains on part i of
-    # the labelled rows (a fixed shuffle cut into len(teachers) disjoint parts); False: all on all.
-    disjoint_teachers: bool = True
+    # Complementary teachers, as real ones come from different groups with their own data: class c
+    # belongs to teacher c mod K, whose part holds `own_share` of the class's labelled rows; the rest
+    # are spread evenly over the other teachers (every labelled row in exactly one part; a fixed draw,
+    # PARTS_SEED). 1/K gives random disjoint parts; 1.0, teachers that never see another's classes;
+    # None: every teacher on all the labelled rows.
+    own_share: float | None = 0.9
     seeds: tuple[int, ...] = (0, 1, 2)  # one run of every student per seed; the teachers use seeds[0]
     val_data: str = "mnist1d:test?seed=7"  # a labelled draw of its own: picks each student's best epoch
     device: str = "auto"
@@ -133,6 +138,8 @@ def run_rows_demo(out: str | Path, config: RowsDemoConfig = RowsDemoConfig(), *,
         raise BadInputError(f"transfer size must be >= 0, got {config.transfer_size}")
     if not config.seeds:
         raise BadInputError("the demo needs at least one seed")
+    if config.own_share is not None and not 0.0 <= config.own_share <= 1.0:
+        raise BadInputError(f"own_share must be in [0, 1] (or None: every teacher on all rows), got {config.own_share}")
     for sub in ("data", "models", "runs", "stores"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     wall: dict[str, float] = {}
@@ -162,13 +169,14 @@ def run_rows_demo(out: str | Path, config: RowsDemoConfig = RowsDemoConfig(), *,
 
     # -- teachers: trained on the labels with `mtkd train`, each on its own part of them --------------
     t0 = time.perf_counter()
-    teacher_data = teacher_parts(out / "data", labelled.x, labelled.labels, config) if config.disjoint_teachers \
+    split = config.own_share is not None
+    teacher_data = teacher_parts(out / "data", labelled.x, labelled.labels, config) if split \
         else {r.name: train for r in config.teachers}
     teacher_tables = []
     for recipe in config.teachers:
         spec = out / "models" / f"{recipe.name}.toml"
         data = teacher_data[recipe.name]
-        shown = f"../data/{Path(data).name}" if config.disjoint_teachers else data
+        shown = f"../data/{Path(data).name}" if split else data
         spec.write_text(
             f"# mtkd train --student {spec.name} --data {shown} --epochs {recipe.epochs} --lr {recipe.lr} "
             f"--out ../runs/teacher-{recipe.name}\n"
@@ -246,7 +254,7 @@ def run_rows_demo(out: str | Path, config: RowsDemoConfig = RowsDemoConfig(), *,
         "config": {
             "transfer_size": config.transfer_size, "fusion": config.fusion, "temperature": config.temperature,
             "alpha": config.alpha, "distil_epochs": config.distil_epochs, "distil_lr": config.distil_lr,
-            "val_data": config.val_data, "disjoint_teachers": config.disjoint_teachers,
+            "val_data": config.val_data, "own_share": config.own_share,
         },
     }
     from mtkd.pipeline.demos.plot import plot_rows_demo
@@ -257,16 +265,22 @@ def run_rows_demo(out: str | Path, config: RowsDemoConfig = RowsDemoConfig(), *,
 
 
 def teacher_parts(folder: Path, x, labels, config: RowsDemoConfig) -> dict[str, str]:
-    """Write part-NAME.npz per teacher under `folder`: the labelled rows in a fixed shuffle
-    (PARTS_SEED), cut into len(config.teachers) disjoint, near-equal parts; return name -> path."""
+    """Write part-NAME.npz per teacher under `folder` and return name -> path: every labelled row in
+    exactly one part, the row of class c in its owner's part (teacher c mod K) with probability
+    `config.own_share`, otherwise in one of the other K - 1 parts, uniformly (a fixed draw, PARTS_SEED)."""
     import numpy as np
 
-    order = np.random.default_rng(PARTS_SEED).permutation(len(labels))
+    k, n = len(config.teachers), len(labels)
+    rng = np.random.default_rng(PARTS_SEED)
+    owner = labels % k
+    # (owner + 1..k-1) mod k is each other teacher with the same chance; with one teacher, itself
+    other = (owner + rng.integers(1, k, size=n)) % k if k > 1 else owner
+    part = np.where(rng.random(n) < config.own_share, owner, other)
     paths = {}
-    for recipe, part in zip(config.teachers, np.array_split(order, len(config.teachers))):
-        part = np.sort(part)
+    for i, recipe in enumerate(config.teachers):
+        rows = np.flatnonzero(part == i)
         paths[recipe.name] = str(folder / f"part-{recipe.name}.npz")
-        np.savez(paths[recipe.name], x=x[part], y=labels[part])
+        np.savez(paths[recipe.name], x=x[rows], y=labels[rows])
     return paths
 
 

@@ -35,11 +35,14 @@ def test_demo_runs_every_stage_and_its_students_learn(tmp_path, one_thread):
     result = run_rows_demo(tmp_path / "demo", tiny_config(), log=lambda message: None)
 
     assert set(result["teachers"]) == set(result["single_teacher_students"]) == {"cnn", "gru", "cnn_wide"}
-    # A real floor: 6 epochs of the CNN teacher on its third reach ~0.9 and the students ~0.4 at 3 epochs; a
-    # model at chance (0.1), or a student that learnt nothing from its store, fails here.
-    assert result["ensemble"] >= 0.6 and max(result["teachers"].values()) >= 0.6
-    students = [result["baseline_student"], result["distilled_student"], *result["single_teacher_students"].values()]
-    assert min(students) >= 2.5 * CHANCE, result
+    # Real floors. Each teacher knows mostly its own classes: at 6 epochs the best reaches ~0.4 alone and
+    # the three together ~0.7, so the ensemble is far above every teacher. The student from all three
+    # (~0.40 on both seeds at 3 epochs) beats the best single-teacher student (~0.33): a fusion that
+    # let the wrong teacher teach, or a student that learnt nothing from its store, fails here.
+    assert result["ensemble"] >= 0.6 and result["ensemble"] >= max(result["teachers"].values()) + 0.15, result
+    assert result["baseline_student"] >= 2.5 * CHANCE and result["distilled_student"] >= 3 * CHANCE, result
+    assert min(result["per_seed"]["distilled_student"]) > max(
+        max(seeds) for seeds in result["per_seed"]["single_teacher_students"].values()), result
     # Means and spreads over the two seeds, from the per-seed accuracies.
     for seeds, mean, std in [(result["per_seed"]["distilled_student"], result["distilled_student"],
                               result["std"]["distilled_student"]),
@@ -53,16 +56,22 @@ def test_demo_runs_every_stage_and_its_students_learn(tmp_path, one_thread):
     assert store.num_rows == 4000 + 1000
     assert (store.labels()[4000:] == -100).all() and (store.labels()[:4000] >= 0).all()
     store.require_complete(["cnn", "gru", "cnn_wide"])
-    # Complementary teachers: each trained on its own third of the 4000 labelled rows, disjoint.
+    # Complementary teachers: each trained on its own part of the 4000 labelled rows, disjoint, and
+    # holding ~90% of the rows of its own classes (class c belongs to teacher c mod 3).
     parts = {}
     for name in ("cnn", "gru", "cnn_wide"):
         run = json.loads((tmp_path / "demo" / "runs" / f"teacher-{name}" / "config.json").read_text())
         assert run["paths"]["data"].endswith(f"part-{name}.npz")
         parts[name] = np.load(tmp_path / "demo" / "data" / f"part-{name}.npz")
     rows = np.concatenate([p["x"] for p in parts.values()])
-    assert len(rows) == 4000 and {len(p["y"]) for p in parts.values()} == {1333, 1334}
-    assert len(np.unique(rows, axis=0)) == 4000  # no row in two parts
     labelled = load_data("mnist1d:train")
+    assert len(rows) == 4000
+    for owner, part in enumerate(parts.values()):
+        counts = np.bincount(part["y"], minlength=10)
+        owned = np.arange(10) % 3 == owner
+        assert 0.87 <= counts[owned].sum() / np.isin(labelled.labels, np.flatnonzero(owned)).sum() <= 0.93, counts
+        assert (counts > 0).all()  # and a few rows of every other class
+    assert len(np.unique(rows, axis=0)) == 4000  # no row in two parts
     assert sorted(map(bytes, rows)) == sorted(map(bytes, labelled.x))  # and together every labelled row
     # A single-teacher student saw one teacher only; the distilled one all three.
     assert teachers_of(tmp_path / "demo" / "runs" / "single-gru-s1") == ["gru"]
