@@ -19,7 +19,7 @@ CHANCE = 0.1  # MNIST-1D has 10 balanced classes
 
 
 def tiny_config() -> RowsDemoConfig:
-    # Each teacher sees its own third of the labelled rows: 6 epochs are the steps 2 epochs on all were.
+    # Each teacher sees its own part (about a third) of the labelled rows: 6 epochs are the steps 2 epochs on all were.
     teachers = tuple(dataclasses.replace(t, epochs=6) for t in RowsDemoConfig().teachers)
     return RowsDemoConfig(transfer_size=1000, teachers=teachers, distil_epochs=3, baseline_epochs=3, seeds=(0, 1),
                           device="cpu")
