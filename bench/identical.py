@@ -10,7 +10,11 @@ stages for rows and for tokens:
   tokens  stage one (two tiny Transformer LMs, top-16 at T = 1, 2) on 64 random sequences, then
           stage two at T = 2 streaming and in memory through the fused-linear loss, and in memory
           through the student's logits;
-(the last only where --loss-path exists), and writes the sha256 of every file of each store (zarr metadata, chunks, records), of every tensor
+(the last only where --loss-path exists);
+  stage_one  the per-row work alone (layouts' `reduce`) of top-k (k = 64, T = 1, 2 and 1, 2, 4, 0.5), top-k plus
+          16 tail draws and pure sampling, on random logits at V = 8192 and 32000 (and 2053: not a multiple of
+          the top-k's groups) with ties, -inf and signed zeros, every storable row's arrays digested;
+and writes the sha256 of every file of each store (zarr metadata, chunks, records), of every tensor
 of each student.pt, and every epoch's loss. Two runs of the same code give the same digests; a
 change that keeps behaviour bit for bit keeps them too. Compare with --compare (the old JSON).
 """
@@ -103,6 +107,37 @@ def tokens(work: Path) -> dict:
     return out
 
 
+def stage_one(work: Path) -> dict:
+    """sha256 of every array `reduce` gives, on its storable rows (refused rows are never written)."""
+    import math
+
+    from mtkd.pipeline.layouts import SampledTopK, TopK
+
+    out = {}
+    for vocab, n in ((2053, 300), (8192, 600), (32000, 160)):
+        g = torch.Generator().manual_seed(vocab)
+        z = 3 * torch.randn(n, vocab, generator=g)
+        z[n // 2 :] = (z[n // 2 :] * 2).round() / 2  # ties
+        z[::11, ::5] = -math.inf
+        z[3], z[5, ::2] = 0.0, -0.0
+        labels = torch.randint(0, vocab, (n,), generator=g)
+        labels[::7], labels[1] = -100, vocab - 1
+        rows = torch.arange(n) + 12345
+        for name, layout in (("top64", TopK("float16", vocab, 64, (1.0, 2.0))),
+                             ("top64-T4", TopK("bfloat16", vocab, 64, (1.0, 2.0, 4.0, 0.5))),
+                             ("top64-tail16", SampledTopK("float16", vocab, 64, (1.0, 2.0), 16, 7)),
+                             ("tail16", SampledTopK("float16", vocab, 0, (1.0, 2.0), 16, 7))):
+            if isinstance(layout, SampledTopK):
+                arrays, summary = layout.reduce(z, labels, rows=rows, teacher="teacher")
+            else:
+                arrays, summary = layout.reduce(z, labels)
+            keep = ~summary.nonfinite
+            out[f"V={vocab},{name}"] = {k: hashlib.sha256(v[keep].contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+                                        for k, v in sorted(arrays.items())}
+            out[f"V={vocab},{name}"]["storable_rows"] = int(keep.sum())
+    return out
+
+
 def compare(old: dict, new: dict, where: str = "") -> list[str]:
     """Keys whose values differ (a key in only one of them is skipped: a figure one version lacks)."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -119,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="mtkd-identical-"))
     try:
-        result = {"threads": args.threads, "rows": rows(work), "tokens": tokens(work)}
+        result = {"threads": args.threads, "stage_one": stage_one(work), "rows": rows(work), "tokens": tokens(work)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.json_path.write_text(json.dumps(result, indent=2) + "\n")

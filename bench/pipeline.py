@@ -22,6 +22,11 @@ cost of a forward pass does not depend on them) and the demo's MLP student on MN
                              that stage one's vocabulary-wide work (normalisers over all V, top-k) weighs as
                              much beside the forward as it ever does (a larger model hides it), yet real ones
                              (not a bare embedding + head, which nothing would distil from). Target >= 0.9.
+  infer_overhead_passes      stage one's per-position work against its floor, at each V of --overhead-vocabs
+                             (8192, 32000): (stage one's loop seconds minus the bare forward's) over one
+                             torch.logsumexp pass over the same logits, for top-64 (T = 1, 2) and top-64 +
+                             16 tail draws; one teacher (d_model 128 x 2 layers) on --token-seqs sequences.
+                             reduce_passes: the layout's reduce alone, same unit. Target <= 3 (CPU).
   infer_vs_forward_dense     (with --dense-vocabs) infer_vs_forward for dense rows at each V given, three MLP
                              teachers on random inputs: what storing V values a row costs. Target >= 0.9 at
                              V = 1000.
@@ -167,6 +172,79 @@ def _infer_vs_forward_tokens(work: Path, args: argparse.Namespace) -> dict:
                                     "batch_size": args.token_batch, "top_k": 64, "temperatures": [1, 2],
                                     "teachers": ["transformer_lm d_model 128 x 2 layers", "transformer_lm d_model 96 x 3 layers"]},
     }
+
+
+def _infer_overhead_passes(work: Path, args: argparse.Namespace) -> dict:
+    """infer_overhead_passes at each V of --overhead-vocabs: (stage one's loop seconds minus the bare
+    forward's) over the seconds of one torch.logsumexp pass over the same logits (every batch's
+    (B * L, V) float32 logits once), for top-64 at T = 1, 2 and for top-64 + 16 tail draws; and
+    reduce_passes, the per-position reduction alone (the layout's `reduce` on those logits, no forward,
+    no writes) in the same unit. One teacher, the demo's Transformer shape (d_model 128 x 2 layers),
+    random weights, on --token-seqs random sequences of --token-len tokens, batches of --token-batch;
+    interleaved repeats, medians. Target (issue 21): at most 3 passes on a CPU."""
+    from mtkd.pipeline.data import make_token_data
+    from mtkd.pipeline.layouts import SampledTopK, TopK
+    from mtkd.pipeline.models import transformer_lm
+
+    med = statistics.median
+    rng = np.random.default_rng(0)
+    data = make_token_data("bench overhead", [rng.integers(0, 256, args.token_len) for _ in range(args.token_seqs)])
+    batches = -(-args.token_seqs // args.token_batch)
+    rows = args.token_batch * args.token_len  # rows of a full batch's logits
+    common = {"batch_size": args.token_batch, "device": args.device, "dtype": TEACHER_DTYPE}
+    out: dict = {"infer_overhead_passes": {}, "reduce_passes": {}, "measurements_overhead": {}}
+    for vocab in args.overhead_vocabs:
+        kwargs = {"vocab_size": vocab, "d_model": 128, "layers": 2, "heads": 4, "max_len": args.token_len}
+        torch.manual_seed(0)
+        torch.save(transformer_lm(**kwargs).state_dict(), work / f"overhead{vocab}.pt")
+        teachers = work / f"overhead{vocab}.toml"
+        teachers.write_text(toml_table("[[teachers]]", {"name": "lm", "factory": "mtkd.pipeline.models:transformer_lm",
+                                                        "kwargs": kwargs, "checkpoint": f"overhead{vocab}.pt"}))
+        device = resolve_device(args.device)
+        z = (3 * torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab))).to(device)
+        labels = torch.randint(0, vocab, (rows,), device=device)
+        layouts = {"topk": TopK(TEACHER_DTYPE, vocab, 64, (1.0, 2.0)),
+                   "topk+tail16": SampledTopK(TEACHER_DTYPE, vocab, 64, (1.0, 2.0), 16, 0)}
+
+        def timed(fn) -> float:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - started
+
+        def reduce(layout):
+            if isinstance(layout, SampledTopK):
+                return lambda: layout.reduce(z, labels, rows=torch.arange(rows, device=device), teacher="lm")
+            return lambda: layout.reduce(z, labels)
+
+        forward_throughput(teachers, data, **common)  # unmeasured: first-call allocations
+        timed(lambda: torch.logsumexp(z, dim=1))
+        m: dict[str, list[float]] = {"forward_s": [], "logsumexp_pass_s": [],
+                                     **{f"infer_s[{k}]": [] for k in layouts}, **{f"reduce_s[{k}]": [] for k in layouts}}
+        for i in range(args.repeats):
+            m["forward_s"].append(data.num_rows / forward_throughput(teachers, data, **common))
+            m["logsumexp_pass_s"].append(batches * timed(lambda: torch.logsumexp(z, dim=1)))
+            for name, layout in layouts.items():
+                extra = {"tail_samples": 16, "seed": 0} if isinstance(layout, SampledTopK) else {}
+                result = run_infer(teachers, data, work / f"overhead{vocab}-{name}-{i}", top_k=64, temperatures="1,2", **common, **extra)
+                m[f"infer_s[{name}]"].append(result.loop_s)
+                shutil.rmtree(work / f"overhead{vocab}-{name}-{i}")
+                m[f"reduce_s[{name}]"].append(batches * timed(reduce(layout)))
+        lse_s, forward_s = med(m["logsumexp_pass_s"]), med(m["forward_s"])
+        out["infer_overhead_passes"][str(vocab)] = {k: (med(m[f"infer_s[{k}]"]) - forward_s) / lse_s for k in layouts}
+        out["reduce_passes"][str(vocab)] = {k: med(m[f"reduce_s[{k}]"]) / lse_s for k in layouts}
+        out["measurements_overhead"][str(vocab)] = m
+    out["conditions_overhead"] = {
+        "sequences": args.token_seqs, "length": args.token_len, "tokens": data.num_rows, "batch_size": args.token_batch,
+        "vocabs": args.overhead_vocabs, "top_k": 64, "temperatures": [1, 2], "tail_samples": {"topk": 0, "topk+tail16": 16},
+        "teacher": "transformer_lm d_model 128 x 2 layers, 4 heads, random weights", "repeats": args.repeats,
+        "unit": "one torch.logsumexp(dim=1) pass over every batch's (B * L, V) float32 logits",
+        "infer_s": "run_infer's loop_s (forward, per-position work, copies, writes)", "forward_s": "forward_throughput's time",
+    }
+    return out
 
 
 def _infer_vs_forward_dense(work: Path, args: argparse.Namespace) -> dict:
@@ -480,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-len", type=int, default=128, help="infer_vs_forward_tokens: tokens per sequence")
     parser.add_argument("--token-vocab", type=int, default=8192, help="infer_vs_forward_tokens: the teachers' V")
     parser.add_argument("--token-batch", type=int, default=16, help="infer_vs_forward_tokens: sequences per batch")
+    parser.add_argument("--overhead-vocabs", type=_ints, default=[8192, 32000],
+                        help="infer_overhead_passes / reduce_passes at these V (on --token-seqs sequences; empty: skip)")
     parser.add_argument("--dense-vocabs", type=lambda text: [int(v) for v in text.split(",") if v], default=[],
                         help="infer_vs_forward_dense at these V, e.g. 100,1000,10000 (default: not measured)")
     parser.add_argument("--dense-rows", type=int, default=50_000, help="rows of infer_vs_forward_dense")
@@ -520,6 +600,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("rows", bool(args.rows), lambda: _rows_figures(work, args, device, lr=lr, temperature=temperature, seed=seed)),
         ("dense", bool(args.dense_vocabs), lambda: _infer_vs_forward_dense(work, args)),
         ("infer_tokens", bool(args.token_seqs), lambda: _infer_vs_forward_tokens(work, args)),
+        ("overhead", bool(args.token_seqs and args.overhead_vocabs), lambda: _infer_overhead_passes(work, args)),
         ("tokens", bool(args.lm_seqs), lambda: _token_figures(work, args, device, lr=lr, temperature=temperature, seed=seed)),
         ("loader", bool(args.loader_seqs or (args.loader_rows and args.loader_vocabs)), lambda: _loader_figures(work, args, device)),
     )
@@ -555,6 +636,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{key:<34}{value:>10.3f}  {op}{target:>6}  {'ok' if ok else 'MISSED'}")
     for vocab, value in results.get("infer_vs_forward_dense", {}).items():
         print(f"{'infer_vs_forward_dense V=' + vocab:<34}{value:>10.3f}" + (f"  >={0.9:>6}  {'ok' if value >= 0.9 else 'MISSED'}" if vocab == "1000" else ""))
+    for vocab, value in results.get("infer_overhead_passes", {}).items():
+        reduce = results["reduce_passes"][vocab]
+        print(f"{'infer_overhead_passes V=' + vocab:<34}" + ", ".join(f"{k} {v:.2f}" for k, v in value.items())
+              + f"  <= 3 {'ok' if max(value.values()) <= 3 else 'MISSED'} (reduce alone: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in reduce.items()) + ")")
     for key, value in results.get("loader_tokens", {}).items():
         rates = value["tokens_per_s"]
         print(f"{'loader tokens/s ' + key:<34}{rates['stream']:>10.0f}  stream, {rates['memory']:.0f} memory, "

@@ -203,9 +203,14 @@ class TopK(Layout):
         ]
 
     def reduce(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], RowSummary]:
-        z = logits.float()  # (n, V): every normaliser over the teacher's whole vocabulary, in float32
-        lse, entropy = normalisers(z, self.temperatures, entropy=True)  # (n, T), (n,)
-        top, ids = top_k(z, self.top_k)  # (n, k): raw logits; minus lse[T=1] they are log-probabilities
+        arrays, _ = self._head(logits.float(), labels)
+        return arrays, self.summarize(arrays, labels)
+
+    def _head(self, z: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(n, V) float32 logits -> the top-k arrays and (n,) the rows' maxima. Every normaliser is over
+        the teacher's whole vocabulary, in float32; one pass over the logits (`row_pass`)."""
+        done = row_pass(z, self.temperatures, entropy=True, k=self.top_k)  # lse (n, T), entropy (n,)
+        lse, top, ids = done.lse, done.topk_values, done.topk_ids  # (n, k): raw logits; minus lse[T=1] log-probabilities
         # Stored in ascending id order (log-probabilities alike): measured to compress best (README).
         ids, order = ids.sort(dim=1)
         top = top.gather(1, order)
@@ -216,8 +221,8 @@ class TopK(Layout):
             "label_logprob": _label_logprob(z, lse[:, 0], labels),
         }
         if self.entropy:
-            arrays["entropy"] = entropy
-        return arrays, self.summarize(arrays, labels)
+            arrays["entropy"] = done.entropy
+        return arrays, done.top
 
     def summarize(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> RowSummary:
         logprobs = arrays["topk_logprobs"].float()  # as stored, so that stats match what readers get
@@ -265,60 +270,116 @@ def retemper(logprobs: torch.Tensor, lse: torch.Tensor, temperatures: tuple[floa
 
 # -- the vocabulary-wide work of a top-k row, done as few times over (n, V) as exactness allows --------
 # On the CPU this is most of stage one's cost beyond the forward (bench/pipeline.py's
-# infer_vs_forward_tokens): two torch.logsumexp calls, a topk and the label gather took longer than a
-# small transformer's whole forward at V = 8192 (measured on 2 cores).
+# infer_overhead_passes, in passes of torch.logsumexp over the same logits): the row's maximum, its
+# normalisers at every stored T, its entropy and its top-k are all computed chunk by chunk of rows
+# that stay in cache (`row_pass`), so that the logits are read from memory once; the float64 tail
+# draws (`sample_unlisted`) read them once more. Every float operation is the one the straightforward
+# version did, on tensors of the same shapes (so that vectorised and scalar loops split alike): the
+# stored bytes are bit-identical to it (tests/pipeline/test_layouts_passes.py, bench/identical.py).
 
 NORMALISER_CHUNK_BYTES = 2 << 20  # CPU: rows per pass that stay in cache (measured best of 1-64 MiB on one thread; 2-16 alike on two)
 GROUP = 8  # top_k: classes per group whose maximum stands for them (measured best of 4, 8, 16, 32)
 
 
+class RowPass(NamedTuple):
+    """What one pass over a batch's (n, V) float32 logits gives (`row_pass`)."""
+
+    top: torch.Tensor  # (n,) the row's maximum
+    lse: torch.Tensor  # (n, len(temperatures)) logsumexp(z / T)
+    entropy: torch.Tensor | None  # (n,) at T = 1, when asked
+    topk_values: torch.Tensor | None  # (n, k) the k largest logits, in no order (k > 0)
+    topk_ids: torch.Tensor | None  # (n, k) int64, their classes
+
+
 def normalisers(z: torch.Tensor, temperatures: tuple[float, ...], *, entropy: bool = False):
     """(n, V) float32 logits -> (n, len(temperatures)): logsumexp(z / T) for each T, over the whole row;
     with `entropy`, also (n,) the exact entropy at T = 1 (temperatures must include 1), as a pair.
-
-    One max pass, then per temperature exp((z - max) / T) summed. A temperature half of another
-    stored one squares that one's exponentials instead of taking its own (exp(x / T) = exp(x / 2T)^2,
-    exact to float32 rounding; the default 1, 2 needs one exp pass, not two). On the CPU rows go in
-    chunks that stay in cache, so the passes over a chunk read memory once; on CUDA one chunk.
     Non-finite rows stay non-finite (NaN, where torch.logsumexp may give inf): they are not stored.
+    (`row_pass` without the top-k; the maths is there.)"""
+    done = row_pass(z, temperatures, entropy=entropy)
+    return (done.lse, done.entropy) if entropy else done.lse
 
-    The entropy comes from the same T = 1 exponentials e = exp(z - max), S = sum e:
+
+def row_pass(z: torch.Tensor, temperatures: tuple[float, ...], *, entropy: bool = False, k: int = 0) -> RowPass:
+    """(n, V) float32 logits -> their maxima, normalisers at every T, the entropy at T = 1 (with
+    `entropy`) and the top-k (k > 0: `top_k`'s values and ids), in one pass over memory on the CPU.
+
+    One max, then per temperature exp((z - max) / T) summed. A temperature half of another stored one
+    squares that one's exponentials instead of taking its own (exp(x / T) = exp(x / 2T)^2, exact to
+    float32 rounding; the default 1, 2 needs one exp pass, not two). The entropy comes from the same
+    T = 1 exponentials e = exp(z - max), S = sum e:
         H = -sum p log p = log S - sum_v e_v (z_v - max) / S          (e_v = 0 terms count 0: -inf logits)
-    one more pass over the chunk while it is in cache.
+    On the CPU rows go in chunks that stay in cache (NORMALISER_CHUNK_BYTES), and every pass over a
+    chunk reads it there: the group maxima `top_k` searches first (their maximum is the row's), the
+    differences z - max (once, reused by every T and the entropy), the exponentials (in reused
+    buffers, squared in place down a chain of halved temperatures), their sums, and the chunk's top-k.
+    On CUDA one chunk (mtkd.kernels.stage_one does it all in one kernel where it applies).
     """
     n, vocab = z.shape
-    top = z.amax(dim=1)  # (n,)
-    out = torch.empty((n, len(temperatures)), dtype=z.dtype, device=z.device)
+    if entropy and not any(t == 1.0 for t in temperatures):
+        raise ValueError("the entropy at T = 1 needs 1 among the temperatures")
+    sums = torch.empty((n, len(temperatures)), dtype=z.dtype, device=z.device)
     ent = torch.empty((n,), dtype=z.dtype, device=z.device) if entropy else None
-    chunk = n if z.device.type != "cpu" else max(1, NORMALISER_CHUNK_BYTES // (4 * vocab))
+    top = torch.empty((n,), dtype=z.dtype, device=z.device)
+    values = torch.empty((n, k), dtype=z.dtype, device=z.device) if k else None
+    ids = torch.empty((n, k), dtype=torch.int64, device=z.device) if k else None
+    cpu = z.device.type == "cpu"
+    if cpu:
+        z = z.contiguous()  # the group maxima view its rows
+    chunk = n if not cpu else max(1, NORMALISER_CHUNK_BYTES // (4 * vocab))
     order = sorted(range(len(temperatures)), key=lambda j: -temperatures[j])  # a T after 2T
+    halves = {temperatures[j] for j in order if temperatures[j] / 2 in temperatures}  # exponentials squared once used
+    # After T = 1, does a temperature still need z - max (one below 1 that is not half of another)?
+    diff_after_one = any(t < 1.0 and 2 * t not in temperatures for t in temperatures)
+    grouped = cpu and k and vocab >= 4 * GROUP * k
+    width = vocab // GROUP
+    rows_max = min(chunk, n)
+    diff = torch.empty((rows_max, vocab), dtype=z.dtype, device=z.device)
+    buffers = [torch.empty((rows_max, vocab), dtype=z.dtype, device=z.device) for _ in range(min(2, len(temperatures)))]
     for start in range(0, n, chunk):
-        rows, shift = z[start : start + chunk], top[start : start + chunk, None]
+        stop = min(start + chunk, n)
+        c, rows = stop - start, z[start:stop]
+        if grouped:  # the group maxima; their maximum (and the ungrouped last classes') is the row's
+            group_max = rows[:, : GROUP * width].view(c, GROUP, width).amax(dim=1)
+            torch.amax(group_max, dim=1, out=top[start:stop])
+            if vocab > GROUP * width:
+                torch.maximum(top[start:stop], rows[:, GROUP * width :].amax(dim=1), out=top[start:stop])
+        else:
+            torch.amax(rows, dim=1, out=top[start:stop])
+        d = torch.sub(rows, top[start:stop, None], out=diff[:c])  # z - max
         exps: dict[float, torch.Tensor] = {}
+        free = [b[:c] for b in buffers]
         for j in order:
             t = temperatures[j]
             if 2 * t in exps:
-                e = exps[2 * t].square()
+                e = exps.pop(2 * t).square_()  # 2t is used once: by t
             else:
-                e = rows - shift
+                e = free.pop() if free else torch.empty_like(d)
                 if t != 1.0:
-                    e.div_(t)
-                e.exp_()
-            exps[t] = e
-            out[start : start + chunk, j] = e.sum(dim=1)
+                    torch.div(d, t, out=e)
+                    e.exp_()
+                else:
+                    torch.exp(d, out=e)
+            sums[start:stop, j] = e.sum(dim=1)
             if ent is not None and t == 1.0:
-                spread = torch.where(e > 0, e * (rows - shift), 0.0).sum(dim=1)  # sum e (z - max)
-                ent[start : start + chunk] = out[start : start + chunk, j].log() - spread / out[start : start + chunk, j]
+                # sum e (z - max), 0 where e is 0 ((z - max) * 0 is -0 or NaN there: -0 adds as 0)
+                spread = torch.mul(d, e) if diff_after_one else d.mul_(e)
+                spread = spread.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(dim=1)
+                s = sums[start:stop, j]
+                ent[start:stop] = s.log() - spread / s
+            if t in halves:
+                exps[t] = e
+            else:
+                free.append(e)
+        if k:
+            v, i = top_k(rows, k, group_max=group_max if grouped else None)
+            values[start:stop], ids[start:stop] = v, i
     scale = torch.tensor(temperatures, dtype=z.dtype, device=z.device)
-    lse = out.log_().add_(top[:, None] / scale)
-    if ent is None:
-        return lse
-    if not any(t == 1.0 for t in temperatures):
-        raise ValueError("the entropy at T = 1 needs 1 among the temperatures")
-    return lse, ent
+    lse = sums.log_().add_(top[:, None] / scale)
+    return RowPass(top, lse, ent, values, ids)
 
 
-def top_k(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k(z: torch.Tensor, k: int, *, group_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values of each row of (n, V) `z` and their column ids (int64), in no order.
 
     Exactly torch.topk's values (ids alike unless values tie). On the CPU torch.topk costs a partial
@@ -327,15 +388,18 @@ def top_k(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     the largest maxima are found (recursively, the same way), and only their GROUP * k members are
     searched: every one of the k largest values lies in those groups, since k groups whose maxima
     are at least any other group's maximum hold k values at least as large as anything outside.
-    About 0.6 of torch.topk's time (measured). On CUDA torch.topk is one fast kernel: it is used.
+    About 0.6 of torch.topk's time (measured). Row by row: any split of the rows gives the same.
+    `group_max`: those (n, V / GROUP) maxima, when already computed (`row_pass`).
+    On CUDA torch.topk is one fast kernel: it is used.
     """
     n, vocab = z.shape
     if z.device.type != "cpu" or vocab < 4 * GROUP * k:
         return z.topk(k, dim=1, sorted=False)
     z = z.contiguous()
     width = vocab // GROUP
-    grouped = z[:, : GROUP * width].view(n, GROUP, width)
-    _, columns = top_k(grouped.amax(dim=1), k)  # (n, k) of the width columns
+    if group_max is None:
+        group_max = z[:, : GROUP * width].view(n, GROUP, width).amax(dim=1)
+    _, columns = top_k(group_max, k)  # (n, k) of the width columns
     members = columns[:, None, :] + torch.arange(0, GROUP * width, width, device=z.device)[None, :, None]
     candidates = members.view(n, GROUP * k)
     if vocab > GROUP * width:  # the last vocab % GROUP classes are in no group: always candidates
@@ -467,10 +531,11 @@ class SampledTopK(TopK):
             raise ValueError("a sampled layout draws from (seed, teacher, row): give rows= and teacher=")
         z = logits.float()  # (n, V)
         if self.top_k:  # the head exactly as TopK stores it (every array TopK has)
-            arrays, _ = super().reduce(z, labels)
+            arrays, top = self._head(z, labels)
             ids = arrays["topk_ids"].long()
         else:
-            lse, entropy = normalisers(z, self.temperatures, entropy=True)  # (n, T), (n,)
+            done = row_pass(z, self.temperatures, entropy=True)
+            lse, entropy, top = done.lse, done.entropy, done.top  # (n, T), (n,), (n,)
             ids = torch.empty((len(z), 0), dtype=torch.int64, device=z.device)
             arrays = {
                 "topk_ids": ids.to(torch.int32),
@@ -480,7 +545,7 @@ class SampledTopK(TopK):
             }
             if self.entropy:
                 arrays["entropy"] = entropy
-        drawn = sample_unlisted(z, ids, self.tail_samples, self.tail_seed, teacher_stream(teacher), rows.to(z.device))
+        drawn = sample_unlisted(z, ids, self.tail_samples, self.tail_seed, teacher_stream(teacher), rows.to(z.device), top=top)
         arrays["tail_ids"] = drawn.to(torch.int32)
         arrays["tail_logprobs"] = (z.gather(1, drawn) - arrays["lse"][:, :1]).to(STORAGE[self.dtype][1])
         return arrays, self.summarize(arrays, labels)
@@ -543,21 +608,30 @@ def row_uniforms(seed: int, stream: int, rows: torch.Tensor, count: int) -> torc
     return (high * (1 << 27) + low).double() * 2.0**-53
 
 
-def sample_unlisted(z: torch.Tensor, listed: torch.Tensor, count: int, seed: int, stream: int, rows: torch.Tensor) -> torch.Tensor:
+def sample_unlisted(z: torch.Tensor, listed: torch.Tensor, count: int, seed: int, stream: int, rows: torch.Tensor,
+                    *, top: torch.Tensor | None = None) -> torch.Tensor:
     """(n, V) float32 logits, (n, k) listed ids, (n,) global rows -> (n, count) int64 draws with
     replacement from softmax(z) restricted to the unlisted classes, ascending per row.
 
     Inverse CDF in float64, row by row semantics (row chunks bound the (rows, V) float64 work):
     p_v = exp(z_v - max z), 0 for listed v; the draw for uniform u is the first class whose
     cumulative sum exceeds u * sum p. A row with no unlisted mass (every unlisted logit -inf) draws
-    its last class; its log-probability is then -inf and the row is refused as non-finite."""
+    its last class; its log-probability is then -inf and the row is refused as non-finite.
+    `top`: the rows' maxima when known (`row_pass`; float64 of the float32 maximum is the float64
+    maximum). Each chunk is one float64 buffer, reused: z - max is taken in float64 straight from
+    the float32 logits (the same numbers as a float64 copy minus its maximum), then exponentiated,
+    its listed classes zeroed and summed cumulatively, all in place."""
     n, vocab = z.shape
     out = torch.empty((n, count), dtype=torch.int64, device=z.device)
     chunk = max(1, TAIL_CHUNK_BYTES["cuda" if z.device.type == "cuda" else "cpu"] // (8 * vocab))
+    if top is None:
+        top = z.amax(dim=1) if n else torch.empty((0,), dtype=z.dtype, device=z.device)
+    top = top.double()[:, None]
+    buffer = torch.empty((min(chunk, n), vocab), dtype=torch.float64, device=z.device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        p = z[start:stop].double()  # (c, V)
-        p.sub_(p.amax(dim=1, keepdim=True)).exp_()
+        p = torch.sub(z[start:stop], top[start:stop], out=buffer[: stop - start])  # (c, V) in float64
+        p.exp_()
         if listed.shape[1]:
             p.scatter_(1, listed[start:stop], 0.0)
         cdf = p.cumsum_(dim=1)  # (c, V), non-decreasing

@@ -12,13 +12,13 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "pipeline.py"
 TINY = ["--rows", "256", "--epochs", "1", "--stream-epochs", "1", "--repeats", "1", "--batch-size", "128",
-        "--token-seqs", "4", "--token-len", "16", "--token-vocab", "256", "--token-batch", "4",
+        "--token-seqs", "4", "--token-len", "16", "--token-vocab", "256", "--token-batch", "4", "--overhead-vocabs", "512",
         "--dense-vocabs", "10", "--dense-rows", "256", "--lm-seqs", "4", "--lm-batch-size", "4",
         "--loader-seqs", "8", "--loader-rows", "512", "--loader-vocabs", "10", "--loader-epochs", "1",
         "--device", "cpu", "--threads", "1"]
 FIGURES = ("infer_vs_forward", "offline_vs_online_speedup", "stream_overhead", "infer_vs_forward_tokens",
            "offline_vs_online_speedup_tokens", "stream_overhead_tokens")
-GROUPS = ("rows", "dense", "infer_tokens", "tokens", "loader")
+GROUPS = ("rows", "dense", "infer_tokens", "overhead", "tokens", "loader")
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +54,15 @@ def test_every_figure_group_runs_at_tiny_sizes_and_writes_finite_figures(bench, 
         rates = results["loader_tokens"][key]
         assert rates["tokens"] == 8 * bench.LM_LENGTH
         assert rates["tokens_per_s"]["stream"] > 0 and rates["tokens_per_s"]["memory"] > 0
+    for key in ("infer_overhead_passes", "reduce_passes"):  # stage one's per-position work in logsumexp passes
+        assert set(results[key]) == {"512"} and set(results[key]["512"]) == {"topk", "topk+tail16"}
+        assert all(math.isfinite(v) for v in results[key]["512"].values())
+    assert all(v > 0 for v in results["reduce_passes"]["512"].values())
     dense = results["loader_dense"]["10"]
     assert dense["rows"] == 512 and dense["gb_per_s"]["stream"] > 0
     # Every group names the load average it ran under and its conditions; nothing is NaN or inf.
     assert set(results["load_average_1min"]) == set(GROUPS) == set(results["wall_s"])
-    for key in ("conditions", "conditions_tokens", "conditions_infer_tokens", "conditions_dense", "conditions_loader"):
+    for key in ("conditions", "conditions_tokens", "conditions_infer_tokens", "conditions_overhead", "conditions_dense", "conditions_loader"):
         assert key in results, key
     assert results["conditions"]["cpu_threads"] == 1
     bad = [(where, v) for where, v in _numbers(results) if not math.isfinite(v)]
