@@ -18,6 +18,8 @@
 #      and each step's log. Copy the JSON to bench/results/ and commit it, the GPU named in its
 #      name; quote numbers only from it.
 #   The exit status is the number of failed steps (0: all passed).
+#   3. stage one's per-position work against a Llama-shaped forward (V = 128256), on its own call:
+#          bash bench/gpu_check.sh stage1        # bench/stage_one_gpu.py, ~2 min, stage-one-<gpu>-<date>.json
 #
 # The machine has torch and triton (other versions than here: the JSON records them), pytest,
 # hypothesis, typer and rich, but neither zarr nor mnist1d nor liger-kernel. Nothing is installed
@@ -79,6 +81,11 @@ step() {  # step NAME SECONDS COMMAND...: run it under a timeout, log it, rememb
     summary+=("$(printf '%-8s %-9s rc=%-3s %4ss' "$name" "$how" "$rc" $((SECONDS - start)))")
 }
 
+if [ "${1:-}" = stage1 ]; then  # on its own (the default steps fill the 10-minute call already)
+    step stage1 "${STAGE1_S:-240}" "$PYTHON" bench/stage_one_gpu.py --json "$RESULTS/stage-one-${gpu:-gpu}-$(date -u +%F).json"
+    printf '%s\n' "${summary[@]}"
+    exit "$failed"
+fi
 step tests "$TESTS_S" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/kernels
 step bench "$BENCH_S" "$PYTHON" bench/kernel.py --quick --json "$json"
 if "$PYTHON" -c "import zarr, mnist1d" 2>/dev/null; then

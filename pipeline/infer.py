@@ -209,10 +209,11 @@ def run_infer(
     grid = BatchGrid(data, batch_size)
     probe_started = time.perf_counter()
     first_logits = _probe(models, grid, dev, dtype)
+    _synchronize(dev)
     probe_s = time.perf_counter() - probe_started
     layouts = _resolve_layouts(first_logits, data, store, dtype, top_k, temps, temperatures is not None)
     layouts = _with_tail(layouts, store, tail_samples, seed)
-    first_rows = _check_first_batch(first_logits, layouts, grid, dev, dtype)
+    first_rows, first_reduce_s = _check_first_batch(first_logits, layouts, grid, dev, dtype)
     del first_logits
     largest = max(layout.row_bytes() for layout in layouts.values())
     config = InferConfig(
@@ -257,8 +258,9 @@ def run_infer(
 
     loop_started = time.perf_counter()
     rows, reused = _forward(store, config, models, grid, work, first_rows, total_rows, progress)
-    # The validation batch's forward counts as loop time when its outputs were stored.
-    loop_s = time.perf_counter() - loop_started + (probe_s if reused else 0.0)
+    # The validation batch's forward and per-position work count as loop time when its outputs were
+    # stored (the loop reuses them: without them loop_s missed one batch's reduce, half of a 2-batch run's).
+    loop_s = time.perf_counter() - loop_started + (probe_s + first_reduce_s if reused else 0.0)
 
     # -- 4. finish teachers whose last block is now recorded (by this process or another) ------------
     for name in models:
@@ -698,17 +700,27 @@ def _largest_token(grid: BatchGrid, j: int, batch: Batch) -> str:
 
 def _check_first_batch(
     first_logits: dict[str, torch.Tensor], layouts: dict[str, Dense | TopK], grid: BatchGrid, dev: torch.device, dtype: str
-) -> dict[str, tuple[dict[str, torch.Tensor], RowSummary]]:
-    """Batch 0's stored values must be finite before the store is made; returns them for reuse."""
+) -> tuple[dict[str, tuple[dict[str, torch.Tensor], RowSummary]], float]:
+    """Batch 0's stored values must be finite before the store is made; returns them for reuse, and
+    the seconds their per-position work took (the loop's share of this batch, which it skips)."""
     batch = grid.batch(0, dev)
-    out = {}
+    out, reduce_s = {}, 0.0
     with torch.inference_mode(), teacher_autocast(dev, dtype):
         for name, logits in first_logits.items():
+            started = time.perf_counter()
             arrays, summary = _teacher_rows(layouts[name], logits, batch, name)
+            _synchronize(dev)
+            reduce_s += time.perf_counter() - started
             _stored(name, layouts[name], {k: v.cpu() for k, v in arrays.items()},
                     RowSummary(*(v.cpu() if v is not None else None for v in summary)), _batch_labels(grid, 0), 0)
             out[name] = (arrays, summary)
-    return out
+    return out, reduce_s
+
+
+def _synchronize(dev: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a wall-clock interval holds what it timed."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def _batch_labels(grid: BatchGrid, j: int) -> torch.Tensor:

@@ -313,11 +313,19 @@ def row_pass(z: torch.Tensor, temperatures: tuple[float, ...], *, entropy: bool 
     chunk reads it there: the group maxima `top_k` searches first (their maximum is the row's), the
     differences z - max (once, reused by every T and the entropy), the exponentials (in reused
     buffers, squared in place down a chain of halved temperatures), their sums, and the chunk's top-k.
-    On CUDA one chunk (mtkd.kernels.stage_one does it all in one kernel where it applies).
+    On CUDA the maximum, the normalisers and the entropy are one Triton kernel (mtkd.kernels.stage_one,
+    the logits read once) and the top-k torch.topk: not bit-identical to the CPU's float32 sums (a
+    different summation order), deterministic all the same (no atomics; each row alone).
     """
     n, vocab = z.shape
     if entropy and not any(t == 1.0 for t in temperatures):
         raise ValueError("the entropy at T = 1 needs 1 among the temperatures")
+    if z.is_cuda and temperatures and temperatures[0] == 1.0 and _cuda_kernel() is not None:
+        # One Triton program per row, the logits read once (the label's log-probability stays a
+        # gather, by the caller); the top-k by torch.topk, one more read.
+        lse, _, ent, top = _cuda_kernel()(z, torch.full((n,), -1, dtype=torch.int64, device=z.device), temperatures)
+        values, ids = z.topk(k, dim=1, sorted=False) if k else (None, None)
+        return RowPass(top, lse, ent if entropy else None, values, ids)
     sums = torch.empty((n, len(temperatures)), dtype=z.dtype, device=z.device)
     ent = torch.empty((n,), dtype=z.dtype, device=z.device) if entropy else None
     top = torch.empty((n,), dtype=z.dtype, device=z.device)
@@ -377,6 +385,17 @@ def row_pass(z: torch.Tensor, temperatures: tuple[float, ...], *, entropy: bool 
     scale = torch.tensor(temperatures, dtype=z.dtype, device=z.device)
     lse = sums.log_().add_(top[:, None] / scale)
     return RowPass(top, lse, ent, values, ids)
+
+
+def _cuda_kernel():
+    """mtkd.kernels.stage_one.stage_one_rows, or None where triton is not installed."""
+    try:
+        from mtkd.kernels.stage_one import stage_one_rows
+    except ModuleNotFoundError as error:
+        if error.name != "triton":
+            raise
+        return None
+    return stage_one_rows
 
 
 def top_k(z: torch.Tensor, k: int, *, group_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,6 +86,28 @@ def test_batches_are_not_capped_by_blocks_and_progress_counts_rows(tmp_path, mak
     assert [d for d, _ in calls] == [0, 16, 32, 48, 50] and {t for _, t in calls} == {50}
 
 
+def test_loop_time_counts_the_first_batch_forward_and_reduce(tmp_path, make_data, make_teachers, monkeypatch):
+    """The probe's batch is reused by the loop: its forward and its per-position work are loop time
+    (a one-batch run did all its reduce before the loop started, and loop_s missed it)."""
+    import time
+
+    original_rows, original_teacher = infer_module._teacher_rows, infer_module.run_teacher
+
+    def slow_rows(*args, **kwargs):
+        time.sleep(0.3)
+        return original_rows(*args, **kwargs)
+
+    def slow_teacher(*args, **kwargs):
+        time.sleep(0.2)
+        return original_teacher(*args, **kwargs)
+
+    monkeypatch.setattr(infer_module, "_teacher_rows", slow_rows)
+    monkeypatch.setattr(infer_module, "run_teacher", slow_teacher)
+    result = run_infer(make_teachers([{"name": "a"}]), str(make_data(20)), tmp_path / "s.zarr", batch_size=32, device="cpu")
+    assert result.rows == 20 and result.loop_s >= 0.5
+    assert result.rows_per_s == pytest.approx(20 / result.loop_s)
+
+
 def test_rerun_skips_everything_and_changes_nothing(tmp_path, make_data, make_teachers):
     data, toml = make_data(40), make_teachers([{"name": "a"}])
     run_infer(toml, str(data), tmp_path / "s.zarr", chunk_rows=8, device="cpu")
