@@ -31,6 +31,7 @@ from torch import nn
 from mtkd.pipeline.errors import BadInputError
 
 FEATURE_LOSSES = ("mse", "cosine")
+FEATURES_KEY = "features"  # the store group of a teacher's features (layouts.FEATURES)
 HIDDEN_RE = re.compile(r"^hidden_states\.(\d+)$")
 PAIR_RE = re.compile(r"^([^=:\s]+)=([A-Za-z0-9_.-]+):([^=:\s]+)$")
 

@@ -482,7 +482,7 @@ def _forward(
                     else:
                         try:
                             tap = (taps or {}).get(name)
-                            logits = run_teacher(name, models[name], batch, dev, tap)
+                            logits = run_teacher(name, models[name], batch, dev, *([tap] if tap is not None else []))
                             features = tap.take() if tap is not None else None
                         except TeacherOutputError:
                             raise
@@ -695,7 +695,7 @@ def _probe(models: dict[str, torch.nn.Module], grid: BatchGrid, dev: torch.devic
         for name, model in models.items():
             try:
                 tap = (taps or {}).get(name)
-                outputs[name] = run_teacher(name, model, batch, dev, tap)
+                outputs[name] = run_teacher(name, model, batch, dev, *([tap] if tap is not None else []))
                 if tap is not None:
                     captured = tap.take()
                     missing = [m for m in tap.names if m not in captured]

@@ -56,3 +56,93 @@ def test_stored_features_are_the_module_outputs_at_the_stored_dtype(tmp_path, ma
         np.testing.assert_array_equal(plain[...], raw[f"features/{module}"])
     report = verify_store(tmp_path / "s.zarr")
     assert report.clean and not report.findings, report.findings
+
+
+# -- stage two: the hint loss ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_feature_loss_and_gradient_match_plain_torch(kind):
+    torch.manual_seed(0)
+    pairs = [parse_pair("h=a:l1"), parse_pair("h=b:l2")]
+    hints = build_hints(pairs, {"h": (3, 5)}, {pairs[0]: (3, 7), pairs[1]: (3, 4)}, seed=1)
+    h = torch.randn(6, 3, 5, dtype=torch.float64, requires_grad=True)
+    t = {pairs[0]: torch.randn(6, 3, 7), pairs[1]: torch.randn(6, 3, 4)}
+    w = {"a": torch.rand(6), "b": torch.rand(6)}
+    mask = torch.tensor([True, True, False, True, False, True])
+    got = feature_loss(hints, {"h": h.float()}, t, kind, weights=w, mask=mask)
+    got.backward()
+    g_got = h.grad.clone()
+    h.grad = None
+    # plain torch, float64, spelled out
+    total, norm = 0.0, w["a"].double() + w["b"].double()
+    for p, name in zip(pairs, ("a", "b")):
+        lin = hints.project.__self__.projections[p.key.replace(".", "\u00b7")]
+        proj = h @ lin.weight.double().T + lin.bias.double()
+        ref = t[p].double()
+        if kind == "mse":
+            d = ((proj - ref) ** 2).mean(dim=(1, 2))
+        else:
+            cos = (proj * ref).sum(-1) / (proj.norm(dim=-1) * ref.norm(dim=-1))
+            d = (1 - cos).mean(dim=1)
+        total = total + w[name].double() / norm * d
+    expected = total[mask].sum() / mask.sum()
+    expected.backward()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(g_got, h.grad, rtol=1e-4, atol=1e-6)
+    assert (g_got[~mask] == 0).all()
+
+
+def test_pairs_that_cannot_pair_are_refused_naming_both_sides():
+    p = parse_pair("layer2=cnn:layer3")
+    with pytest.raises(BadInputError, match=r"layer2.*\(4, 8\).*cnn.*layer3.*\(5, 8\)"):
+        build_hints([p], {"layer2": (4, 8)}, {p: (5, 8)})
+    with pytest.raises(BadInputError, match="STUDENT_MODULE=TEACHER:MODULE"):
+        parse_pair("layer2:cnn")
+
+
+def test_tap_takes_first_element_of_tuple_outputs_and_refuses_unknown_modules():
+    gru = torch.nn.GRU(3, 4, batch_first=True)
+    model = torch.nn.Sequential(gru)
+    tap = FeatureTap(model, ["0"])
+    x = torch.randn(2, 5, 3)
+    out, _ = gru(x)
+    model(x)
+    assert torch.equal(tap.take()["0"], out)
+    with pytest.raises(BadInputError, match="no module 'nope'"):
+        FeatureTap(model, ["nope"], "teacher 'x'")
+
+
+# -- stage two through run_train ----------------------------------------------------------------------
+
+
+def _hint_world(tmp_path, make_data, make_teachers):
+    data = make_data(96)
+    toml = make_teachers([{"name": "a", "kwargs": {"hidden": [16]}, "features": ["1"]}, {"name": "b", "seed": 1}])
+    run_infer(toml, str(data), tmp_path / "s.zarr", chunk_rows=32, device="cpu")
+    student = tmp_path / "student.toml"
+    from tests.pipeline.conftest import CLASSES, FEATURES
+
+    student.write_text('[student]\nname = "thin"\nfactory = "mtkd.pipeline.models:mlp"\n'
+                       f"kwargs = {{ in_features = {FEATURES}, hidden = [8], num_classes = {CLASSES} }}\n")
+    return data, student
+
+
+def test_hint_training_saves_projections_and_refuses_bad_pairs(tmp_path, make_data, make_teachers):
+    from mtkd.pipeline.config import TrainConfig
+    from mtkd.pipeline.train import run_train
+
+    data, student = _hint_world(tmp_path, make_data, make_teachers)
+    base = dict(student=student, data=str(data), store=tmp_path / "s.zarr", epochs=2, batch_size=32, device="cpu",
+                temperature=2.0, alpha=0.5)
+    result = run_train(TrainConfig(out=tmp_path / "run", features=("2=a:1",), feature_weight=0.5, **base))
+    saved = torch.load(tmp_path / "run" / "projections.pt", weights_only=True)
+    assert {tuple(v.shape) for v in saved.values()} == {(16, 8), (16,)}
+    assert "projections" not in "".join(torch.load(tmp_path / "run" / "student.pt", weights_only=True))
+    assert result["steps"] == 6
+    for pair, match in (("2=a:nope", "stores no feature 'nope'"), ("2=zz:1", "no teacher 'zz'"),
+                        ("9=a:1", "no module .9.")):
+        out = tmp_path / f"bad-{pair.replace(':', '_').replace('=', '_')}"
+        with pytest.raises(BadInputError, match=match):
+            run_train(TrainConfig(out=out, features=(pair,), **base))
+        assert not out.exists()
