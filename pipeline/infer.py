@@ -670,6 +670,10 @@ def _check_same_teacher(store: LogitStore, spec: ModelSpec, weights: str | None,
     if differences:
         raise StoreMismatchError(f"{where} built with {'; '.join(differences)} in this spec; rename the teacher or use another store")
     layout = info.layout
+    stored_features = tuple(module for module, _ in layout.features)
+    if tuple(spec.features) != stored_features:
+        raise StoreMismatchError(f"{where} with features {list(stored_features)}, but its spec names {list(spec.features)}; "
+                                 "rename the teacher or use another store")
     if top_k is not None and (not isinstance(layout, TopK) or layout.top_k != top_k):
         stored = f"top-k {layout.top_k}" if isinstance(layout, TopK) else "dense"
         raise StoreMismatchError(f"{where} {stored}, not --top-k {top_k}; rename the teacher or use another store")

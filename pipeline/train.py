@@ -319,8 +319,10 @@ class Trainer:
         params = list(model.parameters())
         if s.hints is not None:  # --feature: the projections train with the student, saved apart (projections.pt)
             hints = build_hints(s.hints["pairs"], s.hints["student_shapes"], s.hints["teacher_shapes"], seed=config.seed).to(device)
-            if s.checkpoint is not None:
-                hints.load_state_dict(torch.load(run / "projections.pt", map_location=device, weights_only=True))
+            if s.checkpoint is not None:  # the checkpoint's copy: projections.pt may be a moment newer (a kill between the two)
+                if "projections" not in s.checkpoint:
+                    raise CheckpointError(f"--resume: {str(run / 'checkpoint.pt')!r} holds no projections for --feature")
+                hints.load_state_dict(s.checkpoint["projections"])
             params += list(hints.parameters())
             tap = FeatureTap(model, sorted({p.student for p in s.hints["pairs"]}), f"student {s.spec.name!r}")
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -365,7 +367,8 @@ class Trainer:
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
                 "sums": epoch_sums, "history": history, "best": best,
             }
-            if hints is not None:  # before the checkpoint that resumes with them
+            if hints is not None:  # in the checkpoint (what resume reads) and as projections.pt (what the run gives)
+                state["projections"] = hints.state_dict()
                 _save_atomic(run / "projections.pt", hints.state_dict())
             _save_atomic(run / "checkpoint.pt", state)
 
@@ -438,7 +441,8 @@ class Trainer:
                         if hints is not None:
                             rows = batch.rows.cpu()
                             teacher = {p: s.hints["table"][p][rows].to(device, non_blocking=True) for p in hints.pairs}
-                            hint = feature_loss(hints, tap.take(), teacher, config.feature_loss)
+                            weights = _hint_weights(objective, batch, config.teachers) if s.hints["fused"] else None
+                            hint = feature_loss(hints, tap.take(), teacher, config.feature_loss, weights=weights)
                             batch_loss = batch_loss + config.feature_weight * hint
                     (batch_loss / (end - first) if end - first > 1 else batch_loss).backward()
                 sums.add(batch_loss.detach(), None if student_logits is None else student_logits.detach(), labels)
@@ -590,6 +594,8 @@ def _hint_setup(config: TrainConfig, store: LogitStore, data: RowData | TokenDat
     for p in pairs:
         if p.teacher not in store.teachers:
             raise BadInputError(f"--feature {p}: store {str(store.path)!r} has no teacher {p.teacher!r} (it has: {', '.join(store.teachers)})")
+        if p.teacher not in (config.teachers or ()):
+            raise BadInputError(f"--feature {p}: teacher {p.teacher!r} is not one of this run's teachers ({', '.join(config.teachers or ())})")
         store.require_complete([p.teacher])
         layout = store.layout(p.teacher)
         stored = dict(layout.features)
@@ -616,7 +622,22 @@ def _hint_setup(config: TrainConfig, store: LogitStore, data: RowData | TokenDat
             raise BadInputError(f"--feature {p}: student {student!r}'s module {p.student!r} is not called in its forward")
         student_shapes[p.student] = tuple(captured[p.student].shape[1:])
     build_hints(pairs, student_shapes, teacher_shapes)  # refuses shapes that cannot pair, naming both sides
-    return {"pairs": pairs, "table": table, "student_shapes": student_shapes, "teacher_shapes": teacher_shapes}
+    modules = [p.student for p in pairs]
+    fused = any(modules.count(m) > 1 for m in modules)  # several teachers on one student module: the run's fusion weights
+    return {"pairs": pairs, "table": table, "student_shapes": student_shapes, "teacher_shapes": teacher_shapes, "fused": fused}
+
+
+def _hint_weights(objective: Objective, batch: Any, teachers: tuple[str, ...]) -> dict[str, Tensor] | None:
+    """The run's per-row fusion weights of a row batch, {teacher: (B,)} (None: uniform), as its KD
+    term fuses the teachers' logits."""
+    entropies = None
+    if objective.row_entropy is not None:
+        entropies = objective.row_entropy[:, batch.rows].to(batch.labels.device)
+    _, w = objective.target(batch.logits, batch.labels, entropies)
+    if w is None or batch.logits is None or len(w.reshape(-1)) == 0:
+        return None
+    w = w.expand(len(batch), len(teachers)) if w.dim() == 1 else w
+    return {t: w[:, k] for k, t in enumerate(teachers)}
 
 
 def _choose_teachers(store: LogitStore, teachers: tuple[str, ...] | None) -> list[str]:

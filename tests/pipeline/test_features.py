@@ -120,12 +120,16 @@ def _hint_world(tmp_path, make_data, make_teachers):
     data = make_data(96)
     toml = make_teachers([{"name": "a", "kwargs": {"hidden": [16]}, "features": ["1"]}, {"name": "b", "seed": 1}])
     run_infer(toml, str(data), tmp_path / "s.zarr", chunk_rows=32, device="cpu")
-    student = tmp_path / "student.toml"
+    return data, _student(tmp_path)
+
+
+def _student(tmp_path):
     from tests.pipeline.conftest import CLASSES, FEATURES
 
+    student = tmp_path / "student.toml"
     student.write_text('[student]\nname = "thin"\nfactory = "mtkd.pipeline.models:mlp"\n'
                        f"kwargs = {{ in_features = {FEATURES}, hidden = [8], num_classes = {CLASSES} }}\n")
-    return data, student
+    return student
 
 
 def test_hint_training_saves_projections_and_refuses_bad_pairs(tmp_path, make_data, make_teachers):
@@ -146,3 +150,125 @@ def test_hint_training_saves_projections_and_refuses_bad_pairs(tmp_path, make_da
         with pytest.raises(BadInputError, match=match):
             run_train(TrainConfig(out=out, features=(pair,), **base))
         assert not out.exists()
+
+
+def test_hint_run_killed_and_resumed_ends_with_the_same_student_and_projections(tmp_path, make_data, make_teachers):
+    from tests.pipeline.test_train import SUBPROCESS_ENV, VENV_BIN, kill_and_resume  # noqa: F401 - the same helper as for logits
+
+    data, student = _hint_world(tmp_path, make_data, make_teachers)
+
+    def command(out, *extra):
+        return [str(VENV_BIN / "mtkd"), "train", "--student", str(student), "--data", str(data), "--store", str(tmp_path / "s.zarr"),
+                "--out", str(out), "--epochs", "30", "--batch-size", "8", "--temperature", "2", "--alpha", "0.5",
+                "--feature", "2=a:1", "--feature-loss", "cosine", "--feature-weight", "0.5", "--checkpoint-every", "3",
+                "--device", "cpu", "--quiet", *extra]
+
+    kill_and_resume(command, tmp_path, epochs=30)
+    a = torch.load(tmp_path / "reference" / "projections.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "projections.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_teachers_on_one_student_module_train(tmp_path, make_data, make_teachers):
+    from mtkd.pipeline.config import TrainConfig
+    from mtkd.pipeline.train import run_train
+
+    data = make_data(64)
+    toml = make_teachers([{"name": "a", "kwargs": {"hidden": [16]}, "features": ["1"]},
+                          {"name": "b", "seed": 1, "kwargs": {"hidden": [12]}, "features": ["2"]}])
+    run_infer(toml, str(data), tmp_path / "s.zarr", device="cpu")
+    student = _student(tmp_path)
+    result = run_train(TrainConfig(student=student, data=str(data), store=tmp_path / "s.zarr", out=tmp_path / "run", epochs=1,
+                                   batch_size=16, device="cpu", temperature=2.0, alpha=0.5, fusion="confidence",
+                                   features=("2=a:1", "2=b:2")))
+    saved = torch.load(tmp_path / "run" / "projections.pt", weights_only=True)
+    assert sorted(tuple(v.shape) for v in saved.values()) == [(12,), (12, 8), (16,), (16, 8)]
+    assert result["steps"] == 4
+
+
+def test_inspect_shows_bytes_per_row_per_feature(tmp_path, make_data, make_teachers):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mtkd.pipeline.cli import app
+
+    toml = make_teachers([{"name": "a", "kwargs": {"hidden": [16, 12]}, "features": ["1", "3"]}])
+    run_infer(toml, str(make_data(40)), tmp_path / "s.zarr", device="cpu", chunk_rows=16)
+    runner = CliRunner()
+    result = runner.invoke(app, ["inspect", str(tmp_path / "s.zarr"), "--json"])
+    assert result.exit_code == 0, result.output
+    sizes = json.loads(result.stdout.strip().splitlines()[-1])["teachers"][0]["feature_bytes_per_row"]
+    assert {m: s["raw"] for m, s in sizes.items()} == {"1": 32, "3": 24}  # float16: 2 bytes an element
+    # uncompressed chunks plus a 4-byte crc32c each; the last of 3 blocks is padded to 16 rows: 48 rows stored for 40
+    assert sizes["1"]["stored"] == pytest.approx((3 * (16 * 32 + 4)) / 40)
+    table = runner.invoke(app, ["inspect", str(tmp_path / "s.zarr")])
+    assert table.exit_code == 0 and "a features/1:" in table.stdout and "32 B/row uncompressed" in table.stdout
+
+
+def test_a_hugging_face_teachers_hidden_states_one_row_per_real_position(tmp_path, make_tokens):
+    transformers = pytest.importorskip("transformers")
+    from mtkd.pipeline.data import load_data
+    from mtkd.pipeline.infer import BatchGrid
+    from tests.pipeline.conftest import LM_VOCAB
+
+    config = transformers.GPT2Config(vocab_size=LM_VOCAB, n_positions=16, n_embd=8, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(tmp_path / "models" / "tiny")  # built from a config here: nothing is downloaded
+    (tmp_path / "hf.toml").write_text(
+        '[[teachers]]\nname = "tiny"\nfactory = "transformers:AutoModelForCausalLM.from_pretrained"\n'
+        'kwargs = { pretrained_model_name_or_path = "models/tiny" }\nfeatures = ["hidden_states.1", "transformer.h.1"]\n')
+    path = make_tokens(7)
+    run_infer(tmp_path / "hf.toml", str(path), tmp_path / "t.zarr", top_k=4, batch_size=4, chunk_rows=8, device="cpu")
+    store = open_store(tmp_path / "t.zarr")
+    data = load_data(str(path))
+    assert dict(store.layout("tiny").features) == {"hidden_states.1": (8,), "transformer.h.1": (8,)}
+    grid = BatchGrid(data, 4)
+    hidden, block = [], []
+    hook = model.transformer.h[1].register_forward_hook(lambda m, a, o: block.append(o[0] if isinstance(o, tuple) else o))
+    with torch.inference_mode():  # the same padded batches stage one ran, captured directly
+        for j in range(len(grid)):
+            b = grid.batch(j, torch.device("cpu"))
+            out = model(b.inputs, attention_mask=b.attention_mask, output_hidden_states=True)
+            hidden.append(out.hidden_states[1].reshape(-1, 8)[b.real])
+            block[-1] = block[-1].reshape(-1, 8)[b.real]
+    hook.remove()
+    stored = store.layout("tiny").tensors(store.read("tiny", 0, data.num_rows))
+    for key, want in (("features/hidden_states.1", torch.cat(hidden)), ("features/transformer.h.1", torch.cat(block))):
+        assert stored[key].shape == (data.num_rows, 8)
+        assert torch.equal(stored[key].view(torch.int16), want.to(torch.float16).view(torch.int16))
+    assert verify_store(tmp_path / "t.zarr").clean
+
+
+def test_bad_feature_specs_are_refused_before_anything_is_written(tmp_path, make_data, make_teachers):
+    data = make_data(20)
+    for entry, error, match in (
+        ({"name": "a", "features": ["nope"]}, BadInputError, "teacher 'a' has no module 'nope'"),
+        ({"name": "a", "features": ["hidden_states.2"]}, TeacherOutputError, "hidden_states"),
+    ):
+        toml = make_teachers([entry])
+        with pytest.raises(error, match=match):
+            run_infer(toml, str(data), tmp_path / "s.zarr", device="cpu")
+        assert not (tmp_path / "s.zarr").exists()
+    # a stored teacher resumed with other features: refused, the store untouched
+    run_infer(make_teachers([{"name": "a", "features": ["1"]}]), str(data), tmp_path / "s.zarr", device="cpu")
+    before = snapshot(tmp_path / "s.zarr")
+    with pytest.raises(StoreMismatchError, match="features"):
+        run_infer(make_teachers([{"name": "a", "features": ["0"]}]), str(data), tmp_path / "s.zarr", device="cpu")
+    assert snapshot(tmp_path / "s.zarr") == before
+
+
+def test_nan_features_are_refused_and_nothing_is_written(tmp_path, make_data, make_teachers, monkeypatch):
+    data = make_data(20)
+    toml = make_teachers([{"name": "a", "features": ["1"]}])
+    original = FeatureTap.take
+
+    def poisoned(self):  # the logits stay finite: only the stored feature is NaN, at row 3
+        out = original(self)
+        return {k: v.clone().index_fill_(0, torch.tensor([3]), float("nan")) for k, v in out.items()}
+
+    monkeypatch.setattr(FeatureTap, "take", poisoned)
+    with pytest.raises(TeacherOutputError, match="NaN/inf at row 3"):
+        run_infer(toml, str(data), tmp_path / "s.zarr", device="cpu")
+    assert not (tmp_path / "s.zarr").exists()
