@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Feature (hint) distillation on MNIST-1D: a 64-channel CNN teacher's pooled features into an
-# 8-channel student, logits only against logits + features. Run from this folder.
+# 8-channel student, logits only against logits + features. Run from this folder; SEED=1 ./run.sh
+# again reuses the teacher and the store (stage one skips a complete teacher).
 set -euo pipefail
 EPOCHS=${EPOCHS:-15}
 SEED=${SEED:-0}
-mtkd train --student teacher.toml --data mnist1d:train --out runs/teacher --epochs 20 --quiet
+[ -f runs/teacher/student.pt ] || mtkd train --student teacher.toml --data mnist1d:train --out runs/teacher --epochs 20 --quiet
 mtkd infer --teachers teachers.toml --data mnist1d:train --out store.zarr --quiet
 mtkd inspect store.zarr
 common=(--student student.toml --data mnist1d:train --store store.zarr --temperature 2 --alpha 0.5 --epochs "$EPOCHS" --seed "$SEED" --quiet)
