@@ -114,6 +114,9 @@ class TrainConfig:
     fusion_temperature: float = 1.0  # tau of --fusion posterior|best|entropy
     fusion_scope: FusionScope = FusionScope.ROW  # sequence: tokens only, posterior|best|entropy
     loss_path: LossPath = LossPath.AUTO  # token students of top-k teachers (train.py says which ran, and why)
+    features: tuple[str, ...] = ()  # v3: --feature STUDENT_MODULE=TEACHER:MODULE pairs (hint losses)
+    feature_loss: str = "mse"  # --feature-loss mse|cosine
+    feature_weight: float = 1.0  # --feature-weight BETA
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the given values once, here
@@ -139,6 +142,17 @@ class TrainConfig:
         self._validate()
 
     def _validate(self) -> None:
+        if self.features:
+            from mtkd.pipeline.features import FEATURE_LOSSES, parse_pair
+
+            for text in self.features:
+                parse_pair(text)
+            if self.store is None:
+                raise BadInputError("--feature needs --store (the teachers' stored features)")
+            if self.feature_loss not in FEATURE_LOSSES:
+                raise BadInputError(f"--feature-loss {self.feature_loss!r}: choose one of {', '.join(FEATURE_LOSSES)}")
+            if not (math.isfinite(float(self.feature_weight)) and self.feature_weight >= 0):
+                raise BadInputError(f"--feature-weight must be a finite number >= 0, got {self.feature_weight}")
         if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
             raise BadInputError(f"--temperature must be > 0, got {self.temperature}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
@@ -236,6 +250,7 @@ class TrainConfig:
             "schedule": {"name": self.schedule.value, "decay_rate": self.decay_rate if self.schedule is Schedule.INVERSE else None,
                          "warmup_steps": self.warmup_steps, "unit": "optimizer step"},
             "seed": self.seed,
+            **({"features": {"pairs": list(self.features), "loss": self.feature_loss, "weight": self.feature_weight}} if self.features else {}),
             "checkpoint_every": self.checkpoint_every,
             "paths": {
                 "student": str(self.student), "data": self.data, "out": str(self.out),
@@ -268,6 +283,10 @@ class TrainConfig:
         if self.warmup_steps:
             args += ["--warmup-steps", str(self.warmup_steps)]
         args += ["--seed", str(self.seed)]
+        for pair in self.features:
+            args += ["--feature", pair]
+        if self.features:
+            args += ["--feature-loss", self.feature_loss, "--feature-weight", f"{self.feature_weight:g}"]
         if self.val_data is not None:
             args += ["--val-data", self.val_data]
         if self.loss_path is not LossPath.AUTO:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,12 +46,15 @@ from mtkd.pipeline import hf
 from mtkd.pipeline.data import Data, RowData, TokenData, load_data
 from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.errors import BadInputError, StoreMismatchError, TeacherFailedError, TeacherOutputError
+from mtkd.pipeline.features import FeatureTap
 from mtkd.pipeline.layouts import (
     DEFAULT_TEMPERATURES,
     DEFAULT_TOP_K,
     DENSE_TOKENS_MAX_VOCAB,
     DTYPES,
+    FEATURES,
     SEED_MAX,
+    STORAGE,
     Dense,
     RowSummary,
     SampledTopK,
@@ -206,15 +210,17 @@ def run_infer(
         return _result(store, data, shard, [], skipped, 0, 0, 0, started, 0.0, specs, {})
 
     models = {spec.name: load_teacher(spec, dev) for spec in todo}
+    taps = {spec.name: FeatureTap(models[spec.name], spec.features, f"teacher {spec.name!r}") for spec in todo if spec.features}
     grid = BatchGrid(data, batch_size)
     probe_started = time.perf_counter()
-    first_logits = _probe(models, grid, dev, dtype)
+    first_logits, first_features = _probe(models, grid, dev, dtype, taps)
     _synchronize(dev)
     probe_s = time.perf_counter() - probe_started
     layouts = _resolve_layouts(first_logits, data, store, dtype, top_k, temps, temperatures is not None)
+    layouts = _with_features(layouts, first_features, grid, store)
     layouts = _with_tail(layouts, store, tail_samples, seed)
-    first_rows, first_reduce_s = _check_first_batch(first_logits, layouts, grid, dev, dtype)
-    del first_logits
+    first_rows, first_reduce_s = _check_first_batch(first_logits, first_features, layouts, grid, dev, dtype)
+    del first_logits, first_features
     largest = max(layout.row_bytes() for layout in layouts.values())
     config = InferConfig(
         data=data,
@@ -257,7 +263,7 @@ def run_infer(
         progress(0, total_rows)
 
     loop_started = time.perf_counter()
-    rows, reused = _forward(store, config, models, grid, work, first_rows, total_rows, progress)
+    rows, reused = _forward(store, config, models, grid, work, first_rows, total_rows, progress, taps)
     # The validation batch's forward and per-position work count as loop time when its outputs were
     # stored (the loop reuses them: without them loop_s missed one batch's reduce, half of a 2-batch run's).
     loop_s = time.perf_counter() - loop_started + (probe_s + first_reduce_s if reused else 0.0)
@@ -332,17 +338,22 @@ class BatchGrid:
         return Batch(ids_t, mask_t, labels_t, real_t, r0)
 
 
-def run_teacher(name: str, model: torch.nn.Module, batch: Batch, dev: torch.device) -> torch.Tensor:
-    """A teacher's logits for one batch, shape-checked: (B, V) for rows, (B, L, V) for tokens."""
+def run_teacher(name: str, model: torch.nn.Module, batch: Batch, dev: torch.device, tap: FeatureTap | None = None) -> torch.Tensor:
+    """A teacher's logits for one batch, shape-checked: (B, V) for rows, (B, L, V) for tokens.
+    With a `tap`, its modules' outputs of this forward are then in `tap.take()`."""
     inputs = batch.inputs
     target = hf.input_device(model, dev)
     if target != inputs.device:
         inputs = inputs.to(target)
+    extra = tap.call_kwargs() if tap is not None else {}
     if batch.attention_mask is not None and hf.takes_attention_mask(model):
         mask = batch.attention_mask.to(inputs.device)
-        out = hf.logits_of(model(inputs, attention_mask=mask))
+        raw = model(inputs, attention_mask=mask, **extra)
     else:
-        out = hf.logits_of(model(inputs))
+        raw = model(inputs, **extra)
+    if tap is not None:
+        tap.collect(raw)
+    out = hf.logits_of(raw)
     want = tuple(inputs.shape[:2]) if batch.attention_mask is not None else (inputs.shape[0],)
     if not isinstance(out, torch.Tensor) or out.dim() != len(want) + 1 or tuple(out.shape[:-1]) != want:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -361,17 +372,49 @@ def _check_width(name: str, layout: Dense | TopK, logits: torch.Tensor, r0: int,
             "(as the store records it)")
 
 
-def _teacher_rows(layout: Dense | TopK, logits: torch.Tensor, batch: Batch, name: str) -> tuple[dict[str, torch.Tensor], RowSummary]:
-    """A batch's logits -> the layout's arrays and summary for the batch's store rows, on the device.
-    Token batches are cut to their real positions (row order) first: padding never reaches the
-    vocabulary-wide work."""
+def _teacher_rows(layout: Dense | TopK, logits: torch.Tensor, batch: Batch, name: str,
+                  features: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], RowSummary]:
+    """A batch's logits (and captured features) -> the layout's arrays and summary for the batch's
+    store rows, on the device. Token batches are cut to their real positions (row order) first:
+    padding never reaches the vocabulary-wide work."""
     flat, labels = logits.reshape(-1, logits.shape[-1]), batch.labels
-    if batch.real is not None and len(batch.real) < len(labels):
+    cut = batch.real is not None and len(batch.real) < len(labels)
+    if cut:
         flat, labels = flat[batch.real], labels[batch.real]
     if isinstance(layout, SampledTopK):  # the draws are the rows' own: their store rows and the teacher
         rows = torch.arange(batch.row0, batch.row0 + len(flat), device=flat.device)
-        return layout.reduce(flat, labels, rows=rows, teacher=name)
-    return layout.reduce(flat, labels)
+        arrays, summary = layout.reduce(flat, labels, rows=rows, teacher=name)
+    else:
+        arrays, summary = layout.reduce(flat, labels)
+    if layout.features:
+        arrays, summary = _feature_rows(layout, features or {}, batch, name, arrays, summary, cut)
+    return arrays, summary
+
+
+def _feature_rows(layout: Dense | TopK, features: dict[str, torch.Tensor], batch: Batch, name: str,
+                  arrays: dict[str, torch.Tensor], summary: RowSummary, cut: bool) -> tuple[dict[str, torch.Tensor], RowSummary]:
+    """The stored features of a batch: each module's output, one row per store row (tokens: per real
+    position), cast to the stored dtype; a row with a non-finite stored value is not storable."""
+    lead = 2 if batch.attention_mask is not None else 1
+    stored = STORAGE[layout.dtype][1]
+    nonfinite = summary.nonfinite
+    arrays = dict(arrays)
+    for module, shape in layout.features:
+        out = features.get(module)
+        want = (*batch.inputs.shape[:lead], *shape)
+        if out is None:
+            raise TeacherOutputError(f"teacher {name!r}: module {module!r} was not called in the forward (features = [...] names it)")
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise TeacherOutputError(f"teacher {name!r}: module {module!r} gave {got} on rows from {batch.row0}; expected {want} "
+                                     "(its per-row shape on the first batch, as the store records it)")
+        flat = out.reshape(-1, *shape)
+        if cut:
+            flat = flat[batch.real.to(flat.device)]
+        values = flat.to(device=nonfinite.device, dtype=stored)
+        nonfinite = nonfinite | ~torch.isfinite(values).reshape(len(values), -1).all(dim=1)
+        arrays[f"{FEATURES}/{module}"] = values
+    return arrays, summary._replace(nonfinite=nonfinite)
 
 
 class _Pending:
@@ -414,6 +457,7 @@ def _forward(
     first_rows: dict[str, tuple[dict[str, torch.Tensor], RowSummary]],
     total_rows: int,
     progress: Callable[[int, int], None] | None,
+    taps: dict[str, FeatureTap] | None = None,
 ) -> tuple[int, bool]:
     """Compute and write the planned blocks; returns the rows computed and whether the probe was used."""
     dev, cuda = config.device, config.device.type == "cuda"
@@ -439,7 +483,9 @@ def _forward(
                         reused = True
                     else:
                         try:
-                            logits = run_teacher(name, models[name], batch, dev)
+                            tap = (taps or {}).get(name)
+                            logits = run_teacher(name, models[name], batch, dev, *([tap] if tap is not None else []))
+                            features = tap.take() if tap is not None else None
                         except TeacherOutputError:
                             raise
                         except Exception as error:
@@ -448,8 +494,8 @@ def _forward(
                                 "before it are written, valid and kept: rerun the same `mtkd infer` to continue"
                             ) from error
                         _check_width(name, config.layouts[name], logits, r0, r1)
-                        arrays, summary = _teacher_rows(config.layouts[name], logits, batch, name)
-                        del logits  # (B, L, V) can be the largest tensor alive: free it before the next teacher
+                        arrays, summary = _teacher_rows(config.layouts[name], logits, batch, name, features)
+                        del logits, features  # (B, L, V) can be the largest tensor alive: free it before the next teacher
                     for b in touching:
                         if name not in work[b]:
                             continue
@@ -605,7 +651,8 @@ def _with_tail(layouts: dict[str, Dense | TopK], store: LogitStore | None, tail_
             raise BadInputError(f"--tail-samples applies to top-k teachers only; teacher {name!r} is stored dense (add --top-k)")
         if layout.top_k >= layout.vocab_size:
             raise BadInputError(f"--tail-samples: teacher {name!r}'s top-{layout.top_k} lists its whole vocabulary; nothing is left to sample")
-        out[name] = SampledTopK(layout.dtype, layout.vocab_size, layout.top_k, layout.temperatures, tail_samples, seed or 0)
+        out[name] = SampledTopK(layout.dtype, layout.vocab_size, layout.top_k, layout.temperatures, tail_samples, seed or 0,
+                                features=layout.features)
     return out
 
 
@@ -625,6 +672,10 @@ def _check_same_teacher(store: LogitStore, spec: ModelSpec, weights: str | None,
     if differences:
         raise StoreMismatchError(f"{where} built with {'; '.join(differences)} in this spec; rename the teacher or use another store")
     layout = info.layout
+    stored_features = tuple(module for module, _ in layout.features)
+    if tuple(spec.features) != stored_features:
+        raise StoreMismatchError(f"{where} with features {list(stored_features)}, but its spec names {list(spec.features)}; "
+                                 "rename the teacher or use another store")
     if top_k is not None and (not isinstance(layout, TopK) or layout.top_k != top_k):
         stored = f"top-k {layout.top_k}" if isinstance(layout, TopK) else "dense"
         raise StoreMismatchError(f"{where} {stored}, not --top-k {top_k}; rename the teacher or use another store")
@@ -638,23 +689,61 @@ def _check_same_teacher(store: LogitStore, spec: ModelSpec, weights: str | None,
     return info
 
 
-def _probe(models: dict[str, torch.nn.Module], grid: BatchGrid, dev: torch.device, dtype: str) -> dict[str, torch.Tensor]:
+def _probe(models: dict[str, torch.nn.Module], grid: BatchGrid, dev: torch.device, dtype: str,
+           taps: dict[str, FeatureTap] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """Run batch 0 through every teacher before anything is written: it must run and give logits of
-    the right shape. Returns the logits (batch 0 of the forward reuses them)."""
+    the right shape. Returns the logits and the tapped features (batch 0 of the forward reuses them)."""
     batch = grid.batch(0, dev)
     _check_token_ids(grid, 0, batch, input_vocabs(models))
     outputs: dict[str, torch.Tensor] = {}
+    features: dict[str, dict[str, torch.Tensor]] = {}
     with torch.inference_mode(), teacher_autocast(dev, dtype):
         for name, model in models.items():
             try:
-                outputs[name] = run_teacher(name, model, batch, dev)
+                tap = (taps or {}).get(name)
+                outputs[name] = run_teacher(name, model, batch, dev, *([tap] if tap is not None else []))
+                if tap is not None:
+                    captured = tap.take()
+                    missing = [m for m in tap.names if m not in captured]
+                    if missing:
+                        raise TeacherOutputError(f"teacher {name!r}: module {missing[0]!r} was not called in the forward "
+                                                 "(features = [...] names it)")
+                    features[name] = {m: captured[m] for m in tap.names}
             except TeacherOutputError:
                 raise
             except Exception as e:
                 first_line = (str(e).strip().splitlines() or [""])[0]
                 raise TeacherOutputError(f"teacher {name!r} fails on the first batch: {type(e).__name__}: {first_line}"
                                          f"{_largest_token(grid, 0, batch)}") from e
-    return outputs
+    return outputs, features
+
+
+def _with_features(layouts: dict[str, Dense | TopK], first: dict[str, dict[str, torch.Tensor]], grid: BatchGrid,
+                   store: LogitStore | None) -> dict[str, Dense | TopK]:
+    """New teachers' layouts with the per-row shapes of their tapped modules on batch 0 (rows: all
+    but the batch axis; tokens: all but batch and position). A stored teacher must have stored the
+    same features."""
+    out = dict(layouts)
+    lead = 2 if isinstance(grid.data, TokenData) else 1
+    for name, captured in first.items():
+        shapes = []
+        for module, value in captured.items():
+            if not isinstance(value, torch.Tensor) or value.dim() <= lead:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise TeacherOutputError(f"teacher {name!r}: module {module!r} gave {got}; a stored feature needs "
+                                         f"{'(B, L, ...)' if lead == 2 else '(B, ...)'} with at least one axis per row")
+            shapes.append((module, tuple(int(d) for d in value.shape[lead:])))
+        if store is not None and name in store.teachers:
+            if tuple(layouts[name].features) != tuple(shapes):
+                raise StoreMismatchError(f"store {str(store.path)!r} holds teacher {name!r} with features {dict(layouts[name].features)}, "
+                                         f"not {dict(shapes)}; rename the teacher or use another store")
+            continue
+        out[name] = dataclasses.replace(layouts[name], features=tuple(shapes))
+    for name, layout in layouts.items():
+        if store is not None and name in store.teachers and layout.features and name not in first:
+            raise StoreMismatchError(f"store {str(store.path)!r} holds teacher {name!r} with features {dict(layout.features)}, "
+                                     "but its spec names none; rename the teacher or use another store")
+    return out
 
 
 def input_vocabs(models: dict[str, torch.nn.Module]) -> dict[str, int]:
@@ -699,7 +788,8 @@ def _largest_token(grid: BatchGrid, j: int, batch: Batch) -> str:
 
 
 def _check_first_batch(
-    first_logits: dict[str, torch.Tensor], layouts: dict[str, Dense | TopK], grid: BatchGrid, dev: torch.device, dtype: str
+    first_logits: dict[str, torch.Tensor], first_features: dict[str, dict[str, torch.Tensor]], layouts: dict[str, Dense | TopK],
+    grid: BatchGrid, dev: torch.device, dtype: str
 ) -> tuple[dict[str, tuple[dict[str, torch.Tensor], RowSummary]], float]:
     """Batch 0's stored values must be finite before the store is made; returns them for reuse, and
     the seconds their per-position work took (the loop's share of this batch, which it skips)."""
@@ -708,7 +798,7 @@ def _check_first_batch(
     with torch.inference_mode(), teacher_autocast(dev, dtype):
         for name, logits in first_logits.items():
             started = time.perf_counter()
-            arrays, summary = _teacher_rows(layouts[name], logits, batch, name)
+            arrays, summary = _teacher_rows(layouts[name], logits, batch, name, first_features.get(name))
             _synchronize(dev)
             reduce_s += time.perf_counter() - started
             _stored(name, layouts[name], {k: v.cpu() for k, v in arrays.items()},

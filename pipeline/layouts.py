@@ -50,6 +50,7 @@ LAYOUTS = ("dense", "topk")
 DEFAULT_TOP_K = 64
 DEFAULT_TEMPERATURES = (1.0, 2.0)
 DENSE_TOKENS_MAX_VOCAB = 1024  # SPEC: tokens are stored dense only when asked and V <= this
+FEATURES = "features"  # the group of a teacher's stored module outputs (v3)
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,26 @@ class Layout:
     dtype: str
     vocab_size: int
     entropy: bool = field(default=True, kw_only=True)  # v3: the `entropy` array is stored (False: older teachers)
+    # v3 "Features": (module, per-row shape) of each captured module, stored as features/<module>
+    features: tuple[tuple[str, tuple[int, ...]], ...] = field(default=(), kw_only=True)
 
     def attrs(self) -> dict[str, Any]:
         """The teacher attributes SPEC lists for its layout (see `layout_from_attrs`)."""
-        return {"layout": self.name, "dtype": self.dtype, "vocab_size": self.vocab_size, "top_k": None, "temperatures": None}
+        out = {"layout": self.name, "dtype": self.dtype, "vocab_size": self.vocab_size, "top_k": None, "temperatures": None}
+        if self.features:  # only where there are some: older teachers' attributes (and records) stay as they were
+            out["features"] = {module: list(shape) for module, shape in self.features}
+        return out
+
+    def feature_arrays(self) -> list[ArraySpec]:
+        """features/<module> (rows, *shape) in the teacher's dtype, uncompressed (hidden states barely
+        compress), NaN fill, whole-row chunks like every array."""
+        stored, _, fill = STORAGE[self.dtype]
+        return [ArraySpec(f"{FEATURES}/{module}", tuple(shape), stored, fill, (), self.dtype,
+                          ("row", *(f"{module}.{i}" for i in range(len(shape))))) for module, shape in self.features]
+
+    def feature_row_bytes(self) -> dict[str, int]:
+        """Uncompressed bytes per row of each stored feature."""
+        return {module: math.prod(shape) * STORAGE[self.dtype][0].itemsize for module, shape in self.features}
 
     def entropy_arrays(self) -> list[ArraySpec]:
         """[the `entropy` array] where this teacher stores it, else []."""
@@ -140,7 +157,8 @@ class Dense(Layout):
     def arrays(self) -> list[ArraySpec]:
         stored, _, fill = STORAGE[self.dtype]
         # No compressor: dense logits barely compress (~1.09x) and decompression slowed reads 2-4x.
-        return [ArraySpec("logits", (self.vocab_size,), stored, fill, (), self.dtype, ("row", "class")), *self.entropy_arrays()]
+        return [ArraySpec("logits", (self.vocab_size,), stored, fill, (), self.dtype, ("row", "class")), *self.entropy_arrays(),
+                *self.feature_arrays()]
 
     def reduce(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], RowSummary]:
         stored = STORAGE[self.dtype][1]
@@ -200,6 +218,7 @@ class TopK(Layout):
             ArraySpec("lse", (t,), np.dtype(np.float32), float("nan"), _blosc(4), None, ("row", "temperature")),
             ArraySpec("label_logprob", (), np.dtype(np.float32), float("nan"), _blosc(4), None, ("row",)),
             *self.entropy_arrays(),
+            *self.feature_arrays(),
         ]
 
     def reduce(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], RowSummary]:
@@ -478,13 +497,15 @@ def layout_from_attrs(attrs: dict[str, Any], num_classes: int, *, entropy: bool 
     `entropy`: the teacher has the v3 `entropy` array (older teachers do not)."""
     layout = attrs.get("layout", "dense")
     vocab = int(attrs.get("vocab_size") or num_classes)
+    features = tuple((str(m), tuple(int(d) for d in shape)) for m, shape in (attrs.get("features") or {}).items())
     if layout == "dense":
-        return Dense(attrs["dtype"], vocab, entropy=entropy)
+        return Dense(attrs["dtype"], vocab, entropy=entropy, features=features)
     if layout == "topk" and attrs.get("tail_samples"):
         return SampledTopK(attrs["dtype"], vocab, int(attrs["top_k"]), tuple(float(t) for t in attrs["temperatures"]),
-                           int(attrs["tail_samples"]), int(attrs.get("tail_seed", 0)), entropy=entropy)
+                           int(attrs["tail_samples"]), int(attrs.get("tail_seed", 0)), entropy=entropy, features=features)
     if layout == "topk":
-        return TopK(attrs["dtype"], vocab, int(attrs["top_k"]), tuple(float(t) for t in attrs["temperatures"]), entropy=entropy)
+        return TopK(attrs["dtype"], vocab, int(attrs["top_k"]), tuple(float(t) for t in attrs["temperatures"]), entropy=entropy,
+                    features=features)
     raise ValueError(f"unknown layout {layout!r}")
 
 

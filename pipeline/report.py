@@ -37,7 +37,7 @@ from mtkd.pipeline.config import Fusion
 from mtkd.pipeline.data import IGNORE_LABEL
 from mtkd.pipeline.fusion import fusion_weights
 from mtkd.pipeline.errors import BadInputError
-from mtkd.pipeline.layouts import Dense, Layout, RowSummary, SampledTopK, TopK, format_temperatures
+from mtkd.pipeline.layouts import FEATURES, Dense, Layout, RowSummary, SampledTopK, TopK, format_temperatures
 from mtkd.pipeline.metrics import ECE_BINS, RunningMetrics, fuse_log_probs
 from mtkd.pipeline.store import LogitStore
 
@@ -191,6 +191,7 @@ def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None
                 "rows_complete": sum(stop - start for start, stop in map(store.block_range, done[name])),
                 "blocks_complete": len(done[name]),
                 "bytes_per_row": _bytes_per_row(store, name, done[name]),
+                **({"feature_bytes_per_row": _feature_bytes_per_row(store, name, done[name])} if store.layout(name).features else {}),
                 "metrics": metrics(name),
             }
             for name in names
@@ -216,7 +217,8 @@ def _subset(store: LogitStore, chosen: list[str], complete: list[str]) -> list[s
 
 def _read_block(store: LogitStore, name: str, layout: Layout, block: int) -> dict[str, torch.Tensor]:
     """One recorded block of a teacher as tensors (the store refuses NaN/inf in it: damage, never a metric)."""
-    return layout.tensors(store.read(name, *store.block_range(block)))
+    only = tuple(a.name for a in layout.arrays() if not a.name.startswith(FEATURES + "/"))  # the stats never need the features
+    return layout.tensors(store.read(name, *store.block_range(block), only=only))
 
 
 class _EnsembleSums:
@@ -373,9 +375,20 @@ def _bytes_per_row(store: LogitStore, name: str, done: set[int]) -> float | None
     rows = sum(stop - start for start, stop in map(store.block_range, done))
     if not rows:
         return None
+    return sum(_array_bytes(store, name, a.name) for a in store.layout(name).arrays()) / rows
+
+
+def _feature_bytes_per_row(store: LogitStore, name: str, done: set[int]) -> dict[str, dict[str, float | None]]:
+    """Per stored feature: bytes on disk per row ("stored") and uncompressed ("raw") - what dominates a store with features."""
+    rows = sum(stop - start for start, stop in map(store.block_range, done))
+    layout = store.layout(name)
+    raw = layout.feature_row_bytes()
+    return {module: {"stored": _array_bytes(store, name, f"{FEATURES}/{module}") / rows if rows else None, "raw": raw[module]}
+            for module, _ in layout.features}
+
+
+def _array_bytes(store: LogitStore, name: str, key: str) -> int:
     total = 0
-    for a in store.layout(name).arrays():
-        folder = store.path / "teachers" / name / a.name / "c"
-        for root, _, files in os.walk(folder):
-            total += sum(os.path.getsize(os.path.join(root, f)) for f in files if not f.endswith(".partial"))
-    return total / rows
+    for root, _, files in os.walk(store.path / "teachers" / name / key / "c"):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files if not f.endswith(".partial"))
+    return total

@@ -81,7 +81,7 @@ def check_out_path(path: Path, option: str = "--out") -> None:
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 RESERVED_NAMES = (".", "..", "zarr.json")
 MAX_NAME = 100
-MODEL_KEYS = {"name", "factory", "kwargs", "checkpoint", "torchscript", "run"}
+MODEL_KEYS = {"name", "factory", "kwargs", "checkpoint", "torchscript", "run", "features"}
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,7 @@ class ModelSpec:
     torchscript: Path | None = None
     run: Path | None = None
     folder: Path | None = None  # where MODULE imports from besides the current directory; None: source's folder
+    features: tuple[str, ...] = ()  # v3: modules whose outputs stage one stores beside the logits
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, as stored in store attributes and run configs."""
@@ -110,6 +111,7 @@ class ModelSpec:
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "torchscript": str(self.torchscript) if self.torchscript else None,
             "run": str(self.run) if self.run else None,
+            **({"features": list(self.features)} if self.features else {}),
         }
 
     @property
@@ -249,6 +251,11 @@ def _parse_model(table: Any, source: Path, where: str) -> ModelSpec:
         if value is not None and not isinstance(value, str):
             raise SpecError(f"{source}: model {name!r}: {key} must be a path string")
     here = source.parent
+    features = table.get("features", [])
+    if not isinstance(features, list) or not all(isinstance(f, str) and f for f in features) or len(set(features)) != len(features):
+        raise SpecError(f"{source}: model {name!r}: features must be a list of distinct module names, got {features!r}")
+    if features and run is not None:
+        raise SpecError(f"{source}: model {name!r}: features are not supported with run = ... (give factory and checkpoint)")
     if run is not None:
         if any(table.get(k) is not None for k in ("factory", "kwargs", "checkpoint", "torchscript")):
             raise SpecError(f"{source}: model {name!r} gives run together with factory/kwargs/checkpoint/torchscript")
@@ -266,6 +273,7 @@ def _parse_model(table: Any, source: Path, where: str) -> ModelSpec:
         kwargs=hf.resolve_kwargs(factory, dict(kwargs), here, name),
         checkpoint=(here / checkpoint).resolve() if checkpoint else None,
         torchscript=(here / torchscript).resolve() if torchscript else None,
+        features=tuple(features),
     )
 
 

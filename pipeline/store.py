@@ -75,7 +75,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from mtkd.pipeline.data import Data
 from mtkd.pipeline.errors import BadInputError, CorruptStoreError, IncompleteStoreError, StoreMismatchError
-from mtkd.pipeline.layouts import STORAGE, Dense, Layout, SparseRows, TopK, layout_from_attrs
+from mtkd.pipeline.layouts import FEATURES, STORAGE, Dense, Layout, SparseRows, TopK, layout_from_attrs
 from mtkd.pipeline.staging import remove_stale, staging_dir
 
 FORMAT = 2
@@ -369,7 +369,7 @@ class LogitStore:
             out[spec.name] = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts)) if parts else (
                 np.empty((0, *spec.row_shape), dtype=spec.dtype)
             )
-            if spec.name in FINITE_ARRAYS:
+            if spec.name in FINITE_ARRAYS or spec.name.startswith(FEATURES + "/"):
                 self._require_finite(name, start, out[spec.name], spec.logical_dtype or "float32", spec.name)
         if misplaced is not None:  # after the finite checks: NaN written over a chunk is named as such
             raise CorruptStoreError(misplaced_message(self.path, name, *misplaced))
@@ -679,9 +679,9 @@ class LogitStore:
         folder = self.path / "teachers" / name
         (folder / "done" / self._array(f"teachers/{name}/done").metadata.encode_chunk_key((block,))).unlink(missing_ok=True)
         self._records.get(name, {}).pop(block, None)
-        for child in sorted(folder.iterdir()):
-            if child.name != "done" and (child / "zarr.json").is_file():
-                array = self._array(f"teachers/{name}/{child.name}")
+        for child in row_array_folders(folder):
+            if child != folder / "done":
+                array = self._array(f"teachers/{name}/{child.relative_to(folder).as_posix()}")
                 key = array.metadata.encode_chunk_key((block,) + (0,) * (len(array.shape) - 1))
                 (child / key).unlink(missing_ok=True)
 
@@ -811,10 +811,11 @@ def teacher_problems(store: LogitStore, name: str) -> list[Problem]:
     folder = store.path / "teachers" / name
     attrs = dict(zarr.open_group(folder, mode="r").attrs)
     arrays = {}  # the teacher's row arrays, whatever its layout declares
-    for child in sorted(folder.iterdir()):
-        if child.name not in PER_BLOCK_ARRAYS and (child / "zarr.json").is_file():
+    for child in row_array_folders(folder):
+        key = child.relative_to(folder).as_posix()
+        if key not in PER_BLOCK_ARRAYS:
             try:
-                arrays[child.name] = zarr.open_array(child, mode="r")
+                arrays[key] = zarr.open_array(child, mode="r")
             except Exception as e:  # noqa: BLE001
                 return [Problem(f"{where}: array {child.name} does not open ({type(e).__name__})", name)]
     try:
@@ -852,6 +853,17 @@ def teacher_problems(store: LogitStore, name: str) -> list[Problem]:
         shapes = {k: tuple(a.shape[1:]) for k, a in arrays.items()}
         problems.append(Problem(f"{where}: its arrays' row shapes {shapes} are not those of its attributes' layout {layout}", name))
     return problems
+
+
+def row_array_folders(folder: Path) -> list[Path]:
+    """A teacher's array folders: its own, and those of its features/ group (v3)."""
+    out = []
+    for child in sorted(folder.iterdir()):
+        if child.name == FEATURES and child.is_dir():
+            out += [c for c in sorted(child.iterdir()) if (c / "zarr.json").is_file()]
+        elif (child / "zarr.json").is_file():
+            out.append(child)
+    return out
 
 
 # The logical dtype each stored dtype can only be (bfloat16 is kept bit-exact as uint16).

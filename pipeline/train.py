@@ -59,6 +59,7 @@ from torch import Tensor
 
 from mtkd.pipeline.advice import training_warnings
 from mtkd.pipeline.config import Fusion, FusionScope, Loss, LossPath, Schedule, TrainConfig, differences, identity
+from mtkd.pipeline.features import FEATURES_KEY, FeatureTap, build_hints, check_feature_names, feature_loss, parse_pair
 from mtkd.pipeline.fusion import fallback_rows
 from mtkd.pipeline.objective import Objective
 from mtkd.pipeline.device import resolve_device
@@ -117,6 +118,7 @@ class Setup:
     head: str  # tokens: "fused" (hidden states + output layer into fused_linear_sparse_kd_loss) | "logits"; rows: "logits"
     entropy: Tensor | None = None  # rows: (K, N) stored entropies, when the fusion reads them (tokens: with the teachers' rows)
     warnings: list[str] = field(default_factory=list)  # about the teachers (advice.py), one line each
+    hints: dict[str, Any] | None = None  # --feature: pairs, the teachers' stored features (held), shapes
 
 
 @dataclass(frozen=True)
@@ -304,7 +306,8 @@ class Trainer:
         if teacher_rows is not None and teacher_rows.entropy and not tokens:  # (K, N) float32: 4 bytes a row and teacher
             row_entropy = torch.stack([store.read_entropy(t, 0, store.num_rows) for t in config.teachers])
         warnings = training_warnings(store, config.teachers, config.temperature) if store is not None else []
-        return Setup(config, record, spec, model, dataset, val, store, loader, plan, checkpoint, head, row_entropy, warnings)
+        hints = _hint_setup(config, store, dataset, model, spec.name) if config.features else None
+        return Setup(config, record, spec, model, dataset, val, store, loader, plan, checkpoint, head, row_entropy, warnings, hints)
 
     # -- train ------------------------------------------------------------------------------------------
 
@@ -312,7 +315,17 @@ class Trainer:
         s, rank, world_size, device = self.s, self.rank, self.world_size, self.device
         config, plan, loader, run = s.config, s.plan, s.loader, s.config.out
         model = s.model.to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        hints = tap = None
+        params = list(model.parameters())
+        if s.hints is not None:  # --feature: the projections train with the student, saved apart (projections.pt)
+            hints = build_hints(s.hints["pairs"], s.hints["student_shapes"], s.hints["teacher_shapes"], seed=config.seed).to(device)
+            if s.checkpoint is not None:  # the checkpoint's copy: projections.pt may be a moment newer (a kill between the two)
+                if "projections" not in s.checkpoint:
+                    raise CheckpointError(f"--resume: {str(run / 'checkpoint.pt')!r} holds no projections for --feature")
+                hints.load_state_dict(s.checkpoint["projections"])
+            params += list(hints.parameters())
+            tap = FeatureTap(model, sorted({p.student for p in s.hints["pairs"]}), f"student {s.spec.name!r}")
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         objective = Objective.from_config(config, device, row_entropy=s.entropy)
         tokens = s.data.kind == "tokens"
         lm = _LanguageModel(model, fused=s.head == "fused") if tokens else model
@@ -354,6 +367,9 @@ class Trainer:
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
                 "sums": epoch_sums, "history": history, "best": best,
             }
+            if hints is not None:  # in the checkpoint (what resume reads) and as projections.pt (what the run gives)
+                state["projections"] = hints.state_dict()
+                _save_atomic(run / "projections.pt", hints.state_dict())
             _save_atomic(run / "checkpoint.pt", state)
 
         def end_epoch(finished: int) -> None:
@@ -422,6 +438,12 @@ class Trainer:
                             student_logits = net(batch.x)  # (B, V)
                         labels = batch.labels
                         batch_loss = objective(student_logits, batch)
+                        if hints is not None:
+                            rows = batch.rows.cpu()
+                            teacher = {p: s.hints["table"][p][rows].to(device, non_blocking=True) for p in hints.pairs}
+                            weights = _hint_weights(objective, batch, config.teachers) if s.hints["fused"] else None
+                            hint = feature_loss(hints, tap.take(), teacher, config.feature_loss, weights=weights)
+                            batch_loss = batch_loss + config.feature_weight * hint
                     (batch_loss / (end - first) if end - first > 1 else batch_loss).backward()
                 sums.add(batch_loss.detach(), None if student_logits is None else student_logits.detach(), labels)
                 guard.add(epoch, b, batch_loss)
@@ -446,6 +468,8 @@ class Trainer:
                     epoch_sums = sums.reduced(world_size)  # a collective: every rank takes part
                     if rank == 0:
                         save_checkpoint(epoch, b + 1, {**epoch_sums, "seconds": sums.seconds + time.perf_counter() - tick})
+        if rank == 0 and hints is not None:
+            _save_atomic(run / "projections.pt", hints.state_dict())
         if rank == 0 and s.val is None:
             _save_atomic(run / "student.pt", model.state_dict())  # (with --val-data: the best, saved on the way)
         return {
@@ -553,6 +577,67 @@ def _schedule(config: TrainConfig, plan: Plan) -> Callable[[int], float]:
 # ---------------------------------------------------------------------------------------------------
 # Setup helpers
 # ---------------------------------------------------------------------------------------------------
+
+
+def _hint_setup(config: TrainConfig, store: LogitStore, data: RowData | TokenData, model: torch.nn.Module, student: str) -> dict[str, Any]:
+    """--feature pairs checked against the store and the student before anything is written: the
+    teacher and its stored feature exist (complete, finite: the store's reads refuse NaN), the student
+    module exists and is called in its forward, and the shapes pair (all but the last axis). The
+    teachers' stored features are read once and held (float32 of the stored values)."""
+    if data.kind == "tokens":
+        raise BadInputError("--feature: hint training on token data is not supported yet (row data only)")
+    pairs = [parse_pair(text) for text in config.features]
+    if len(set(pairs)) != len(pairs):
+        raise BadInputError(f"--feature lists a pair twice ({', '.join(config.features)})")
+    check_feature_names(model, [p.student for p in pairs], f"student {student!r}")
+    table, teacher_shapes = {}, {}
+    for p in pairs:
+        if p.teacher not in store.teachers:
+            raise BadInputError(f"--feature {p}: store {str(store.path)!r} has no teacher {p.teacher!r} (it has: {', '.join(store.teachers)})")
+        if p.teacher not in (config.teachers or ()):
+            raise BadInputError(f"--feature {p}: teacher {p.teacher!r} is not one of this run's teachers ({', '.join(config.teachers or ())})")
+        store.require_complete([p.teacher])
+        layout = store.layout(p.teacher)
+        stored = dict(layout.features)
+        if p.module not in stored:
+            raise BadInputError(f"--feature {p}: teacher {p.teacher!r} stores no feature {p.module!r} "
+                                f"(it stores: {', '.join(stored) or 'none'}; name modules in its TOML's features = [...] for stage one)")
+        key = f"{FEATURES_KEY}/{p.module}"
+        raw = store.read(p.teacher, 0, store.num_rows, only=(key,))
+        table[p] = layout.tensors(raw)[key].float()
+        teacher_shapes[p] = tuple(stored[p.module])
+    tap = FeatureTap(model, sorted({p.student for p in pairs}), f"student {student!r}")
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            was = model.training
+            model.eval()
+            model(as_tensor(data.x[:2]))
+            model.train(was)
+        captured = tap.take()
+    finally:
+        tap.close()
+    student_shapes = {}
+    for p in pairs:
+        if p.student not in captured:
+            raise BadInputError(f"--feature {p}: student {student!r}'s module {p.student!r} is not called in its forward")
+        student_shapes[p.student] = tuple(captured[p.student].shape[1:])
+    build_hints(pairs, student_shapes, teacher_shapes)  # refuses shapes that cannot pair, naming both sides
+    modules = [p.student for p in pairs]
+    fused = any(modules.count(m) > 1 for m in modules)  # several teachers on one student module: the run's fusion weights
+    return {"pairs": pairs, "table": table, "student_shapes": student_shapes, "teacher_shapes": teacher_shapes, "fused": fused}
+
+
+def _hint_weights(objective: Objective, batch: Any, teachers: tuple[str, ...]) -> dict[str, Tensor] | None:
+    """The run's per-row fusion weights of a row batch, {teacher: (B,)} (None: uniform), as its KD
+    term fuses the teachers' logits."""
+    entropies = None
+    if objective.row_entropy is not None:
+        entropies = objective.row_entropy[:, batch.rows].to(batch.labels.device)
+    _, w = objective.target(batch.logits, batch.labels, entropies)
+    if w is None or batch.logits is None or len(w.reshape(-1)) == 0:
+        return None
+    w = w.expand(len(batch), len(teachers)) if w.dim() == 1 else w
+    return {t: w[:, k] for k, t in enumerate(teachers)}
 
 
 def _choose_teachers(store: LogitStore, teachers: tuple[str, ...] | None) -> list[str]:

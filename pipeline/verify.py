@@ -51,7 +51,7 @@ import numpy as np
 import zarr
 
 from mtkd.pipeline.data import IGNORE_LABEL
-from mtkd.pipeline.layouts import STORAGE
+from mtkd.pipeline.layouts import FEATURES, STORAGE
 from mtkd.pipeline.store import (
     LOGICAL_OF_STORED,
     OFFSETS,
@@ -307,21 +307,28 @@ class _Teacher:
         attrs = dict(group.attrs)
         arrays, problems = [], []
         where = f"store {str(store.path)!r}: teacher {name!r}"
+        children = []
         for child in sorted(folder.iterdir()):
-            if not child.is_dir() or child.name == RECORDS:
+            if child.name == FEATURES and child.is_dir():  # v3: features/<module>, one array each
+                children += sorted(c for c in child.iterdir() if c.is_dir())
+            else:
+                children.append(child)
+        for child in children:
+            key = child.relative_to(folder).as_posix()
+            if not child.is_dir() or key == RECORDS:
                 continue
             if not (child / "zarr.json").is_file():
-                problems.append(Finding(ATTRIBUTE, f"{where}: array {child.name} has no zarr.json", teacher=name))
+                problems.append(Finding(ATTRIBUTE, f"{where}: array {key} has no zarr.json", teacher=name))
                 continue
             try:
                 array = zarr.open_array(child, mode="r")
             except Exception as e:  # noqa: BLE001
-                problems.append(Finding(ATTRIBUTE, f"{where}: array {child.name} does not open ({type(e).__name__})", teacher=name))
+                problems.append(Finding(ATTRIBUTE, f"{where}: array {key} does not open ({type(e).__name__})", teacher=name))
                 continue
             stored = np.dtype(array.dtype)
             # What the values are follows from how they are stored, whatever the attribute says.
             logical = LOGICAL_OF_STORED.get(stored, stored.name) if "logical_dtype" in array.attrs else stored.name
-            arrays.append(_Array(child.name, array, logical, per_block=child.name in PER_BLOCK))
+            arrays.append(_Array(key, array, logical, per_block=key in PER_BLOCK))
         if not arrays and not problems:
             problems.append(Finding(ATTRIBUTE, f"{where}: holds no arrays", teacher=name))
         return cls(store, name, attrs, arrays, problems)

@@ -96,6 +96,10 @@ def _render(report: dict) -> None:
         f"acc: {'next-token accuracy, ppl: perplexity' if tokens else 'accuracy'}; B/{unit}: bytes stored per {unit}; "
         "rows ... !: incomplete; ensemble (K): the mean of K complete teachers' probabilities"
     )
+    for t in report["teachers"]:  # v3 features: bytes per row each (they dominate a store that has them)
+        for module, size in (t.get("feature_bytes_per_row") or {}).items():
+            stored = "-" if size["stored"] is None else f"{size['stored']:.0f}"
+            console.print(f"  {t['name']} features/{module}: {stored} B/{unit} stored ({size['raw']} B/{unit} uncompressed)")
     sparse = [t for t in report["teachers"] if t["layout"] == "topk"]
     if sparse:
         temps = sorted({temp for t in sparse for temp in t["metrics"]["tail_mass"]}, key=float)

@@ -108,6 +108,12 @@ def train(
         LossPath, typer.Option("--loss-path", help="Token students of top-k teachers: fused (hidden states and output layer "
                                "into the loss, no logits held), logits, or auto (fused where it gives the student's logits).")
     ] = DEFAULTS["loss_path"],
+    feature: Annotated[
+        list[str] | None, typer.Option("--feature", help="STUDENT_MODULE=TEACHER:MODULE: a hint loss between the student "
+                                       "module's output (through a learned projection) and the teacher's stored feature; repeatable.")
+    ] = None,
+    feature_loss: Annotated[str, typer.Option("--feature-loss", help="mse | cosine")] = "mse",
+    feature_weight: Annotated[float, typer.Option("--feature-weight", help="BETA: weight of the summed hint losses.")] = 1.0,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -134,7 +140,7 @@ def train(
         schedule=schedule, decay_rate=decay_rate, warmup_steps=warmup_steps, seed=seed, device=device.value,
         val_data=val_data, resume=resume, stream=None if loader is LoaderMode.auto else loader is LoaderMode.stream,
         checkpoint_every=checkpoint_every, fusion_temperature=fusion_temperature, fusion_scope=fusion_scope,
-        loss_path=loss_path,
+        loss_path=loss_path, features=tuple(feature or ()), feature_loss=feature_loss, feature_weight=feature_weight,
     )
     from mtkd.pipeline.train import run_train  # heavy (torch): here, so --help stays fast
 

@@ -191,6 +191,8 @@ def make_teachers(tmp_path: Path) -> Callable[..., Path]:
                 kwargs.setdefault("hidden", [16])
             lines.append("[[teachers]]")
             lines.append(f'name = "{name}"')
+            if entry.get("features"):  # v3: modules whose outputs stage one stores
+                lines.append("features = [" + ", ".join(f'"{m}"' for m in entry["features"]) + "]")
             if "checkpoint" in entry:
                 lines += [f'factory = "{factory}"', f"kwargs = {_toml_inline(kwargs)}", f'checkpoint = "{entry["checkpoint"]}"']
                 continue

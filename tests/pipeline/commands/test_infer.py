@@ -351,7 +351,17 @@ def _infer_process(tmp_path, out, *extra):
 # Stage one's layouts the process tests run: dense rows, and top-k with sampled tails (their draws
 # must reproduce across kills and shards too; the test teachers have 3 classes).
 SAMPLED = ("--top-k", "1", "--tail-samples", "5", "--seed", "9")
-LAYOUTS = pytest.mark.parametrize("layout", [(), SAMPLED], ids=["dense", "sampled"])
+# Dense rows with features (v3): both teachers also store a module's output (set in their TOML, not options).
+FEATURED = ("features",)
+LAYOUTS = pytest.mark.parametrize("layout", [(), SAMPLED, FEATURED], ids=["dense", "sampled", "features"])
+
+
+def _teachers_and_options(make_teachers, layout):
+    """The fast and slow teachers (storing features under FEATURED) and the infer options of `layout`."""
+    featured = layout is FEATURED
+    make_teachers([{"name": "fast", **({"features": ["1"]} if featured else {})},
+                   {"name": "slow", **SLOW, **({"features": ["linear"]} if featured else {})}])
+    return () if featured else layout
 
 
 def _reference(tmp_path, *extra, name="reference.zarr"):
@@ -379,9 +389,10 @@ def _kill_once_recorded(proc, store: Path, blocks: int) -> None:
 @LAYOUTS
 def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path, make_data, make_teachers, odd_teachers, layout):
     make_data(80)
-    make_teachers([{"name": "fast"}, {"name": "slow", **SLOW}])
+    featured, layout = layout is FEATURED, _teachers_and_options(make_teachers, layout)
     expected = _reference(tmp_path, *layout)
     assert bool(layout) == any(key.startswith("teachers/slow/tail_ids/c/") for key in expected)
+    assert featured == any(key.startswith("teachers/slow/features/linear/c/") for key in expected)
 
     proc = _infer_process(tmp_path, "s.zarr", *layout)
     _kill_once_recorded(proc, tmp_path / "s.zarr", 3)
@@ -399,8 +410,9 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path, make_data, make_t
 @LAYOUTS
 def test_concurrent_shard_processes_equal_one_run(tmp_path, make_data, make_teachers, odd_teachers, layout):
     make_data(80)
-    make_teachers([{"name": "fast"}, {"name": "slow", **SLOW}])
+    featured, layout = layout is FEATURED, _teachers_and_options(make_teachers, layout)
     expected = _reference(tmp_path, *layout)
+    assert featured == any(key.startswith("teachers/fast/features/1/c/") for key in expected)
 
     procs = [_infer_process(tmp_path, "s.zarr", *layout, "--shard", f"{i}/3") for i in range(3)]
     for proc in procs:
