@@ -144,7 +144,8 @@ def _render_lm(result: dict[str, Any]) -> None:
     console.print(f"mixture perplexity, {result['chosen_fusion']} student / best single-teacher student ({best}): "
                   f"{distilled['perplexity'] / singles[best]['perplexity']:.3f}; / baseline: "
                   f"{distilled['perplexity'] / baseline['perplexity']:.3f}; store: {result['bytes_per_token']:.1f} bytes "
-                  f"per token ({len(result['teachers'])} teachers, top-{result['config']['top_k']})")
+                  f"per token ({len(result['teachers'])} teachers, top-{result['config']['top_k']}"
+                  + (f" + {result['config']['tail_samples']} tail draws" if result['config'].get('tail_samples') else "") + ")")
     _print_wall(console, result["wall_s"])
     console.print(f"data, models, stores and runs under {result['out']}")
     if result["plot"]:

@@ -62,7 +62,12 @@ class LMDemoConfig:
     )
     student: Recipe = Recipe("student", f"{MODELS}:transformer_lm", {"d_model": 32, "layers": 1, "heads": 4},
                              epochs=2, lr=1e-2)
-    top_k: int = 64
+    # The train store: each position's top-32 plus 32 draws from the rest of the teacher's distribution
+    # (SPEC v3 "Sparse targets with sampled tails"; tail_samples 0: the head and its tail bucket).
+    # Measured on this demo, 3 seeds: every distilled student better than from top-64 (README). The
+    # validation stores, which only score the teachers and their ensembles, keep the head alone.
+    top_k: int = 32
+    tail_samples: int = 32
     temperatures: tuple[float, ...] = (1.0, 2.0)
     temperature: float = 1.0
     alpha: float = 0.8
@@ -153,17 +158,19 @@ def run_lm_demo(out: str | Path, config: LMDemoConfig = LMDemoConfig(), *, quiet
     teachers_toml = out / "models" / "teachers.toml"
     teachers_toml.write_text(
         f"# mtkd infer --teachers teachers.toml --data ../data/train.npz --top-k {config.top_k} "
-        f"--temperatures {','.join(f'{t:g}' for t in config.temperatures)} --out ../stores/train\n\n" + "\n".join(tables)
+        + (f"--tail-samples {config.tail_samples} " if config.tail_samples else "")
+        + f"--temperatures {','.join(f'{t:g}' for t in config.temperatures)} --out ../stores/train\n\n" + "\n".join(tables)
     )
     wall["teachers"] = time.perf_counter() - t0
 
     # -- stage one: the teachers' top-k over the mixture's train windows -------------------------------
     t0 = time.perf_counter()
     store = out / "stores" / "train"
-    run_infer(teachers_toml, train, store, top_k=config.top_k, temperatures=config.temperatures,
-              batch_size=config.infer_batch_size, device=config.device)
+    run_infer(teachers_toml, train, store, top_k=config.top_k, tail_samples=config.tail_samples,
+              temperatures=config.temperatures, batch_size=config.infer_batch_size, device=config.device)
     wall["infer"] = time.perf_counter() - t0
-    log(f"infer: {corpus.train_tokens} positions x {len(config.teachers)} teachers, top-{config.top_k} ({wall['infer']:.1f} s)")
+    log(f"infer: {corpus.train_tokens} positions x {len(config.teachers)} teachers, top-{config.top_k}"
+        + (f" + {config.tail_samples} tail draws" if config.tail_samples else "") + f" ({wall['infer']:.1f} s)")
 
     # -- stage two: every student on the mixture, once per seed ----------------------------------------
     runs = student_runs(config)
@@ -308,7 +315,7 @@ def _config_summary(config: LMDemoConfig, corpus: Corpus) -> dict[str, Any]:
                                for d in corpus.domains.values()}},
         "teachers": {r.name: {"data": r.data or "mixture", "factory": r.factory, "kwargs": r.kwargs,
                               "epochs": r.epochs, "lr": r.lr} for r in config.teachers},
-        "top_k": config.top_k, "temperature": config.temperature, "alpha": config.alpha,
+        "top_k": config.top_k, "tail_samples": config.tail_samples, "temperature": config.temperature, "alpha": config.alpha,
         "fusions": [f.label for f in config.fusions], "fusion_temperature": config.fusion_temperature,
         "student": {"kwargs": config.student.kwargs, "epochs": config.student.epochs, "lr": config.student.lr},
         "batch_size": config.batch_size,
