@@ -260,10 +260,13 @@ class TopK(Layout):
     def decode(self, raw: dict[str, np.ndarray], temperature: float = 1.0) -> SparseRows:
         """Stored rows -> ids and log-probabilities at `temperature` (one of the stored ones)."""
         column = self.temperature_index(temperature)
-        logprobs = from_storage(raw["topk_logprobs"], self.dtype).float()
+        # Memory of its own when re-tempered in place (a float32 store's would be `raw`'s).
+        logprobs = from_storage(raw["topk_logprobs"], self.dtype).to(torch.float32, copy=bool(column))
         if column:
             lse = torch.from_numpy(raw["lse"])
-            logprobs = (logprobs + lse[:, :1]) / self.temperatures[column] - lse[:, column : column + 1]
+            # In place, the same three float32 operations in the same order: a new (n, k) tensor for
+            # each cost the reader more (page faults) than the arithmetic.
+            logprobs.add_(lse[:, :1]).div_(self.temperatures[column]).sub_(lse[:, column : column + 1])
         ids = torch.from_numpy(raw["topk_ids"].astype(np.int64))
         return SparseRows(ids, logprobs, torch.from_numpy(raw["label_logprob"]))
 

@@ -630,14 +630,20 @@ class TeacherRows:
         return k * (self.vocab * torch.finfo(self.logits_dtype).bits // 8 + extra)
 
     def read(self, lo: int, hi: int) -> dict[str, Tensor]:
+        """Rows [lo, hi) of every chosen teacher, stacked: (K, n, ...) per array."""
+        return {key: torch.stack(parts) for key, parts in self.read_parts(lo, hi).items()}
+
+    def read_parts(self, lo: int, hi: int) -> dict[str, list[Tensor]]:
+        """Rows [lo, hi) per array, one (n, ...) tensor per chosen teacher (for a caller that copies
+        them into memory of its own: stacking them first would copy them twice)."""
         out = self._read(lo, hi)
         if self.entropy:
-            out["entropy"] = torch.stack([self.store.read_entropy(t, lo, hi) for t in self.teachers])  # (K, n)
+            out["entropy"] = [self.store.read_entropy(t, lo, hi) for t in self.teachers]  # (n,) each
         return out
 
-    def _read(self, lo: int, hi: int) -> dict[str, Tensor]:
+    def _read(self, lo: int, hi: int) -> dict[str, list[Tensor]]:
         if not self.sparse:
-            return {"logits": torch.stack([self.store.read_logits(t, lo, hi).to(self.logits_dtype) for t in self.teachers])}
+            return {"logits": [self.store.read_logits(t, lo, hi).to(self.logits_dtype) for t in self.teachers]}
         ids, logprobs, label_logprob, top1 = [], [], [], []
         for name in self.teachers:
             rows = self.store.read_topk(name, lo, hi, self.temperature)
@@ -655,9 +661,9 @@ class TeacherRows:
             ids.append(i)
             logprobs.append(lp)
             label_logprob.append(rows.label_logprob.float())
-        out = {"ids": torch.stack(ids), "logprobs": torch.stack(logprobs), "label_logprob": torch.stack(label_logprob)}
+        out = {"ids": ids, "logprobs": logprobs, "label_logprob": label_logprob}
         if self.sampled:
-            out["top1"] = torch.stack(top1)  # (K, n)
+            out["top1"] = top1  # K x (n,)
         return out
 
 
@@ -723,6 +729,7 @@ class SequenceLoader(_Loader):
         row_bytes = (0 if teachers is None else teachers.row_bytes) + self.TOKEN_BYTES
         rows_per_window = max(MIN_WINDOW_UNITS * self.read_rows, window_bytes // row_bytes)
         self.window_seqs = self.window_items = max(1, math.ceil(rows_per_window * self.num_seqs / n_rows))
+        self.window_rows = math.ceil(self.window_seqs * n_rows / self.num_seqs)  # a window's positions, on average
         self._in_memory: tuple[Tensor, dict[str, Tensor]] | None = None
 
     @property
@@ -785,8 +792,7 @@ class SequenceLoader(_Loader):
 
     def _gather(self, seqs: np.ndarray, held: tuple[Tensor, dict[str, Tensor]]) -> TokenBatch:
         tokens, teachers = held
-        rows = torch.from_numpy(self._rows_of(seqs))
-        return self._batch(seqs, tokens[rows], {k: torch.index_select(v, 1, rows) for k, v in teachers.items()})  # (K, P, ...)
+        return self._batch(*self._cut((seqs, self.offsets[seqs], tokens, teachers), 0, len(seqs)))
 
     # -- streaming -----------------------------------------------------------------------------------
 
@@ -798,40 +804,68 @@ class SequenceLoader(_Loader):
         t_lo = lo // self.chunk_rows * self.chunk_rows
         if self.source is not None:
             t_hi = min(-(-hi // self.chunk_rows) * self.chunk_rows, len(self.tokens))
-            teachers = self.source.read(t_lo, t_hi)
+            teachers = self.source.read_parts(t_lo, t_hi)  # one tensor per teacher: `_lay_out` copies them
         return lo, self._read_tokens(lo, hi), t_lo, teachers
 
     def _lay_out(self, pieces, shuffle, free):
-        """The window's sequences in shuffled order, their seq_rows (sequence j's positions are
-        seq_rows[j]..seq_rows[j + 1] - 1 of the window), their tokens (P,) and teachers (K, P, ...)."""
+        """The window's tokens (P,) and teachers' rows (K, P, ...) in unit order, the rows copied
+        (numpy, in the reader thread) into a buffer reused from window to window; its sequences
+        in shuffled order and where each starts in them. The shuffle is applied per batch in the
+        training thread (`_cut`), as the in-memory gather does: a shuffled copy of a whole window
+        here cost 10x more, most of it page faults on a fresh allocation of that size."""
         seqs = np.concatenate([np.arange(lo, hi) for _, _, lo, hi in pieces])
-        units = [unit for unit, _, _, _ in pieces]  # (first token row, tokens, first teacher row, teachers' rows)
-        # The units' tokens and teachers' rows laid end to end; where each sequence starts in them.
-        tokens = torch.cat([unit[1] for unit in units])
-        token_base = np.cumsum([0] + [len(unit[1]) for unit in units])
-        token_at = np.concatenate([self.offsets[lo:hi] - unit[0] + base for (unit, _, lo, hi), base in zip(pieces, token_base)])
-        shuffled = seqs[shuffle]
-        tokens = tokens[torch.from_numpy(self._rows_of(shuffled, token_at[shuffle]))]  # (P,)
-        teachers = {}
+        lengths = self.lengths[seqs]
+        starts = np.cumsum(lengths) - lengths  # each sequence's first position in the window
+        units = [(unit, int(self.offsets[lo]), int(self.offsets[hi])) for unit, _, lo, hi in pieces]
+        tokens = torch.cat([unit[1][a - unit[0] : b - unit[0]] for unit, a, b in units])
+        teachers: dict[str, Tensor] = {}
+        buffer = None
         if self.source is not None:
-            rows = {k: torch.cat([unit[3][k] for unit in units], dim=1) for k in units[0][3]}
-            row_base = np.cumsum([0] + [next(iter(unit[3].values())).shape[1] for unit in units])
-            row_at = np.concatenate([self.offsets[lo:hi] - unit[2] + base for (unit, _, lo, hi), base in zip(pieces, row_base)])
-            index = torch.from_numpy(self._rows_of(shuffled, row_at[shuffle]))
-            teachers = {k: torch.index_select(v, 1, index) for k, v in rows.items()}  # (K, P, ...)
-        seq_rows = np.concatenate([[0], np.cumsum(self.lengths[shuffled])])
-        return (shuffled, seq_rows, tokens, teachers), None
+            size = int(lengths.sum())
+            like = units[0][0][3]  # array -> one (n, ...) tensor per teacher
+            buffer = self._window_buffer(like, size, free)
+            # Contiguous (K, size, ...) views of the flat buffers: index_select on a strided view is ~30x slower.
+            teachers = {k: buffer[k][: len(v) * size * math.prod(v[0].shape[1:])].view(len(v), size, *v[0].shape[1:])
+                        for k, v in like.items()}
+            at = 0
+            for unit, a, b in units:
+                for key, parts in unit[3].items():
+                    window = _numpy(teachers[key])
+                    for t, rows in enumerate(parts):
+                        window[t, at : at + b - a] = _numpy(rows)[a - unit[2] : b - unit[2]]
+                at += b - a
+        shuffled = np.ascontiguousarray(seqs[shuffle])
+        return (shuffled, starts[shuffle], tokens, teachers), buffer
+
+    def _window_buffer(self, like: dict[str, list[Tensor]], rows: int, free: list) -> dict[str, Tensor]:
+        """Flat buffers for `rows` positions of K arrays like `like`'s (n, ...): free ones, or new."""
+        need = {k: len(v) * rows * math.prod(v[0].shape[1:]) for k, v in like.items()}
+        while free:
+            buffer = free.pop()
+            if all(k in buffer and buffer[k].dtype == v[0].dtype and buffer[k].numel() >= need[k] for k, v in like.items()):
+                return buffer
+        scale = max(rows, math.ceil(1.1 * self.window_rows)) / max(rows, 1)
+        return {k: torch.empty(math.ceil(need[k] * scale), dtype=v[0].dtype) for k, v in like.items()}
 
     def _cut(self, window, lo: int, hi: int) -> tuple[np.ndarray, Tensor, dict[str, Tensor]]:
-        seqs, seq_rows, tokens, teachers = window
-        r_lo, r_hi = seq_rows[lo], seq_rows[hi]  # the window's positions of sequences lo..hi-1
-        return seqs[lo:hi], tokens[r_lo:r_hi], {k: v[:, r_lo:r_hi] for k, v in teachers.items()}
+        """Sequences lo..hi-1 of the window's (or the held data's) order, gathered: their
+        tokens (P,) and teachers' rows (K, P, ...), from `starts`, where each sequence begins."""
+        seqs, starts, tokens, teachers = window
+        rows = torch.from_numpy(self._rows_of(seqs[lo:hi], starts[lo:hi]))
+        return seqs[lo:hi], tokens[rows], {k: torch.index_select(v, 1, rows) for k, v in teachers.items()}  # (K, P, ...)
 
     def _assemble(self, parts: list[tuple[np.ndarray, Tensor, dict[str, Tensor]]]) -> TokenBatch:
+        if len(parts) == 1:  # already gathered into memory of its own
+            return self._batch(*parts[0])
         seqs = np.concatenate([p[0] for p in parts])
         tokens = torch.cat([p[1] for p in parts])
         teachers = {k: torch.cat([p[2][k] for p in parts], dim=1) for k in parts[0][2]}
         return self._batch(seqs, tokens, teachers)
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a numpy array (bfloat16 as its 16 bits), for copies without torch."""
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _to_device(items: Iterator[tuple[int, int, Any]], device: torch.device, pin: bool) -> Iterator[tuple[int, int, Any]]:
