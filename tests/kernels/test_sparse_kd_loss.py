@@ -150,6 +150,27 @@ def test_confident_student_keeps_its_tail(path):
 
 
 @both_paths
+@pytest.mark.parametrize("K", [1, 3])
+def test_rows_of_every_kind_in_one_batch(path, K):
+    """A batch mixing ordinary rows with rows whose student is far sharper than the teachers on
+    their listed classes (w r / (1 - Q) in the hundreds), a tail below 1e-6, rows of no tail and
+    ids beyond V: each row as the float64 reference has it, whichever way the CPU path takes it."""
+    N, V, k = 12, 97, 6
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(N, V, generator=g, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(V, generator=g)[:k].expand(N, k) for _ in range(K)]).contiguous()
+    p = torch.softmax(torch.randn(K, N, k, generator=g, dtype=torch.float64), -1) * 0.7  # r = 0.3
+    for n in (1, 5, 9):  # the student puts nearly everything on teacher 0's listed classes
+        s[n, ids[0, n]] += 9.0 + n
+    s[7, ids[0, 7]] += 30.0  # a student tail of ~1e-12 beside the teachers' 0.3
+    ids[:, 3, 0] = V + 2  # an id beyond V: tail mass
+    p[:, 10] = p[:, 10] / p[:, 10].sum(-1, keepdim=True)  # no tail at all on row 10
+    check_sparse_kernel(s.float(), ids, p.log().float(), temperature=1.0, reduction="none")
+    check_sparse_kernel(s.float(), ids, p.log().float(), temperature=2.0, alpha=0.5,
+                        labels=torch.randint(0, V, (N,), generator=g), reduction="none")
+
+
+@both_paths
 def test_tails_too_deep_for_the_difference_are_summed_directly(path):
     """The student's unlisted mass ~1e-24 of its listed mass (T = 0.1): below what Z - Z_listed
     resolves in float64, so the kernel sums that tail directly (found by hypothesis: the
