@@ -55,14 +55,13 @@ from mtkd.kernels.launch import (
     register_gradient_in_forward,
     runs_triton,
 )
+from mtkd.kernels.dense_cpu import kd_loss_cpu
 from mtkd.kernels.reference import (
     EMPTY_LOGIT_MIX,
     EMPTY_TEACHER_ROW,
     NONFINITE_TEACHER,
     accumulation_dtype,
     check_kd_arguments,
-    kd_loss_rows_ref,
-    reduce_rows,
 )
 
 # Rows whose teacher tile (BLOCK_K x BLOCK_V elements) fits _TILE_ELEMENTS are done whole; longer
@@ -479,21 +478,21 @@ def fused_kd_loss(
         Gradients flow to `student_logits` only, in its dtype.
 
     On CUDA tensors, or CPU tensors while TRITON_INTERPRET=1, this runs the Triton kernel;
-    otherwise `mtkd.kernels.reference` (same semantics). Nothing waits for the GPU: invalid
+    otherwise the same loss and gradient in PyTorch ops (`dense_cpu.kd_loss_cpu`, checked against
+    `mtkd.kernels.reference`). Nothing waits for the GPU: invalid
     weights, labels or teacher values (NaN, +inf, a row with no finite logit) are caught eagerly for
     CPU tensors (ValueError) and by `torch._assert_async` for CUDA tensors (a device-side assert,
     reported at the next synchronisation). Forward-mode AD raises on the kernel path.
     """
+    if not runs_triton(student_logits):  # checks the arguments itself
+        return kd_loss_cpu(
+            student_logits, teacher_logits, temperature=temperature, weights=weights, labels=labels,
+            alpha=alpha, fusion=fusion, reduction=reduction, ignore_index=ignore_index, mask=mask,
+        )
     check_kd_arguments(
         student_logits, teacher_logits, temperature=temperature, weights=weights, labels=labels,
         alpha=alpha, fusion=fusion, reduction=reduction, ignore_index=ignore_index, mask=mask,
     )
-    if not runs_triton(student_logits):
-        rows = kd_loss_rows_ref(
-            student_logits, teacher_logits, temperature=temperature, weights=weights,
-            labels=labels, alpha=alpha, fusion=fusion, ignore_index=ignore_index, mask=mask,
-        )
-        return reduce_rows(rows, mask, reduction)
     refuse_forward_ad(student_logits, "fused_kd_loss")
     need_grad = student_logits.requires_grad and torch.is_grad_enabled()
     rows, _, report = _kd_loss_op(

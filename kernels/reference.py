@@ -300,6 +300,53 @@ def _add_ce_and_mask(rows: Tensor, s_acc: Tensor, labels: Tensor | None, alpha: 
     return rows
 
 
+def fused_teacher_log_probs(z: Tensor, weights: Tensor | None, T: float, fusion: str,
+                            mask: Tensor | None, acc: torch.dtype) -> Tensor:
+    """log p (N, V) of the K dense teachers z (K, N, V) fused at temperature T ("prob": the
+    weighted mixture of their softmaxes; "logit": the softmax of their weighted logits), in `acc`;
+    rows outside `mask` read as zeros. Raises ValueError on a counted row's NaN/+inf, a teacher
+    row with no finite logit, or an all -inf mix. Shared by the reference and the CPU path."""
+    K, N, V = z.shape
+    log_w = normalised_log_weights(weights, K, N, acc, z.device, mask)  # (N, K)
+    keep = None if mask is None else mask[:, None]
+    nonfinite = torch.zeros(N, dtype=torch.bool, device=z.device)
+    if fusion == "prob":
+        empty = nonfinite.clone()
+        log_p = None
+        for k in range(K):
+            # log(w_k softmax(z_k / T)); a teacher with w_k = 0 is left out of the row (-inf,
+            # which logaddexp absorbs), whatever its logits, even an all -inf row.
+            log_wk = log_w[:, k : k + 1]
+            on = log_wk[:, 0] > -math.inf
+            zk = z[k].to(acc) if keep is None else torch.where(keep, z[k].to(acc), 0.0)
+            nonfinite |= on & (zk.isnan() | (zk == math.inf)).any(dim=-1)
+            empty |= on & (zk.amax(dim=-1) == -math.inf)
+            term = torch.log_softmax(zk / T, dim=-1) + log_wk
+            term = torch.where(log_wk == -math.inf, -math.inf, term)
+            log_p = term if log_p is None else torch.logaddexp(log_p, term)
+            del term, zk  # one teacher's temporaries at a time
+        check_value(~empty.any(), EMPTY_TEACHER_ROW.format(name="teacher_logits"))
+    else:
+        fused = torch.zeros(N, V, dtype=acc, device=z.device)
+        w = log_w.exp()
+        for k in range(K):
+            wk = w[:, k : k + 1]
+            zk = z[k].to(acc) if keep is None else torch.where(keep, z[k].to(acc), 0.0)
+            nonfinite |= (wk[:, 0] > 0) & (zk.isnan() | (zk == math.inf)).any(dim=-1)
+            # where(): a zero weight must silence the teacher even where its logit is -inf.
+            fused += torch.where(wk > 0, wk * zk, 0.0)
+            del zk
+        check_value(~(fused.amax(dim=-1) == -math.inf).any(),
+                    EMPTY_LOGIT_MIX.format(name="teacher_logits"))
+        log_p = torch.log_softmax(fused / T, dim=-1)
+        del fused
+    check_value(~nonfinite.any(), NONFINITE_TEACHER.format(name="teacher_logits"))
+    # Renormalised: the weights' log-sum is 0 only up to rounding, and a single class (V = 1)
+    # must give exactly p = 1 and KD = 0.
+    log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+    return log_p
+
+
 def kd_loss_rows_ref(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -323,43 +370,7 @@ def kd_loss_rows_ref(
 
     if alpha > 0:
         log_q = torch.log_softmax(s_acc / T, dim=-1)  # (N, V)
-        log_w = normalised_log_weights(weights, K, N, acc, s_acc.device, mask)  # (N, K)
-        keep = None if mask is None else mask[:, None]
-        nonfinite = torch.zeros(N, dtype=torch.bool, device=z.device)
-        if fusion == "prob":
-            empty = nonfinite.clone()
-            log_p = None
-            for k in range(K):
-                # log(w_k softmax(z_k / T)); a teacher with w_k = 0 is left out of the row (-inf,
-                # which logaddexp absorbs), whatever its logits, even an all -inf row.
-                log_wk = log_w[:, k : k + 1]
-                on = log_wk[:, 0] > -math.inf
-                zk = z[k].to(acc) if keep is None else torch.where(keep, z[k].to(acc), 0.0)
-                nonfinite |= on & (zk.isnan() | (zk == math.inf)).any(dim=-1)
-                empty |= on & (zk.amax(dim=-1) == -math.inf)
-                term = torch.log_softmax(zk / T, dim=-1) + log_wk
-                term = torch.where(log_wk == -math.inf, -math.inf, term)
-                log_p = term if log_p is None else torch.logaddexp(log_p, term)
-                del term, zk  # one teacher's temporaries at a time
-            check_value(~empty.any(), EMPTY_TEACHER_ROW.format(name="teacher_logits"))
-        else:
-            fused = torch.zeros(N, V, dtype=acc, device=s_acc.device)
-            w = log_w.exp()
-            for k in range(K):
-                wk = w[:, k : k + 1]
-                zk = z[k].to(acc) if keep is None else torch.where(keep, z[k].to(acc), 0.0)
-                nonfinite |= (wk[:, 0] > 0) & (zk.isnan() | (zk == math.inf)).any(dim=-1)
-                # where(): a zero weight must silence the teacher even where its logit is -inf.
-                fused += torch.where(wk > 0, wk * zk, 0.0)
-                del zk
-            check_value(~(fused.amax(dim=-1) == -math.inf).any(),
-                        EMPTY_LOGIT_MIX.format(name="teacher_logits"))
-            log_p = torch.log_softmax(fused / T, dim=-1)
-            del fused
-        check_value(~nonfinite.any(), NONFINITE_TEACHER.format(name="teacher_logits"))
-        # Renormalised: the weights' log-sum is 0 only up to rounding, and a single class (V = 1)
-        # must give exactly p = 1 and KD = 0.
-        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+        log_p = fused_teacher_log_probs(z, weights, T, fusion, mask, acc)
         p = log_p.exp()
         # 0 log 0 = 0: a class the teachers rule out contributes nothing, whatever the student says.
         kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)

@@ -90,17 +90,10 @@ def sparse_kd_rows_and_grad(
         rows += alpha * T * T * kd
 
     if labels is not None and alpha < 1:
-        labelled = labels != ignore_index
-        if mask is not None:
-            labelled = labelled & mask  # a masked row's label may be anything
-        y = torch.where(labelled, labels, 0).long()
-        log_softmax = torch.log_softmax(s, dim=-1)
-        ce = -log_softmax.gather(1, y[:, None]).squeeze(1)
-        rows += (1 - alpha) * torch.where(labelled, ce, 0.0)
+        ce, ce_grad = ce_rows_and_grad(s, labels, ignore_index, mask, need_grad=need_grad)
+        rows += (1 - alpha) * ce
         if need_grad:
-            ce_grad = log_softmax.exp_()
-            ce_grad.scatter_add_(1, y[:, None], torch.full((N, 1), -1.0, dtype=acc, device=s.device))
-            term = (1 - alpha) * torch.where(labelled[:, None], ce_grad, 0.0)
+            term = ce_grad.mul_(1 - alpha)
             grad = term if grad is None else grad.add_(term)
 
     if need_grad and grad is None:  # neither term (alpha 0 without labels): a zero gradient
@@ -110,6 +103,24 @@ def sparse_kd_rows_and_grad(
         if need_grad:
             grad = torch.where(mask[:, None], grad, 0.0)
     return rows, None if grad is None else grad.to(student_logits.dtype)
+
+
+def ce_rows_and_grad(s: Tensor, labels: Tensor, ignore_index: int, mask: Tensor | None, *,
+                     need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """The hard-label term: per-row cross-entropy of s (N, V) (0 where the label is ignore_index or
+    the row is outside `mask`) and its gradient softmax(s) - onehot(y) (0 on those rows), or None."""
+    N = s.shape[0]
+    labelled = labels != ignore_index
+    if mask is not None:
+        labelled = labelled & mask  # a masked row's label may be anything
+    y = torch.where(labelled, labels, 0).long()
+    log_softmax = torch.log_softmax(s, dim=-1)
+    ce = torch.where(labelled, -log_softmax.gather(1, y[:, None]).squeeze(1), 0.0)
+    if not need_grad:
+        return ce, None
+    grad = log_softmax.exp_()
+    grad.scatter_add_(1, y[:, None], torch.full((N, 1), -1.0, dtype=s.dtype, device=s.device))
+    return ce, torch.where(labelled[:, None], grad, 0.0)
 
 
 def _kd_terms(log_q: Tensor, q: Tensor, ids: Tensor, lp: Tensor, w: Tensor, log_w: Tensor, *,

@@ -19,9 +19,13 @@ from tests.kernels.checks import assert_close, compile_for_sm90, loss_and_grad
 
 @pytest.fixture(autouse=True)
 def kernel_backend(request):
-    """The interpreter for every test here except those marked gpu (compiled, on CUDA)."""
-    if request.node.get_closest_marker("gpu") is None:
+    """The interpreter for every test here except those marked gpu (compiled, on CUDA) and those
+    named cpu_path (PyTorch ops, as on a machine without a GPU)."""
+    if request.node.get_closest_marker("gpu") is None and "cpu_path" not in request.node.name:
         request.getfixturevalue("triton_interpreter")
+
+
+both_paths = pytest.mark.parametrize("path", ["kernel", "cpu_path"])
 
 
 def check_kernel(s, z, grad_out=None, weights=None, **kwargs):
@@ -97,7 +101,8 @@ def matrix():
 
 
 @pytest.mark.parametrize("case", matrix())
-def test_matches_reference(case):
+@both_paths
+def test_matches_reference(path, case):
     N = 3 if case["V"] == 1000 else 5
     s, z, w, y = make_inputs(case["K"], N, case["V"], case["dtype"], weights=case["weights"],
                              labels=case["labels"])
@@ -108,7 +113,8 @@ def test_matches_reference(case):
 
 @pytest.mark.parametrize("fusion", ["prob", "logit"])
 @pytest.mark.parametrize("V", [1, 37, 129])
-def test_float64_matches_reference_tightly(V, fusion):
+@both_paths
+def test_float64_matches_reference_tightly(path, V, fusion):
     s, z, w, y = make_inputs(3, 4, V, torch.float64, weights="NK")
     check_kernel(s, z, weights=w, labels=y, temperature=0.7, alpha=0.3, fusion=fusion)
 
@@ -119,7 +125,8 @@ def test_float64_matches_reference_tightly(V, fusion):
     (torch.float16, torch.bfloat16),
     (torch.float32, torch.float64),
 ])
-def test_student_and_teachers_in_different_dtypes(s_dtype, z_dtype):
+@both_paths
+def test_student_and_teachers_in_different_dtypes(path, s_dtype, z_dtype):
     s, z, w, y = make_inputs(2, 4, 37, s_dtype, z_dtype=z_dtype, weights="K")
     check_kernel(s, z, weights=w, labels=y, temperature=2.0, alpha=0.3)
 
@@ -178,7 +185,8 @@ def test_minus_inf_teacher_logits_are_exact_zeros(fusion, block_v):
 
 
 @pytest.mark.parametrize("fusion", ["prob", "logit"])
-def test_minus_inf_student_logits(fusion):
+@both_paths
+def test_minus_inf_student_logits(path, fusion):
     K, N, V = 2, 3, 10
     s, z, _, _ = make_inputs(K, N, V, labels=None)
     z[:, :, :3] = -math.inf
@@ -192,7 +200,8 @@ def test_minus_inf_student_logits(fusion):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.05, 1.0, 10.0])
-def test_extreme_logits(temperature, dtype):
+@both_paths
+def test_extreme_logits(path, temperature, dtype):
     K, N, V = 3, 4, 37
     s, z, w, y = make_inputs(K, N, V, dtype, weights="NK")
     s = torch.where(torch.rand(N, V) < 0.5, -1e4, 1e4).to(dtype) * torch.rand(N, V).to(dtype)
@@ -227,7 +236,8 @@ def test_all_rows_masked_is_exactly_zero(loss_fn, reduction, alpha):
 
 
 @pytest.mark.parametrize("fusion", ["prob", "logit"])
-def test_masked_rows_are_left_out_and_not_counted(fusion):
+@both_paths
+def test_masked_rows_are_left_out_and_not_counted(path, fusion):
     s, z, w, y = make_inputs(3, 6, 37, weights="NK")
     mask = some_rows_masked(6)
     kwargs = dict(weights=w, labels=y, temperature=2.0, alpha=0.3, fusion=fusion)
@@ -267,7 +277,8 @@ def test_alpha_zero_without_labels_is_exactly_zero(loss_fn):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_non_unit_incoming_gradient(reduction):
+@both_paths
+def test_non_unit_incoming_gradient(path, reduction):
     s, z, w, y = make_inputs(3, 5, 37, torch.bfloat16, weights="NK")
     # Per row for "none": 1.0 exactly (the backward skips such rows), 0, negative, large.
     grad_out = torch.tensor(2.5)
@@ -277,7 +288,8 @@ def test_non_unit_incoming_gradient(reduction):
                  reduction=reduction)
 
 
-def test_strided_inputs():
+@both_paths
+def test_strided_inputs(path):
     K, N, V = 3, 5, 37
     z = torch.randn(N, K, V + 3).permute(1, 0, 2)[:, :, 1 : V + 1]  # (K, N, V), teacher-minor
     z_classes_strided = torch.randn(V, N, K).permute(2, 1, 0)  # class stride N * K
@@ -293,7 +305,8 @@ def test_strided_inputs():
 @pytest.mark.parametrize("loss_fn", [fused_kd_loss, kd_loss_ref], ids=["fused", "reference"])
 @pytest.mark.parametrize("fusion", ["prob", "logit"])
 @pytest.mark.parametrize("left_out", ["-inf", "nan"])
-def test_zero_weight_teacher_is_left_out(fusion, left_out, loss_fn):
+@both_paths
+def test_zero_weight_teacher_is_left_out(path, fusion, left_out, loss_fn):
     s, z, _, y = make_inputs(2, 4, 10)
     z3 = torch.cat([z, torch.full_like(z[:1], float(left_out))])
     kwargs = dict(labels=y, temperature=2.0, alpha=0.3, fusion=fusion, reduction="none")
@@ -315,7 +328,8 @@ BAD_TEACHERS = {
 
 @pytest.mark.parametrize("loss_fn", [fused_kd_loss, kd_loss_ref], ids=["fused", "reference"])
 @pytest.mark.parametrize("bad", list(BAD_TEACHERS))
-def test_non_finite_teachers_are_refused(bad, loss_fn):
+@both_paths
+def test_non_finite_teachers_are_refused(path, bad, loss_fn):
     """Such a row gave loss 0 with a NaN gradient in version 1: a student trained on it turns NaN."""
     fusion, spoil, word = BAD_TEACHERS[bad]
     s, z, _, y = make_inputs(2, 4, 37)
@@ -350,7 +364,8 @@ def test_forward_mode_ad_raises_on_the_kernel_path():
             fused_kd_loss(dual, z)
 
 
-def test_empty_batch():
+@both_paths
+def test_empty_batch(path):
     s, z = torch.zeros(0, 10, requires_grad=True), torch.zeros(2, 0, 10)
     for reduction in ("mean", "sum"):
         loss = fused_kd_loss(s, z, reduction=reduction)
@@ -358,7 +373,8 @@ def test_empty_batch():
     assert fused_kd_loss(s, z, reduction="none").shape == (0,)
 
 
-def test_gradient_only_to_the_student_and_only_when_needed():
+@both_paths
+def test_gradient_only_to_the_student_and_only_when_needed(path):
     s, z, w, y = make_inputs(2, 3, 10, weights="NK")
     z.requires_grad_()
     s.requires_grad_()

@@ -38,7 +38,7 @@ def small_problem():
     return s, z, y
 
 
-def test_cpu_without_interpreter_takes_the_reference(monkeypatch, kernel_launches):
+def test_cpu_without_interpreter_launches_no_kernel_and_matches_the_reference(monkeypatch, kernel_launches):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     s, z, y = small_problem()
     assert not kd_loss_module.runs_triton(s)
@@ -113,12 +113,13 @@ def test_interpreter_set_before_or_after_importing_triton(when):
     assert out["loss_error"] < 1e-5 and out["grad_error"] < 1e-6, out
 
 
-def test_without_triton_the_reference_is_the_loss():
-    """triton is Linux-only (pyproject): elsewhere mtkd.kernels still imports, on the reference."""
+def test_without_triton_the_cpu_path_is_the_loss():
+    """triton is Linux-only (pyproject): elsewhere mtkd.kernels still imports, on the CPU path."""
     script = (
         "import sys, torch; sys.modules['triton'] = None\n"  # import triton now fails
         "import mtkd.kernels as k\n"
-        "assert k.fused_kd_loss is k.kd_loss_ref, k.fused_kd_loss\n"
+        "from mtkd.kernels.dense_cpu import kd_loss_cpu\n"
+        "assert k.fused_kd_loss is kd_loss_cpu, k.fused_kd_loss\n"
         "print(float(k.fused_kd_loss(torch.zeros(2, 3), torch.zeros(1, 2, 3))))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

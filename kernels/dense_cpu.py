@@ -1,0 +1,124 @@
+"""The dense KD loss and its gradient in one pass of PyTorch ops: what `fused_kd_loss` runs on CPU
+tensors (no GPU, no interpreter).
+
+The maths is the SPEC's, as `reference.py` states it; per row n, with log q = log softmax(s_n / T)
+and p_n the K teachers fused at T (`reference.fused_teacher_log_probs`: the weighted mixture of
+their softmaxes, or the softmax of their weighted logits):
+
+    KD_n     = T^2 sum_v p_nv (log p_nv - log q_nv)
+    dL/ds_n  = alpha T (q_n - p_n) + (1 - alpha) (softmax(s_n) - onehot(y_n))
+
+The reference gets the same numbers through autograd, which records every teacher's operations
+and walks them back; the teachers need no gradient, so here the gradient is assembled directly
+(one pass over q and p) and saved for backward, as the sparse CPU path does (`sparse_cpu.py`).
+Values are checked by the same function the reference uses, so this refuses what it refuses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mtkd.kernels.reference import accumulation_dtype, check_kd_arguments, fused_teacher_log_probs, reduce_rows
+from mtkd.kernels.sparse_cpu import ce_rows_and_grad
+
+
+def kd_rows_and_grad(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    weights: Tensor | None,
+    labels: Tensor | None,
+    mask: Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+    fusion: str,
+    ignore_index: int,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """(per-row losses L_n (N,) in the accumulation dtype, dL_n/ds_n (N, V) in the student's dtype
+    or None). Arguments are assumed valid (`check_kd_arguments`). Rows outside `mask` get a zero
+    loss and a zero gradient."""
+    z = teacher_logits.detach()
+    N, V = student_logits.shape
+    acc = accumulation_dtype(student_logits, z, weights)
+    T = float(temperature)
+    s = student_logits.detach().to(acc)
+    if mask is not None:
+        s = torch.where(mask[:, None], s, 0.0)
+    rows = torch.zeros(N, dtype=acc, device=s.device)
+    grad = None
+
+    if alpha > 0:
+        log_q = torch.log_softmax(s / T if T != 1 else s, dim=-1)
+        log_p = fused_teacher_log_probs(z, weights, T, fusion, mask, acc)
+        p = log_p.exp()
+        # 0 log 0 = 0: a class the teachers rule out contributes nothing, whatever the student says.
+        rows += alpha * T * T * torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
+        if need_grad:
+            grad = log_q.exp_().sub_(p).mul_(alpha * T)  # into log q's buffer: it is done with
+
+    if labels is not None and alpha < 1:
+        ce, ce_grad = ce_rows_and_grad(s, labels, ignore_index, mask, need_grad=need_grad)
+        rows += (1 - alpha) * ce
+        if need_grad:
+            term = ce_grad.mul_(1 - alpha)
+            grad = term if grad is None else grad.add_(term)
+
+    if need_grad and grad is None:  # neither term (alpha 0 without labels): a zero gradient
+        grad = torch.zeros(N, V, dtype=acc, device=s.device)
+    if mask is not None:
+        rows = torch.where(mask, rows, 0.0)
+        if need_grad:
+            grad = torch.where(mask[:, None], grad, 0.0)
+    return rows, None if grad is None else grad.to(student_logits.dtype)
+
+
+class _KDRows(torch.autograd.Function):
+    """Per-row losses whose gradient was computed with them: backward scales it by the incoming
+    per-row gradient."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, weights, labels, mask, temperature, alpha, fusion, ignore_index):
+        rows, grad = kd_rows_and_grad(
+            student_logits, teacher_logits, weights, labels, mask, temperature=temperature, alpha=alpha,
+            fusion=fusion, ignore_index=ignore_index, need_grad=ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return (None,) * 9
+        return (grad * grad_rows[:, None].to(grad.dtype),) + (None,) * 8
+
+
+def kd_loss_cpu(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    weights: Tensor | None = None,
+    labels: Tensor | None = None,
+    alpha: float = 1.0,
+    fusion: str = "prob",
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """`fused_kd_loss` for CPU tensors (its signature and semantics): checked, reduced,
+    differentiable in `student_logits` through the gradient of this pass."""
+    check_kd_arguments(
+        student_logits, teacher_logits, temperature=temperature, weights=weights, labels=labels,
+        alpha=alpha, fusion=fusion, reduction=reduction, ignore_index=ignore_index, mask=mask,
+    )
+    if student_logits.requires_grad and torch.is_grad_enabled():
+        rows = _KDRows.apply(
+            student_logits, teacher_logits.detach(), None if weights is None else weights.detach(), labels, mask,
+            float(temperature), float(alpha), fusion, int(ignore_index))
+    else:
+        rows = kd_rows_and_grad(
+            student_logits, teacher_logits, weights, labels, mask, temperature=temperature, alpha=alpha,
+            fusion=fusion, ignore_index=ignore_index, need_grad=False)[0]
+    return reduce_rows(rows, mask, reduction)
