@@ -11,7 +11,11 @@ their softmaxes, or the softmax of their weighted logits):
 The reference gets the same numbers through autograd, which records every teacher's operations
 and walks them back; the teachers need no gradient, so here the gradient is assembled directly
 (one pass over q and p) and saved for backward, as the sparse CPU path does (`sparse_cpu.py`).
-Values are checked by the same function the reference uses, so this refuses what it refuses.
+The reference mixes the teachers in log space (logaddexp, exact for probabilities below float32's
+range); here `prob` mixes softmaxes in linear space (a probability that underflows float32 adds
+below 1e-38 to a row's KL and gradient) and checks the result once: a NaN in a counted row means
+a NaN/+inf logit or a teacher row with no finite logit, and the reference's function is then run
+to raise its own message. So this refuses what the reference refuses.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtkd.kernels.reference import accumulation_dtype, check_kd_arguments, fused_teacher_log_probs, reduce_rows
+from mtkd.kernels.reference import (
+    accumulation_dtype,
+    check_kd_arguments,
+    fused_teacher_log_probs,
+    normalised_log_weights,
+    reduce_rows,
+)
 from mtkd.kernels.sparse_cpu import ce_rows_and_grad
 
 
@@ -51,8 +61,7 @@ def kd_rows_and_grad(
 
     if alpha > 0:
         log_q = torch.log_softmax(s / T if T != 1 else s, dim=-1)
-        log_p = fused_teacher_log_probs(z, weights, T, fusion, mask, acc)
-        p = log_p.exp()
+        p, log_p = _teacher_probs(z, weights, T, fusion, mask, acc)
         # 0 log 0 = 0: a class the teachers rule out contributes nothing, whatever the student says.
         rows += alpha * T * T * torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
         if need_grad:
@@ -72,6 +81,30 @@ def kd_rows_and_grad(
         if need_grad:
             grad = torch.where(mask[:, None], grad, 0.0)
     return rows, None if grad is None else grad.to(student_logits.dtype)
+
+
+def _teacher_probs(z: Tensor, weights: Tensor | None, T: float, fusion: str, mask: Tensor | None,
+                   acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(p, log p) (N, V) of the teachers fused at T (see the header); ValueError as the reference."""
+    if fusion != "prob":
+        log_p = fused_teacher_log_probs(z, weights, T, fusion, mask, acc)
+        return log_p.exp(), log_p
+    K, N, _ = z.shape
+    w = normalised_log_weights(weights, K, N, acc, z.device, mask).exp()  # (N, K)
+    p = None
+    for k in range(K):
+        zk = z[k].to(acc)
+        if mask is not None:
+            zk = torch.where(mask[:, None], zk, 0.0)
+        wk = w[:, k : k + 1]
+        term = torch.softmax(zk / T if T != 1 else zk, dim=-1).mul_(wk)
+        if not bool((wk > 0).all()):  # a teacher off a row (w = 0) is left out whatever its logits, even all -inf
+            term = torch.where(wk > 0, term, 0.0)
+        p = term if p is None else p.add_(term)
+    if p.isnan().any(dim=-1).any():  # a counted row's NaN/+inf logit or a row with no finite logit
+        fused_teacher_log_probs(z, weights, T, fusion, mask, acc)  # raises the reference's message
+    p = p.div_(p.sum(dim=-1, keepdim=True))  # renormalised: w sums to one only up to rounding
+    return p, p.log()
 
 
 class _KDRows(torch.autograd.Function):
