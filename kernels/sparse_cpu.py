@@ -11,11 +11,18 @@ r_kn = max(0, 1 - sum_S p) (0 when S_kn covers [0, V)) and the student's unliste
     p~_nj    = sum_k w_nk (p_knj if j in S_kn else q_nj r_kn / (1 - Q_kn))
 
 The reference gets the same numbers through autograd, in a graph of about twice the work; here
-the gradient is assembled directly, so a training step on CPU costs a few element-wise passes
-over the (N, V) logits per teacher: a mask of its unlisted classes, their mass 1 - Q summed
-directly (never 1 minus a sum, so a confident student keeps its tail exactly; in log space where
-it underflows float32), and its share of p~, q times w r / (1 - Q) (formed in log space where
-that factor would overflow, so that q r / (1 - Q) <= r whatever the student's tail).
+the gradient is assembled directly, for all teachers at once (`_kd_terms`), with c_nk = w_nk r_kn /
+(1 - Q_kn) and C_n = sum_k c_nk:
+
+    1 - Q_kn = sum_v q_nv - sum_S q_nv        (both sums in float64)
+    q_n - p~_n = q_n (1 - C_n) - sum_k [j in S_kn] (w_nk p_knj - c_nk q_nj)
+
+so a step costs the student's log-softmax and exponentials, one product over (N, V) and a scatter of
+the K x k listed entries. That is exact to float32 while 1 - Q is not tiny and C_n is moderate
+(FAST_TAIL, FAST_C below); the other rows (a student far sharper than its teachers on their lists)
+are computed teacher by teacher (`_kd_terms_exact`): each teacher's unlisted mass summed directly,
+in log space where it underflows float32, and its share of p~ in log space where w r / (1 - Q)
+would overflow, so that q r / (1 - Q) <= r whatever the student's tail.
 
 Validity, masks and value checks are the reference's (`check_sparse_teacher_values`, the same
 replacement of rows outside `mask`), so the CPU path refuses exactly what the reference refuses.
