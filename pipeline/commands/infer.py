@@ -128,4 +128,6 @@ def _layout(attrs: dict) -> str:
         temps = ",".join(f"{t:g}" for t in attrs["temperatures"])
         tail = f" + {attrs['tail_samples']} samples" if attrs.get("tail_samples") else ""
         return f"top-{attrs['top_k']}{tail} of {attrs['vocab_size']}, T={temps}, {attrs['dtype']}"
+    if attrs["layout"] == "values":
+        return f"values {attrs['vocab_size']}, {attrs['dtype']}"
     return f"dense {attrs['vocab_size']}, {attrs['dtype']}"
