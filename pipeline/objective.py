@@ -151,6 +151,7 @@ class Objective:
         """Regression rows: (B, D) student outputs, (K, B, D) the teachers' stored values (None without a
         store) and (B, D) targets, NaN where unknown -> the batch's loss (see the module doc)."""
         s = student.float()
+        targets = targets.float()
         known = ~torch.isnan(targets)  # (B, D)
         y = torch.where(known, targets, torch.zeros((), device=targets.device))  # no NaN reaches the graph
         own = self._elementwise(s, y) * known  # (B, D), 0 where unknown
