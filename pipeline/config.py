@@ -281,7 +281,7 @@ class TrainConfig:
             "fusion_scope": self.fusion_scope.value if self.selecting else None,
             "temperature": self.temperature if distil else None,
             "alpha": self.alpha if distil else None,
-            "loss": self.loss.value if distil or self.regression else "ce",
+            "loss": (self.loss or Loss.KL).value if distil or self.regression else "ce",  # unresolved (None): kl, as for_kind fills it
             **({"task": "regression"} if self.regression else {}),
             "epochs": self.epochs,
             "max_steps": self.max_steps,
@@ -309,8 +309,7 @@ class TrainConfig:
             args += ["--fusion", self.fusion.value]
             for flag, value in (("--temperature", self.temperature), ("--alpha", self.alpha)):
                 args += [] if value is None else [flag, str(value)]  # None: not resolved yet (by the data's kind)
-            if self.loss is not None:
-                args += ["--loss", self.loss.value]
+            args += ["--loss", (self.loss or Loss.KL).value]
             if self.teacher_weights:
                 args += ["--teacher-weights", ",".join(f"{k}={v:g}" for k, v in self.teacher_weights.items())]
             if self.selecting:
