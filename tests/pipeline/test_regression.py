@@ -247,6 +247,23 @@ def test_hard_label_fit_and_distillation_from_the_median(world, tmp_path):
     assert after < 0.5 * before
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["memory", "stream"])
+def test_batches_hold_the_stored_values_and_targets_of_their_rows(world, stream):
+    from mtkd.pipeline.loader import BatchLoader
+
+    store, data = open_store(world / "labelled.zarr"), load_data(str(world / "labelled.npz"))
+    names = ["t0", "t1", "t2"]
+    values = torch.stack([store.read_values(t, 0, store.num_rows) for t in names])  # (K, N, D)
+    loader = BatchLoader(data.x, data.targets, batch_size=8, seed=3, store=store, teachers=names, stream=stream,
+                         window_bytes=1, read_bytes=1)
+    seen = []
+    for _, _, batch in loader.batches(0, 1):
+        assert torch.equal(batch.logits, values[:, batch.rows]) and batch.labels.dtype == torch.float32
+        torch.testing.assert_close(batch.labels, torch.from_numpy(data.targets)[batch.rows], equal_nan=True, rtol=0, atol=0)
+        seen.append(batch.rows)
+    assert sorted(torch.cat(seen).tolist()) == list(range(40)) and loader.mode == ("stream" if stream else "memory")
+
+
 # -- refusals: exit 2, one line, nothing written ----------------------------------------------------------
 
 
