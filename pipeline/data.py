@@ -126,6 +126,7 @@ class TokenData:
 
     targets: ClassVar[None] = None  # regression targets are rows-only (RowData.targets)
     regression: ClassVar[bool] = False
+    num_outputs: ClassVar[int] = 0
 
     def __len__(self) -> int:
         return len(self.tokens)

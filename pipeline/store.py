@@ -180,7 +180,7 @@ def create_store(path: str | os.PathLike, *, data: Data, num_classes: int, chunk
             compressors=[Crc32cCodec()], dimension_names=["row"],
         )
         _write_data_chunks(tmp / "labels", labels, np.asarray(data.labels, dtype=np.int64))  # every chunk, even all -100
-        if data.regression:  # v3: the float targets beside the labels (all -100: no classes); every chunk, even all NaN
+        if getattr(data, "regression", False):  # v3: the float targets beside the labels (all -100: no classes); every chunk, even all NaN
             root.create_array(
                 TARGETS, shape=data.targets.shape, chunks=(min(n, LABEL_CHUNK_ROWS), data.num_outputs), dtype="float32",
                 fill_value=float("nan"), compressors=[Crc32cCodec()], dimension_names=["row", "output"],
@@ -360,11 +360,11 @@ class LogitStore:
                 f"({self.num_rows} rows, fingerprint {self.fingerprint[:12]}), not from {data.spec!r} "
                 f"({data.num_rows} rows, fingerprint {data.fingerprint[:12]})"
             )
-        if data.regression != self.regression:
+        if getattr(data, "regression", False) != self.regression:
             held = "regression targets" if self.regression else "class labels"
             given = "float labels (regression)" if data.regression else "no float labels (classification)"
             raise StoreMismatchError(f"store {str(self.path)!r} holds {held}; data {data.spec!r} has {given}")
-        if data.regression and data.num_outputs != self.num_classes:
+        if self.regression and data.num_outputs != self.num_classes:
             raise StoreMismatchError(f"store {str(self.path)!r} holds {self.num_classes} regression outputs; "
                                      f"data {data.spec!r} has {data.num_outputs}")
         self._source, self._source_labels = data, None  # blocks written from now on are bound to it
