@@ -362,7 +362,7 @@ class LogitStore:
             )
         if getattr(data, "regression", False) != self.regression:
             held = "regression targets" if self.regression else "class labels"
-            given = "float labels (regression)" if data.regression else "no float labels (classification)"
+            given = "float labels (regression)" if getattr(data, "regression", False) else "no float labels (classification)"
             raise StoreMismatchError(f"store {str(self.path)!r} holds {held}; data {data.spec!r} has {given}")
         if self.regression and data.num_outputs != self.num_classes:
             raise StoreMismatchError(f"store {str(self.path)!r} holds {self.num_classes} regression outputs; "

@@ -202,6 +202,19 @@ def test_verify_names_a_damaged_values_chunk(world, tmp_path):
     assert result.exit_code == 2 and "t1" in result.output and "values" in result.output, result.output
 
 
+def test_verify_names_damaged_targets(world, tmp_path):
+    import shutil
+
+    store = shutil.copytree(world / "labelled.zarr", tmp_path / "s.zarr")
+    chunk = store / "targets" / "c" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[3] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    result = invoke("verify", store)
+    assert result.exit_code == 2 and "targets" in result.output, result.output
+    refused(invoke("inspect", store), "targets")
+
+
 def test_inspect_and_eval_give_numpy_metrics_of_teachers_and_fused_ensembles(world):
     data = np.load(world / "labelled.npz")
     x, y = data["x"], data["y"].astype(np.float64)
