@@ -233,6 +233,8 @@ def test_inspect_and_eval_give_numpy_metrics_of_teachers_and_fused_ensembles(wor
         ref = _numpy_metrics(fused, y)
         got = report["ensemble"]["metrics"][fusion]
         np.testing.assert_allclose([got["mse"], got["mae"], got["r2"]], [np.mean(ref[k]) for k in ("mse", "mae", "r2")], rtol=1e-5)
+    told = invoke("eval", "--model", world / "teachers.toml", "--teacher", "t0", "--data", world / "labelled.npz")
+    assert told.exit_code == 0 and "40 rows with targets" in told.output and "per output" in told.output, told.output
     shown = invoke("inspect", world / "labelled.zarr")
     assert shown.exit_code == 0 and "median (3)" in shown.output and "R^2" in shown.output, shown.output
 
