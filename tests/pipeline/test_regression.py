@@ -279,6 +279,19 @@ def test_batches_hold_the_stored_values_and_targets_of_their_rows(world, stream)
     assert sorted(torch.cat(seen).tolist()) == list(range(40)) and loader.mode == ("stream" if stream else "memory")
 
 
+@pytest.mark.slow
+def test_a_regression_run_resumed_after_sigkill_ends_with_the_same_weights(world, tmp_path):
+    from tests.pipeline.test_train import VENV_BIN, kill_and_resume
+
+    def command(out, *extra):
+        return [str(VENV_BIN / "mtkd"), "train", "--student", str(world / "student.toml"), "--data", str(world / "labelled.npz"),
+                "--store", str(world / "labelled.zarr"), "--fusion", "median", "--loss", "huber", "--alpha", "0.5",
+                "--out", str(out), "--epochs", "150", "--batch-size", "8", "--lr", "0.01", "--checkpoint-every", "5",
+                "--quiet", *extra]
+
+    kill_and_resume(command, tmp_path, epochs=150)
+
+
 # -- refusals: exit 2, one line, nothing written ----------------------------------------------------------
 
 
