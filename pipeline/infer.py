@@ -648,6 +648,8 @@ def _with_tail(layouts: dict[str, Dense | TopK], store: LogitStore | None, tail_
     for name, layout in layouts.items():
         if store is not None and name in store.teachers:
             continue
+        if isinstance(layout, Values):
+            raise BadInputError(f"--tail-samples applies to top-k teachers only; teacher {name!r} is a regression teacher (float labels: stored as values)")
         if not isinstance(layout, TopK):
             raise BadInputError(f"--tail-samples applies to top-k teachers only; teacher {name!r} is stored dense (add --top-k)")
         if layout.top_k >= layout.vocab_size:

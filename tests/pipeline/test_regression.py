@@ -336,6 +336,8 @@ def test_regression_only_options_on_classification_data_and_top_k_on_regression_
         assert not (tmp_path / "run").exists()
     refused(invoke("infer", "--teachers", world / "teachers.toml", "--data", world / "transfer.npz", "--out", tmp_path / "v.zarr",
                    "--top-k", "1", "--quiet"), "--top-k", "regression")
+    refused(invoke("infer", "--teachers", world / "teachers.toml", "--data", world / "transfer.npz", "--out", tmp_path / "v.zarr",
+                   "--tail-samples", "4", "--quiet"), "--tail-samples", "regression")
     assert not (tmp_path / "v.zarr").exists()
 
 
