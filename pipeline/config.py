@@ -35,11 +35,14 @@ class Fusion(str, enum.Enum):
     POSTERIOR = "posterior"  # v3: the fusions that select (fusion.py)
     BEST = "best"
     ENTROPY = "entropy"
+    MEDIAN = "median"  # v3, regression teachers: the per-output median over the teachers
 
 
 # The fusions whose weights come from the teachers' stored values through --teacher-weights (the
 # prior pi), --fusion-temperature and --fusion-scope (SPEC v3 "Fusion"; pipeline/fusion.py).
 SELECTING = (Fusion.POSTERIOR, Fusion.BEST, Fusion.ENTROPY)
+# v3 "Features and regression": what a store of regression teachers (layout "values") fuses with.
+REGRESSION_FUSIONS = (Fusion.MEAN, Fusion.WEIGHTED, Fusion.MEDIAN)
 
 
 class FusionScope(str, enum.Enum):
@@ -50,6 +53,12 @@ class FusionScope(str, enum.Enum):
 class Loss(str, enum.Enum):
     KL = "kl"
     MSE = "mse"
+    HUBER = "huber"  # v3, regression: Huber (delta 1) of the outputs
+    L1 = "l1"  # v3, regression: absolute error of the outputs
+
+
+CLASSIFICATION_LOSSES = (Loss.KL, Loss.MSE)
+REGRESSION_LOSSES = (Loss.MSE, Loss.HUBER, Loss.L1)
 
 
 class LossPath(str, enum.Enum):
@@ -95,7 +104,7 @@ class TrainConfig:
     teacher_weights: Mapping[str, float] | None = None  # --fusion weighted, or the prior pi of posterior/best/entropy; normalised
     temperature: float | None = None  # None: by the data's kind (KIND_DEFAULTS)
     alpha: float | None = None  # weight of the KD term; 1 - alpha weighs the cross-entropy. None: by kind
-    loss: Loss = Loss.KL
+    loss: Loss | None = None  # None: kl on classification data, mse on regression data (filled in by for_kind)
     epochs: int = 30
     max_steps: int | None = None  # optimizer steps; when given, ends the run (the epochs it spans are derived)
     batch_size: int = 128  # rows (rows) or sequences (tokens) per batch and process
@@ -114,6 +123,7 @@ class TrainConfig:
     fusion_temperature: float = 1.0  # tau of --fusion posterior|best|entropy
     fusion_scope: FusionScope = FusionScope.ROW  # sequence: tokens only, posterior|best|entropy
     loss_path: LossPath = LossPath.AUTO  # token students of top-k teachers (train.py says which ran, and why)
+    regression: bool = False  # v3: the data has float labels (filled in by for_kind from the data)
     features: tuple[str, ...] = ()  # v3: --feature STUDENT_MODULE=TEACHER:MODULE pairs (hint losses)
     feature_loss: str = "mse"  # --feature-loss mse|cosine
     feature_weight: float = 1.0  # --feature-weight BETA
@@ -134,7 +144,8 @@ class TrainConfig:
             set_(self, "teacher_weights", {str(k): float(v) for k, v in self.teacher_weights.items()})
         for name, kind, flag in (("fusion", Fusion, "--fusion"), ("loss", Loss, "--loss"), ("schedule", Schedule, "--schedule"),
                                  ("fusion_scope", FusionScope, "--fusion-scope")):
-            set_(self, name, _choice(getattr(self, name), kind, flag))
+            if getattr(self, name) is not None:
+                set_(self, name, _choice(getattr(self, name), kind, flag))
         set_(self, "loss_path", _choice(self.loss_path, LossPath, "--loss-path"))
         for name in ("temperature", "alpha", "lr", "weight_decay", "decay_rate", "fusion_temperature"):
             if getattr(self, name) is not None:
@@ -207,15 +218,44 @@ class TrainConfig:
         """Distilling through a fusion that selects (posterior, best, entropy)."""
         return self.distil and self.fusion in SELECTING
 
-    def for_kind(self, kind: str, recorded: Mapping[str, Any] | None = None) -> TrainConfig:
+    def for_kind(self, kind: str, recorded: Mapping[str, Any] | None = None, *, regression: bool = False) -> TrainConfig:
         """This config with the options left None filled in: from `recorded` (the config.json of the run
-        being resumed, so that a run keeps the defaults it started with), else KIND_DEFAULTS[kind]."""
-        filled = {}
+        being resumed, so that a run keeps the defaults it started with), else KIND_DEFAULTS[kind];
+        `regression` (the data has float labels): checks the options a regression run takes (no
+        --temperature, a regression --fusion and --loss) and defaults --loss to mse."""
+        self._check_task(regression)
+        filled: dict[str, Any] = {"regression": regression} if regression else {}
+        if self.loss is None:
+            filled["loss"] = Loss.MSE if regression else Loss.KL
         for name, default in KIND_DEFAULTS[kind].items():
+            if regression and name == "temperature":
+                continue  # raw outputs: no softmax, no temperature
             if getattr(self, name) is None:
                 kept = (recorded or {}).get(name)
                 filled[name] = float(kept) if isinstance(kept, (int, float)) and not isinstance(kept, bool) else default
         return replace(self, **filled) if filled else self
+
+    def _check_task(self, regression: bool) -> None:
+        """Options that only one task has: refused on the other, naming the flag."""
+        if regression:
+            if self.temperature is not None and self.distil:
+                raise BadInputError(f"--temperature {self.temperature:g}: regression teachers (float labels, layout values) are raw "
+                                    "outputs, fused without softmax or temperature; leave it out")
+            if self.distil and self.fusion not in REGRESSION_FUSIONS:
+                raise BadInputError(f"--fusion {self.fusion.value} fuses classifiers; regression teachers take "
+                                    f"{', '.join(f.value for f in REGRESSION_FUSIONS)}")
+            if self.loss is not None and self.loss not in REGRESSION_LOSSES:
+                raise BadInputError(f"--loss {self.loss.value} is a classification loss; regression takes "
+                                    f"{', '.join(x.value for x in REGRESSION_LOSSES)}")
+            if self.features:
+                raise BadInputError("--feature: hint training with regression data is not supported yet")
+        else:
+            if self.fusion is Fusion.MEDIAN and self.distil:
+                raise BadInputError("--fusion median fuses regression teachers (float labels, layout values); "
+                                    f"data {self.data!r} has class labels")
+            if self.loss is not None and self.loss not in CLASSIFICATION_LOSSES:
+                raise BadInputError(f"--loss {self.loss.value} is a regression loss; data {self.data!r} has class labels "
+                                    f"(classification takes {', '.join(x.value for x in CLASSIFICATION_LOSSES)})")
 
     def resolved(self, teachers: list[str]) -> TrainConfig:
         """This config with the store's chosen teachers filled in and the weights checked against them."""
@@ -241,7 +281,8 @@ class TrainConfig:
             "fusion_scope": self.fusion_scope.value if self.selecting else None,
             "temperature": self.temperature if distil else None,
             "alpha": self.alpha if distil else None,
-            "loss": self.loss.value if distil else "ce",
+            "loss": (self.loss or Loss.KL).value if distil or self.regression else "ce",  # unresolved (None): kl, as for_kind fills it
+            **({"task": "regression"} if self.regression else {}),
             "epochs": self.epochs,
             "max_steps": self.max_steps,
             "batch_size": self.batch_size,
@@ -268,7 +309,7 @@ class TrainConfig:
             args += ["--fusion", self.fusion.value]
             for flag, value in (("--temperature", self.temperature), ("--alpha", self.alpha)):
                 args += [] if value is None else [flag, str(value)]  # None: not resolved yet (by the data's kind)
-            args += ["--loss", self.loss.value]
+            args += ["--loss", (self.loss or Loss.KL).value]
             if self.teacher_weights:
                 args += ["--teacher-weights", ",".join(f"{k}={v:g}" for k, v in self.teacher_weights.items())]
             if self.selecting:
@@ -318,4 +359,4 @@ def _choice(value: Any, kind: type[enum.Enum], flag: str) -> enum.Enum:
         raise BadInputError(f"{flag} must be one of {', '.join(c.value for c in kind)}, got {value!r}") from None
 
 
-__all__ = ["CHECKPOINT_EVERY", "DEFAULTS", "KIND_DEFAULTS", "Fusion", "FusionScope", "Loss", "LossPath", "RESUMABLE_KEYS", "SELECTING", "Schedule", "TrainConfig", "differences", "identity"]
+__all__ = ["CHECKPOINT_EVERY", "CLASSIFICATION_LOSSES", "DEFAULTS", "KIND_DEFAULTS", "REGRESSION_FUSIONS", "REGRESSION_LOSSES", "Fusion", "FusionScope", "Loss", "LossPath", "RESUMABLE_KEYS", "SELECTING", "Schedule", "TrainConfig", "differences", "identity"]

@@ -1,7 +1,8 @@
 """Data specs (`--data`) -> `RowData` (classification, in memory) or `TokenData` (language models).
 
 Rows (SPEC.md, "Two kinds of data"): sample i is store row i.
-    PATH.npz                 arrays `x`, optional integer `y` (-100 where unknown)
+    PATH.npz                 arrays `x`, optional integer `y` (-100 where unknown); a float `y` (N,)
+                             or (N, D), NaN where unknown, makes it a regression data set (v3)
     PATH.npy                 inputs only
     PATH (a Zarr array)      inputs only
     mnist1d:train | mnist1d:test | mnist1d:unlabeled, optionally `?n=5000&seed=42`
@@ -54,13 +55,26 @@ MNIST1D_DEFAULTS = {"train": (5000, 42), "test": (5000, 42), "unlabeled": (50000
 
 @dataclass(frozen=True)
 class RowData:
-    """Classification rows in memory: inputs `x` (N, ...) float32 (or int64), labels `y` (N,) int64 or None."""
+    """Rows in memory: inputs `x` (N, ...) float32 (or int64), class labels `y` (N,) int64 or None.
+
+    Regression data (v3, a float `y`) has `y` None (no class labels: `labels` is all -100) and its
+    `targets` (N, D) float32, NaN where unknown ((N,) given: D = 1)."""
 
     kind: ClassVar[str] = "rows"
     spec: str
     x: np.ndarray
     y: np.ndarray | None
     fingerprint: str = field(repr=False)
+    targets: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def regression(self) -> bool:
+        return self.targets is not None
+
+    @property
+    def num_outputs(self) -> int:
+        """D of the regression targets (0 for classification data)."""
+        return 0 if self.targets is None else int(self.targets.shape[1])
 
     def __len__(self) -> int:
         return len(self.x)
@@ -78,6 +92,9 @@ class RowData:
 
     @property
     def labelled_rows(self) -> int:
+        """Rows with a label (regression: with at least one known target)."""
+        if self.targets is not None:
+            return int((~np.isnan(self.targets)).any(axis=1).sum())
         return 0 if self.y is None else int((self.y != IGNORE_LABEL).sum())
 
     @property
@@ -106,6 +123,10 @@ class TokenData:
     # given[t + 1]; -100 = not trained on (no CE, no KD: masked in stage two like padding). None: the next token.
     given_labels: TokenSource | None = field(default=None, repr=False)
     num_labelled: int = -1  # with given_labels: the positions whose label is not -100
+
+    targets: ClassVar[None] = None  # regression targets are rows-only (RowData.targets)
+    regression: ClassVar[bool] = False
+    num_outputs: ClassVar[int] = 0
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -356,6 +377,8 @@ def make_row_data(spec: str, x: Any, y: Any = None) -> RowData:
     x = np.ascontiguousarray(x)
     if y is not None:
         y = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
+        if np.issubdtype(y.dtype, np.floating):  # v3: float labels make a regression data set
+            return RowData(spec=spec, x=x, y=None, fingerprint=fingerprint(x), targets=_regression_targets(spec, y, len(x)))
         if y.shape != (len(x),):
             raise SpecError(f"data {spec!r}: labels must have shape ({len(x)},), got {y.shape}")
         if not np.issubdtype(y.dtype, np.integer):
@@ -368,6 +391,17 @@ def make_row_data(spec: str, x: Any, y: Any = None) -> RowData:
                 f"(use {IGNORE_LABEL} for unknown)"
             )
     return RowData(spec=spec, x=x, y=y, fingerprint=fingerprint(x))
+
+
+def _regression_targets(spec: str, y: np.ndarray, n: int) -> np.ndarray:
+    """A float `y` (N,) or (N, D) -> (N, D) float32 targets, NaN where unknown; inf is refused."""
+    if y.ndim not in (1, 2) or y.shape[0] != n or (y.ndim == 2 and y.shape[1] < 1):
+        raise SpecError(f"data {spec!r}: float labels (regression targets) must have shape ({n},) or ({n}, D), got {y.shape}")
+    targets = np.ascontiguousarray(y.reshape(n, -1), dtype=np.float32)
+    bad = np.isinf(targets).any(axis=1)
+    if bad.any():
+        raise SpecError(f"data {spec!r}: target row {int(np.flatnonzero(bad)[0])} holds inf (use NaN for unknown)")
+    return targets
 
 
 def make_token_data(spec: str, sequences: Any) -> TokenData:

@@ -5,7 +5,7 @@
     run_eval("val.npz", model="teachers.toml", teacher="llama")     # a teacher table, its own weights
 
 Metrics (metrics.py): rows, accuracy, macro precision/recall/F1, NLL and ECE over the rows whose
-label is known; tokens, perplexity, next-token accuracy and NLL over every position that has a next
+label is known; regression rows (float labels, v3), MSE, MAE and R^2 per output and averaged; tokens, perplexity, next-token accuracy and NLL over every position that has a next
 token. Stage two's per-epoch validation uses `predict_log_probs` / `token_metrics` too.
 """
 
@@ -24,7 +24,7 @@ from mtkd.pipeline.errors import BadInputError, CheckpointError, SpecError
 from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.hf import logits_of, takes_attention_mask
 from mtkd.pipeline.loader import SequenceLoader, as_tensor
-from mtkd.pipeline.metrics import TokenMetrics, classification_metrics
+from mtkd.pipeline.metrics import TokenMetrics, classification_metrics, regression_metrics
 from mtkd.pipeline.progress import progress_bar
 from mtkd.pipeline.data import TokenData, load_data
 from mtkd.pipeline.specs import ModelSpec, load_checkpoint, load_student_spec, load_teacher_specs, run_student_folder
@@ -88,6 +88,24 @@ def predict_log_probs(
     return torch.cat(out)
 
 
+@torch.no_grad()
+def predict_values(model: torch.nn.Module, x: np.ndarray | torch.Tensor, *, device: torch.device,
+                   batch_size: int = EVAL_BATCH_SIZE, progress: Any = None, task: Any = None) -> torch.Tensor:
+    """A regression model's raw outputs over all rows of `x`: (N, D) float64 on the CPU, eval mode."""
+    was_training = model.training
+    model.eval()
+    x = as_tensor(x)
+    out = []
+    try:
+        for start in range(0, len(x), batch_size):
+            out.append(model(x[start : start + batch_size].to(device)).double().reshape(min(batch_size, len(x) - start), -1).cpu())
+            if progress is not None:
+                progress.advance(task, min(batch_size, len(x) - start))
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
 def run_eval(
     data: str,
     *,
@@ -127,12 +145,19 @@ def run_eval(
         try:
             if tokens:
                 metrics = token_metrics(net, dataset, device=dev, batch_size=batch_size, progress=bar, task=task)
+            elif dataset.regression:
+                values = predict_values(net, dataset.x, device=dev, batch_size=batch_size, progress=bar, task=task)
             else:
                 log_probs = predict_log_probs(net, dataset.x, device=dev, batch_size=batch_size, progress=bar, task=task)
         except Exception as e:
             shape = f"{dataset.num_seqs} sequences" if tokens else f"inputs {dataset.x.shape}"
             raise SpecError(f"model {spec.name!r} fails on data {data!r} ({shape}): {type(e).__name__}: {e}") from e
-    if not tokens:
+    if dataset.regression:  # v3: MSE, MAE, R^2 per output and averaged
+        if values.shape[1] != dataset.num_outputs:
+            raise BadInputError(f"data {data!r} has {dataset.num_outputs} regression targets per row but model {spec.name!r} "
+                                f"gives {values.shape[1]} outputs")
+        metrics = regression_metrics(values, as_tensor(dataset.targets))
+    elif not tokens:
         labels = as_tensor(dataset.labels)
         if log_probs.shape[1] <= int(labels.max()):
             raise BadInputError(

@@ -31,6 +31,11 @@ it has none) before the weights are formed, and every position takes its sequenc
 sequence with no labelled position is the unlabelled case above. (FuseLLM's MinCE is `best` with
 `sequence`, its AvgCE `posterior`.)
 
+Regression teachers (v3, layout "values") are fused into one target per row and output, not weights
+(`fused_values`): mean (1/K sum_k v_k), weighted (sum_k pi_k v_k, pi normalised), median (per row
+and output the median over the K teachers; for even K the mean of the two middle values, as numpy's).
+The median ignores one teacher gone wild when K >= 3.
+
 Weights are computed in float32 from log-weights (log pi + score / tau, normalised by logsumexp), so
 no exp overflows whatever the scores; a teacher with pi_k = 0 gets weight 0 and is never `best`.
 """
@@ -235,12 +240,32 @@ def weights_for(
                           segments=segments)
 
 
+def fused_values(fusion: Fusion, values: Tensor, prior: Tensor | None = None) -> Tensor:
+    """(K, N, D) regression teachers' outputs -> (N, D) the fused target, in float32 (see the module
+    doc): mean, weighted (prior (K,), normalised) or median over the K teachers."""
+    v = values.float()
+    k = v.shape[0]
+    if fusion is Fusion.MEAN:
+        return v.mean(dim=0)
+    if fusion is Fusion.WEIGHTED:
+        if prior is None:
+            raise ValueError("--fusion weighted needs --teacher-weights")
+        pi = prior.to(device=v.device, dtype=torch.float32)
+        return ((pi / pi.sum())[:, None, None] * v).sum(dim=0)
+    if fusion is Fusion.MEDIAN:
+        ordered = v.sort(dim=0).values  # (K, N, D), per row and output
+        if k % 2:
+            return ordered[k // 2]
+        return 0.5 * (ordered[k // 2 - 1] + ordered[k // 2])
+    raise ValueError(f"fusion {fusion.value!r} does not fuse regression teachers")
+
+
 def prior_tensor(weights: Mapping[str, float] | None, device: torch.device) -> Tensor | None:
     """--teacher-weights as a (K,) float32 tensor in the chosen teachers' order (None: none given)."""
     return None if not weights else torch.tensor(list(weights.values()), dtype=torch.float32, device=device)
 
 
 __all__ = [
-    "best", "entropy", "fallback_rows", "fusion_weights", "label_scores", "labelled_rows", "log_prior",
+    "best", "entropy", "fallback_rows", "fused_values", "fusion_weights", "label_scores", "labelled_rows", "log_prior",
     "per_sequence", "posterior", "prior_tensor", "vote_dense", "vote_sparse", "weights_for",
 ]

@@ -59,6 +59,7 @@ from mtkd.pipeline.layouts import (
     RowSummary,
     SampledTopK,
     TopK,
+    Values,
     format_temperatures,
     parse_temperatures,
     to_storage,
@@ -647,6 +648,8 @@ def _with_tail(layouts: dict[str, Dense | TopK], store: LogitStore | None, tail_
     for name, layout in layouts.items():
         if store is not None and name in store.teachers:
             continue
+        if isinstance(layout, Values):
+            raise BadInputError(f"--tail-samples applies to top-k teachers only; teacher {name!r} is a regression teacher (float labels: stored as values)")
         if not isinstance(layout, TopK):
             raise BadInputError(f"--tail-samples applies to top-k teachers only; teacher {name!r} is stored dense (add --top-k)")
         if layout.top_k >= layout.vocab_size:
@@ -684,7 +687,7 @@ def _check_same_teacher(store: LogitStore, spec: ModelSpec, weights: str | None,
             f"{where} at temperatures {format_temperatures(layout.temperatures)}, not {format_temperatures(temps)}; "
             "rename the teacher or use another store"
         )
-    if not info.complete and info.dtype != dtype:
+    if not info.complete and info.dtype != dtype and not isinstance(layout, Values):  # values: always float32
         raise StoreMismatchError(f"{where} as {info.dtype}; resume it with --dtype {info.dtype}, not {dtype}")
     return info
 
@@ -834,6 +837,15 @@ def _resolve_layouts(
             layouts[name] = store.layout(name)  # resuming: the stored layout (checked against the options)
             if layouts[name].vocab_size != vocab:
                 raise TeacherOutputError(f"teacher {name!r} gives {vocab} classes; the store holds it with {layouts[name].vocab_size}")
+            continue
+        if data.regression:  # v3: a regression teacher's raw outputs, float32 whatever --dtype
+            if top_k is not None or temps_given:
+                raise BadInputError(f"--{'top-k' if top_k is not None else 'temperatures'} applies to classification teachers; "
+                                    f"data {data.spec!r} is regression (float labels): teacher {name!r} is stored as values")
+            if vocab != data.num_outputs:
+                raise TeacherOutputError(f"teacher {name!r} gives {vocab} outputs but data {data.spec!r} has {data.num_outputs} "
+                                         "regression targets per row")
+            layouts[name] = Values("float32", vocab)
             continue
         sparse = top_k is not None or (data.kind == "tokens" and vocab > DENSE_TOKENS_MAX_VOCAB)
         if sparse:

@@ -8,6 +8,8 @@ A layout answers three questions, for rows and tokens alike (a token position is
   log-probabilities re-tempered exactly at a stored temperature T).
 
 Dense (SPEC "Store"): `logits` (rows, V), the raw logits at T = 1.
+Values (v3, regression teachers): `values` (rows, D) float32, the teacher's raw outputs: no softmax,
+no temperature, no entropy; `vocab_size` holds D.
 Both layouts (v3): `entropy` (rows,) float32, the teacher's exact entropy at T = 1 over its whole
 vocabulary, computed from the float32 logits in the same pass as the normaliser (`normalisers`);
 teachers written before v3 have none (`Layout.entropy` False: the store finds no such array).
@@ -46,7 +48,7 @@ STORAGE: dict[str, tuple[np.dtype, torch.dtype, Any]] = {
     "float32": (np.dtype(np.float32), torch.float32, float("nan")),
 }
 DTYPES = tuple(STORAGE)
-LAYOUTS = ("dense", "topk")
+LAYOUTS = ("dense", "topk", "values")
 DEFAULT_TOP_K = 64
 DEFAULT_TEMPERATURES = (1.0, 2.0)
 DENSE_TOKENS_MAX_VOCAB = 1024  # SPEC: tokens are stored dense only when asked and V <= this
@@ -198,6 +200,32 @@ class Dense(Layout):
     def decode(self, raw: dict[str, np.ndarray]) -> torch.Tensor:
         """Stored rows -> (n, V) logits in the logical dtype (bfloat16 bit-exact)."""
         return from_storage(raw["logits"], self.dtype)
+
+
+@dataclass(frozen=True)
+class Values(Layout):
+    """A regression teacher (v3): `values` (rows, D) float32, its raw outputs as they are (the
+    batch's (n, D) output is what `reduce` gets in place of logits). `dtype` is always float32."""
+
+    name: ClassVar[str] = "values"
+    entropy: bool = field(default=False, kw_only=True)  # a regression output has no entropy
+
+    def arrays(self) -> list[ArraySpec]:
+        return [ArraySpec("values", (self.vocab_size,), np.dtype(np.float32), float("nan"), (), None, ("row", "output")),
+                *self.feature_arrays()]
+
+    def reduce(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], RowSummary]:
+        values = {"values": logits.float()}  # (n, D) the outputs, in float32 whatever the forward's dtype
+        return values, self.summarize(values, labels)
+
+    def summarize(self, arrays: dict[str, torch.Tensor], labels: torch.Tensor) -> RowSummary:
+        v = arrays["values"].float()
+        nan = torch.full((len(v),), float("nan"), device=v.device)  # no class, no label log-probability
+        return RowSummary(~torch.isfinite(v).all(dim=1), nan, torch.zeros(len(v), dtype=torch.int64, device=v.device), nan, None)
+
+    def decode(self, raw: dict[str, np.ndarray]) -> torch.Tensor:
+        """Stored rows -> (n, D) float32 values."""
+        return torch.from_numpy(raw["values"])
 
 
 @dataclass(frozen=True)
@@ -495,7 +523,7 @@ def parse_temperatures(text: str) -> tuple[float, ...]:
     return tuple(sorted(set(values) | {1.0}, key=lambda t: (t != 1.0, t)))
 
 
-def layout_from_attrs(attrs: dict[str, Any], num_classes: int, *, entropy: bool = False) -> Dense | TopK:
+def layout_from_attrs(attrs: dict[str, Any], num_classes: int, *, entropy: bool = False) -> Dense | TopK | Values:
     """A stored teacher's layout; format-1 teachers (no `layout`) are dense over the store's classes.
     `entropy`: the teacher has the v3 `entropy` array (older teachers do not)."""
     layout = attrs.get("layout", "dense")
@@ -503,6 +531,8 @@ def layout_from_attrs(attrs: dict[str, Any], num_classes: int, *, entropy: bool 
     features = tuple((str(m), tuple(int(d) for d in shape)) for m, shape in (attrs.get("features") or {}).items())
     if layout == "dense":
         return Dense(attrs["dtype"], vocab, entropy=entropy, features=features)
+    if layout == "values":
+        return Values(attrs["dtype"], vocab, features=features)
     if layout == "topk" and attrs.get("tail_samples"):
         return SampledTopK(attrs["dtype"], vocab, int(attrs["top_k"]), tuple(float(t) for t in attrs["temperatures"]),
                            int(attrs["tail_samples"]), int(attrs.get("tail_seed", 0)), entropy=entropy, features=features)

@@ -354,10 +354,13 @@ class BatchLoader(_Loader):
         read_bytes: int = READ_BYTES,
     ):
         self.x = as_tensor(x)
-        self.labels = as_tensor(labels).long()
+        labels = as_tensor(labels)
+        # v3 regression: float targets (N, D), NaN where unknown, travel as the labels do
+        self.labels = labels.float() if labels.is_floating_point() else labels.long()
         n = len(self.x)
-        if self.labels.shape != (n,):
-            raise ValueError(f"labels must have shape ({n},), got {tuple(self.labels.shape)}")
+        if self.labels.shape[:1] != (n,) or self.labels.dim() != (2 if labels.is_floating_point() else 1):
+            want = f"({n}, D) float targets" if labels.is_floating_point() else f"({n},)"
+            raise ValueError(f"labels must have shape {want}, got {tuple(self.labels.shape)}")
         self._setup(n, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, device=device)
         self.teachers = list(teachers)
         if store is None and self.teachers:
@@ -367,6 +370,10 @@ class BatchLoader(_Loader):
         if store is not None and store.num_rows != n:
             raise ValueError(f"the store has {store.num_rows} rows, the inputs {n}")
         self.store = store
+        # Regression teachers (layout "values", v3) are read as their (rows, D) values, in place of logits.
+        values = store is not None and all(getattr(getattr(store.teacher(t), "layout", None), "name", None) == "values"
+                                           for t in self.teachers)
+        self._read_rows = (store.read_values if values else store.read_logits) if store is not None else None
 
         k, v = len(self.teachers), store.num_classes if store is not None else 0
         dtypes = {store.teacher(t).dtype for t in self.teachers} if store is not None else set()
@@ -417,7 +424,7 @@ class BatchLoader(_Loader):
             for k, name in enumerate(self.teachers):
                 for start in range(0, n, step):
                     stop = min(start + step, n)
-                    out[k, start:stop] = self.store.read_logits(name, start, stop)
+                    out[k, start:stop] = self._read_rows(name, start, stop)
             self._in_memory = out
         return self._in_memory
 
@@ -433,7 +440,7 @@ class BatchLoader(_Loader):
     def _read_unit(self, u: int) -> list[np.ndarray]:
         """K x (rows, V): the unit's whole chunks of each teacher."""
         lo, hi = int(self.bounds[u]), int(self.bounds[u + 1])
-        return [_as_numpy(self.store.read_logits(name, lo, hi), self.logits_dtype) for name in self.teachers]
+        return [_as_numpy(self._read_rows(name, lo, hi), self.logits_dtype) for name in self.teachers]
 
     def _lay_out(self, pieces, shuffle, free):
         """The window's logits (K, rows, V) in unit order, copied into a reused buffer; its shuffle;

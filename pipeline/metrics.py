@@ -118,3 +118,32 @@ def classification_metrics(log_probs: torch.Tensor, labels: torch.Tensor) -> dic
 def agreement(pred_a: torch.Tensor, pred_b: torch.Tensor) -> float:
     """Fraction of rows on which two models predict the same class."""
     return float((pred_a == pred_b).double().mean())
+
+
+def regression_metrics(predictions: torch.Tensor, targets: torch.Tensor) -> dict:
+    """(N, D) predictions and targets (NaN where unknown) -> per output and averaged over the outputs:
+    MSE, MAE and R^2 = 1 - SS_res / SS_tot (SS_tot about the output's mean of its known targets),
+    each output over its rows with a known target, in float64. `n`: rows with any known target;
+    `n_per_output`: known targets per output. An output with no known target (or constant targets,
+    for R^2) gives NaN, which the averages then are too."""
+    p, y = predictions.double().reshape(len(predictions), -1), targets.double().reshape(len(targets), -1)
+    if p.shape != y.shape:
+        raise ValueError(f"predictions {tuple(p.shape)} and targets {tuple(y.shape)} differ in shape")
+    known = ~torch.isnan(y)
+    count = known.sum(dim=0).double()  # (D,)
+    err = torch.where(known, p - y, torch.zeros((), dtype=torch.float64))
+    mse = err.square().sum(dim=0) / count
+    mae = err.abs().sum(dim=0) / count
+    mean = torch.where(known, y, torch.zeros((), dtype=torch.float64)).sum(dim=0) / count
+    ss_tot = torch.where(known, y - mean, torch.zeros((), dtype=torch.float64)).square().sum(dim=0)
+    r2 = 1.0 - err.square().sum(dim=0) / ss_tot
+    return {
+        "n": int(known.any(dim=1).sum()),
+        "mse": float(mse.mean()),
+        "mae": float(mae.mean()),
+        "r2": float(r2.mean()),
+        "n_per_output": [int(c) for c in count],
+        "mse_per_output": mse.tolist(),
+        "mae_per_output": mae.tolist(),
+        "r2_per_output": r2.tolist(),
+    }

@@ -19,6 +19,15 @@ kernel with the same weights, per position; a student LM whose output layer the 
 itself (`head`) goes through fused_linear_sparse_kd_loss, so its (P, V) logits never exist whole.
 Without a store: L = mean over labelled rows of CE_n.
 
+Regression (v3, teachers stored as layout "values", targets y (B, D) with NaN where unknown): with
+l the elementwise `--loss` (mse (s - t)^2, huber (delta 1), l1 |s - t|) and t_n the fused target
+(fusion.fused_values: mean, weighted or median over the teachers, per output),
+
+    L = 1/B * sum_n [ alpha * mean_d l(s_nd, t_nd) + (1 - alpha) * mean_{d known} l(s_nd, y_nd) ]
+
+(the second term 0 on a row with no known target: unlabelled rows train on the first alone);
+without a store, L = the mean of l(s, y) over the batch's known targets.
+
 What the fusions read besides the logits: the stored label log-probabilities (top-k teachers; dense
 ones give theirs from the logits), the stored entropies (rows: held whole, (K, N) float32, indexed
 by the batch's rows; tokens: read with the teachers' rows), and for scope `sequence` the sequence of
@@ -46,8 +55,10 @@ class Objective:
     def __init__(
         self, *, distil: bool, fusion: str, weights: Tensor | None, temperature: float, alpha: float, loss: str,
         fusion_temperature: float = 1.0, fusion_scope: str = "row", row_entropy: Tensor | None = None,
+        regression: bool = False,
     ):
         self.distil = distil
+        self.regression = regression  # v3: float targets, teachers' stored values (see the module doc)
         self.fusion = Fusion(fusion)
         self.weights = weights  # (K,): --teacher-weights (weighted), or the prior pi of the fusions that select
         self.temperature = temperature
@@ -69,10 +80,14 @@ class Objective:
             fusion_temperature=config.fusion_temperature,
             fusion_scope=config.fusion_scope,
             row_entropy=row_entropy,
+            regression=config.regression,
         )
 
     def __call__(self, student_logits: Tensor, batch: Any) -> Tensor:
-        """Rows: (B, V) student logits and a Batch with (K, B, V) logits, (B,) labels and data rows."""
+        """Rows: (B, V) student logits and a Batch with (K, B, V) logits, (B,) labels and data rows
+        (regression: (B, D) outputs, (K, B, D) teachers' values, (B, D) targets)."""
+        if self.regression:
+            return self.values(student_logits, batch.logits, batch.labels)
         entropies = None
         if self.row_entropy is not None:
             entropies = self.row_entropy[:, batch.rows].to(student_logits.device)  # (K, B)
@@ -131,6 +146,31 @@ class Objective:
         w = fusions.weights_for(self.fusion, labels=labels, prior=self.weights, tau=self.tau, logits=logits,
                                 entropies=entropies, segments=segments)
         return logits, w
+
+    def values(self, student: Tensor, teachers: Tensor | None, targets: Tensor) -> Tensor:
+        """Regression rows: (B, D) student outputs, (K, B, D) the teachers' stored values (None without a
+        store) and (B, D) targets, NaN where unknown -> the batch's loss (see the module doc)."""
+        s = student.float()
+        targets = targets.float()
+        known = ~torch.isnan(targets)  # (B, D)
+        y = torch.where(known, targets, torch.zeros((), device=targets.device))  # no NaN reaches the graph
+        own = self._elementwise(s, y) * known  # (B, D), 0 where unknown
+        if not self.distil:
+            return own.sum() / known.sum().clamp(min=1)
+        rows = self.alpha * self._elementwise(s, fusions.fused_values(self.fusion, teachers, self.weights)).mean(dim=1)  # (B,)
+        if self.alpha < 1.0:
+            rows = rows + (1.0 - self.alpha) * own.sum(dim=1) / known.sum(dim=1).clamp(min=1)
+        return rows.mean()
+
+    def _elementwise(self, s: Tensor, t: Tensor) -> Tensor:
+        """--loss of regression outputs, per element: (B, D)."""
+        if self.loss is Loss.MSE:
+            return (s - t).square()
+        if self.loss is Loss.HUBER:
+            return F.huber_loss(s, t, reduction="none", delta=1.0)
+        if self.loss is Loss.L1:
+            return (s - t).abs()
+        raise ValueError(f"--loss {self.loss.value} is not a regression loss")
 
     def _mse(self, s: Tensor, z: Tensor, w: Tensor | None, y: Tensor, mask: Tensor | None = None) -> Tensor:
         t = self.temperature

@@ -13,6 +13,9 @@ larger than memory is measured in one pass. Dense rows get the full classificati
 (accuracy / next-token accuracy, NLL, perplexity, ECE) from the same sums as the stats. Rows with
 label -100 are left out of everything that needs a label.
 
+Regression stores (v3, teachers stored as values): MSE, MAE and R^2 per output and averaged for each
+teacher and the complete teachers fused by mean and by median (`inspect_regression`).
+
 Complementary teachers (v3): per complete teacher, the fraction of labelled rows (tokens: also of
 sequences, by their summed label log-probability) on which it is the best teacher, the one `--fusion
 best` picks (the lowest on ties); and the ensemble under each fusion (fusion.py at its defaults:
@@ -35,10 +38,10 @@ import torch
 
 from mtkd.pipeline.config import Fusion
 from mtkd.pipeline.data import IGNORE_LABEL
-from mtkd.pipeline.fusion import fusion_weights
+from mtkd.pipeline.fusion import fused_values, fusion_weights
 from mtkd.pipeline.errors import BadInputError
 from mtkd.pipeline.layouts import FEATURES, Dense, Layout, RowSummary, SampledTopK, TopK, format_temperatures
-from mtkd.pipeline.metrics import ECE_BINS, RunningMetrics, fuse_log_probs
+from mtkd.pipeline.metrics import ECE_BINS, RunningMetrics, fuse_log_probs, regression_metrics
 from mtkd.pipeline.store import LogitStore
 
 _N, _CORRECT, _NLL, _ROWS = range(4)
@@ -125,6 +128,8 @@ def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None
     rows it has written; the ensemble (mean of the teachers' probabilities) covers the complete
     teachers (`ensemble_of`: those of them); agreement between two teachers covers the rows both have written.
     """
+    if store.regression:
+        return inspect_regression(store, progress, ensemble_of)
     names = store.teachers
     infos = {name: store.teacher(name) for name in names}
     layouts = {name: infos[name].layout for name in names}
@@ -202,6 +207,69 @@ def inspect_store(store: LogitStore, progress: Callable[[int, int], None] | None
             {"a": a, "b": b, "agreement": agree[(a, b)][0] / agree[(a, b)][1] if agree[(a, b)][1] else float("nan"), "rows": agree[(a, b)][1]}
             for a, b in pairs
         ],
+    }
+
+
+REGRESSION_INSPECT_FUSIONS = (Fusion.MEAN, Fusion.MEDIAN)  # weighted needs --teacher-weights: a train option
+
+
+def inspect_regression(store: LogitStore, progress: Callable[[int, int], None] | None = None,
+                       ensemble_of: list[str] | None = None) -> dict[str, Any]:
+    """`inspect_store` of a regression store (v3, teachers stored as layout "values"): per teacher
+    and for the ensemble of the complete ones under each regression fusion (mean, median), MSE, MAE
+    and R^2 per output and averaged (metrics.regression_metrics) against the stored targets, over
+    the rows with a known target; a teacher's metrics cover the blocks it has written. The values
+    are read whole ((N, D) float32 a teacher: regression outputs are narrow)."""
+    names = store.teachers
+    infos = {name: store.teacher(name) for name in names}
+    done = {name: store.done_blocks(name) for name in names}
+    complete = [name for name in names if len(done[name]) == store.num_blocks]
+    fused = complete if ensemble_of is None else _subset(store, ensemble_of, complete)
+    targets = torch.from_numpy(store.targets())
+    values: dict[str, torch.Tensor] = {}
+    per_teacher = {}
+    for i, name in enumerate(names):
+        blocks = sorted(done[name])
+        rows = [torch.arange(*store.block_range(b)) for b in blocks]
+        rows = torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)
+        values[name] = store.read_values(name, 0, store.num_rows)  # unwritten blocks read as NaN, and are left out
+        per_teacher[name] = regression_metrics(values[name][rows], targets[rows])
+        if progress is not None:
+            progress(i + 1, len(names))
+    ensemble = None
+    if fused:
+        stacked = torch.stack([values[name] for name in fused])  # (K, N, D)
+        ensemble = {"teachers": fused, "metrics": {f.value: regression_metrics(fused_values(f, stacked), targets)
+                                                   for f in REGRESSION_INSPECT_FUSIONS}}
+    return {
+        "store": str(store.path),
+        "format": store.format,
+        "kind": store.kind,
+        "task": "regression",
+        "num_rows": store.num_rows,
+        "num_sequences": None,
+        "num_classes": store.num_classes,
+        "num_outputs": store.num_classes,
+        "chunk_rows": store.chunk_rows,
+        "num_blocks": store.num_blocks,
+        "labelled_rows": int((~torch.isnan(targets)).any(dim=1).sum()),
+        "dataset": {"spec": store.dataset_spec, "fingerprint": store.fingerprint},
+        "teachers": [
+            {
+                "name": name,
+                **infos[name].layout.attrs(),
+                "weights_sha256": infos[name].weights_sha256,
+                "complete": name in complete,
+                "rows_complete": sum(stop - start for start, stop in map(store.block_range, done[name])),
+                "blocks_complete": len(done[name]),
+                "bytes_per_row": _bytes_per_row(store, name, done[name]),
+                "metrics": per_teacher[name],
+            }
+            for name in names
+        ],
+        "ensemble": ensemble,
+        "selection": None,
+        "agreement": [],
     }
 
 

@@ -3,6 +3,7 @@
     STORE/                        attrs["mtkd"]: format=2, kind "rows"|"tokens", num_rows, num_classes,
                                   chunk_rows, dataset{spec, fingerprint}
       labels                      (N,) int64: class (rows) or next token (tokens); -100 where none
+      targets                     v3, regression rows only: (N, D) float32 targets, NaN where unknown
       sequences/offsets           (S + 1,) int64, tokens only: sequence i is rows offsets[i]..offsets[i+1]-1
       teachers/<name>             attrs: spec, weights_sha256, layout, dtype, vocab_size, top_k,
                                   temperatures, complete, stats
@@ -75,7 +76,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from mtkd.pipeline.data import Data
 from mtkd.pipeline.errors import BadInputError, CorruptStoreError, IncompleteStoreError, StoreMismatchError
-from mtkd.pipeline.layouts import FEATURES, STORAGE, Dense, Layout, SparseRows, TopK, layout_from_attrs
+from mtkd.pipeline.layouts import FEATURES, STORAGE, Dense, Layout, SparseRows, TopK, Values, layout_from_attrs
 from mtkd.pipeline.staging import remove_stale, staging_dir
 
 FORMAT = 2
@@ -179,6 +180,12 @@ def create_store(path: str | os.PathLike, *, data: Data, num_classes: int, chunk
             compressors=[Crc32cCodec()], dimension_names=["row"],
         )
         _write_data_chunks(tmp / "labels", labels, np.asarray(data.labels, dtype=np.int64))  # every chunk, even all -100
+        if getattr(data, "regression", False):  # v3: the float targets beside the labels (all -100: no classes); every chunk, even all NaN
+            root.create_array(
+                TARGETS, shape=data.targets.shape, chunks=(min(n, LABEL_CHUNK_ROWS), data.num_outputs), dtype="float32",
+                fill_value=float("nan"), compressors=[Crc32cCodec()], dimension_names=["row", "output"],
+                config={"write_empty_chunks": True},
+            )[...] = data.targets
         if data.kind == "tokens":
             offsets = root.create_group("sequences").create_array(
                 "offsets", shape=data.offsets.shape, chunks=(min(len(data.offsets), LABEL_CHUNK_ROWS),), dtype="int64",
@@ -252,6 +259,20 @@ class LogitStore:
             self._check_data_digests("labels", values)
             self._checked_labels = values
         return self._checked_labels if start == 0 and stop is None else self._checked_labels[start:stop]
+
+    @property
+    def regression(self) -> bool:
+        """A store of regression rows (v3): it has the `targets` array."""
+        return (self.path / TARGETS / "zarr.json").is_file()
+
+    def targets(self) -> np.ndarray:
+        """(N, D) float32 regression targets, NaN where unknown (every chunk read, its crc32c checked)."""
+        if not self.regression:
+            raise BadInputError(f"store {str(self.path)!r} holds classification rows, not regression targets")
+        try:
+            return np.asarray(zarr.open_array(self.path / TARGETS, mode="r")[...], dtype=np.float32)
+        except Exception as e:  # noqa: BLE001 - the codec's checksum error, a missing chunk's file
+            raise CorruptStoreError(f"store {str(self.path)!r}: the {TARGETS} array does not read ({type(e).__name__})") from e
 
     def offsets(self) -> np.ndarray:
         """(num_seqs + 1,) int64 (token stores): sequence i is rows offsets[i] .. offsets[i + 1] - 1.
@@ -339,6 +360,13 @@ class LogitStore:
                 f"({self.num_rows} rows, fingerprint {self.fingerprint[:12]}), not from {data.spec!r} "
                 f"({data.num_rows} rows, fingerprint {data.fingerprint[:12]})"
             )
+        if getattr(data, "regression", False) != self.regression:
+            held = "regression targets" if self.regression else "class labels"
+            given = "float labels (regression)" if getattr(data, "regression", False) else "no float labels (classification)"
+            raise StoreMismatchError(f"store {str(self.path)!r} holds {held}; data {data.spec!r} has {given}")
+        if self.regression and data.num_outputs != self.num_classes:
+            raise StoreMismatchError(f"store {str(self.path)!r} holds {self.num_classes} regression outputs; "
+                                     f"data {data.spec!r} has {data.num_outputs}")
         self._source, self._source_labels = data, None  # blocks written from now on are bound to it
 
     def read(self, name: str, start: int, stop: int, *, only: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
@@ -555,6 +583,13 @@ class LogitStore:
         if not isinstance(layout, Dense):
             raise BadInputError(f"store {str(self.path)!r}: teacher {name!r} is stored {layout.name}, not dense logits")
         return layout.decode(self.read(name, start, stop, only=("logits",)))  # entropies: read_entropy, when a fusion asks
+
+    def read_values(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a regression teacher's outputs, (stop-start, D) float32 (v3 layout "values")."""
+        layout = self.layout(name)
+        if not isinstance(layout, Values):
+            raise BadInputError(f"store {str(self.path)!r}: teacher {name!r} is stored {layout.name}, not values")
+        return layout.decode(self.read(name, start, stop, only=("values",)))
 
     def read_topk(self, name: str, start: int, stop: int, temperature: float = 1.0) -> SparseRows:
         """Rows [start, stop) of a top-k teacher: ids (n, k) int64, log-probabilities (n, k) float32
@@ -787,7 +822,7 @@ def store_problems(store: LogitStore) -> list[Problem]:
                 continue
             rows.add(int(array.shape[0]))
             chunks.add(int(array.metadata.chunk_grid.chunk_shape[0]))
-            if key == "logits" and len(array.shape) == 2:
+            if key in ("logits", "values") and len(array.shape) == 2:
                 widths.add(int(array.shape[1]))
     problems = []
     for attr, stated, seen, what in (
@@ -884,7 +919,7 @@ def _arrays_fit(attrs: dict[str, Any], arrays: dict[str, zarr.Array], store: Log
 
 
 # Arrays whose every recorded value is finite (label_logprob is NaN by design where there is no label).
-FINITE_ARRAYS = ("logits", "topk_logprobs", "lse", "entropy", "tail_logprobs")
+FINITE_ARRAYS = ("logits", "topk_logprobs", "lse", "entropy", "tail_logprobs", "values")
 # The exponent bits of each stored dtype: all ones is inf or NaN.
 _EXPONENT = {"float16": (np.uint16, 0x7C00), "bfloat16": (np.uint16, 0x7F80), "float32": (np.uint32, 0x7F800000)}
 
@@ -922,6 +957,7 @@ def _encode(array: zarr.Array, coords: tuple[int, ...], values: np.ndarray) -> m
 # -- completion records and chunks, as bytes ----------------------------------------------------------
 
 OFFSETS = "sequences/offsets"
+TARGETS = "targets"  # v3: regression rows' float targets
 UNBOUND: dict[str, Any] = {"unbound": True}  # a record written by mtkd before records were bound (b"\x01")
 
 

@@ -64,10 +64,10 @@ from mtkd.pipeline.fusion import fallback_rows
 from mtkd.pipeline.objective import Objective
 from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.errors import BadInputError, CheckpointError, MtkdError, RunMismatchError, SpecError
-from mtkd.pipeline.evaluate import lm_logits, predict_log_probs, token_metrics
+from mtkd.pipeline.evaluate import lm_logits, predict_log_probs, predict_values, token_metrics
 from mtkd.pipeline.hf import hidden_and_head
 from mtkd.pipeline.loader import BatchLoader, SequenceLoader, TeacherRows, as_tensor
-from mtkd.pipeline.metrics import classification_metrics
+from mtkd.pipeline.metrics import classification_metrics, regression_metrics
 from mtkd.pipeline.progress import progress_bar
 from mtkd.pipeline.guard import LossGuard
 from mtkd.pipeline.data import IGNORE_LABEL, RowData, TokenData, load_data
@@ -195,7 +195,7 @@ class Trainer:
         if spec.torchscript is not None:
             raise SpecError(f"student {spec.name!r}: a TorchScript student cannot be trained; give factory = \"MODULE:CALLABLE\"")
         dataset = load_data(config.data)
-        config = config.for_kind(dataset.kind, _recorded_options(config.out) if config.resume else None)
+        config = config.for_kind(dataset.kind, _recorded_options(config.out) if config.resume else None, regression=dataset.regression)
         tokens = dataset.kind == "tokens"
         labelled = dataset.labelled_rows  # tokens: counted from the offsets, never read whole
         samples = dataset.num_seqs if tokens else len(dataset)
@@ -209,7 +209,8 @@ class Trainer:
             store.check_data(dataset)
             store.check_labels()
             entropy = _fusion_needs(store, config)
-            teacher_rows = _teacher_rows(store, config, entropy=entropy)
+            if not dataset.regression:  # (regression rows: the loader reads the teachers' values; check_data matched the store)
+                teacher_rows = _teacher_rows(store, config, entropy=entropy)
         elif labelled == 0:
             raise BadInputError(f"data {config.data!r} has no labels: hard-label training needs them (or distil with --store)")
         if samples < self.world_size:
@@ -226,6 +227,9 @@ class Trainer:
         else:
             num_classes, head = _output_width(model, dataset, spec.name), "logits"
         loss_path = _loss_path(config, spec.name, sparse, head)
+        if dataset.regression and num_classes != dataset.num_outputs:
+            raise BadInputError(f"student {spec.name!r} gives {num_classes} outputs but data {config.data!r} has "
+                                f"{dataset.num_outputs} regression targets per row")
         if store is not None and (not tokens or not teacher_rows.sparse) and num_classes != store.num_classes:
             raise BadInputError(
                 f"student {spec.name!r} outputs {num_classes} classes but store {str(config.store)!r} holds {store.num_classes}"
@@ -241,6 +245,9 @@ class Trainer:
                 raise BadInputError(f"--val-data {config.val_data!r} holds {val.kind}; --data {config.data!r} holds {dataset.kind}")
             if not val.labelled_rows:
                 raise BadInputError(f"--val-data {config.val_data!r} has no labels")
+            if val.regression != dataset.regression or val.num_outputs != dataset.num_outputs:
+                what = lambda d: f"{d.num_outputs} regression targets" if d.regression else "class labels"  # noqa: E731
+                raise BadInputError(f"--val-data {config.val_data!r} has {what(val)}; --data {config.data!r} has {what(dataset)}")
             if val.max_label >= num_classes:
                 raise BadInputError(f"--val-data {config.val_data!r} has label {val.max_label}; student outputs {num_classes} classes")
             if not tokens:
@@ -265,7 +272,7 @@ class Trainer:
         if tokens:
             loader = SequenceLoader(dataset.tokens, dataset.offsets, teachers=teacher_rows, labels=dataset.given_labels, **common)
         else:
-            loader = BatchLoader(dataset.x, dataset.labels, store=store, teachers=list(config.teachers or ()), **common)
+            loader = BatchLoader(dataset.x, dataset.targets if dataset.regression else dataset.labels, store=store, teachers=list(config.teachers or ()), **common)
         batches = loader.batches_per_epoch
         steps_per_epoch = math.ceil(batches / config.grad_accum)
         plan = Plan(batches, config.grad_accum, config.max_steps or config.epochs * steps_per_epoch)
@@ -305,7 +312,7 @@ class Trainer:
         row_entropy = None
         if teacher_rows is not None and teacher_rows.entropy and not tokens:  # (K, N) float32: 4 bytes a row and teacher
             row_entropy = torch.stack([store.read_entropy(t, 0, store.num_rows) for t in config.teachers])
-        warnings = training_warnings(store, config.teachers, config.temperature) if store is not None else []
+        warnings = training_warnings(store, config.teachers, config.temperature) if store is not None and not config.regression else []
         hints = _hint_setup(config, store, dataset, model, spec.name) if config.features else None
         return Setup(config, record, spec, model, dataset, val, store, loader, plan, checkpoint, head, row_entropy, warnings, hints)
 
@@ -394,6 +401,10 @@ class Trainer:
                 if tokens:  # the best by validation perplexity (lower is better)
                     metrics = token_metrics(model, s.val, device=device)
                     key, better = "val_perplexity", lambda new, old: new < old
+                elif s.val.regression:  # the best by validation MSE (averaged over the outputs; lower is better)
+                    metrics = regression_metrics(predict_values(model, s.val.x, device=device), as_tensor(s.val.targets))
+                    metrics = {k: v for k, v in metrics.items() if not isinstance(v, list)}  # the averages
+                    key, better = "val_mse", lambda new, old: new < old
                 else:  # the best by validation accuracy
                     metrics = classification_metrics(predict_log_probs(model, s.val.x, device=device), as_tensor(s.val.labels))
                     key, better = "val_accuracy", lambda new, old: new > old
@@ -521,7 +532,7 @@ class _RunningLoss:
 def _last_validation(history: list[dict[str, Any]]) -> dict[str, float]:
     """The last epoch's headline validation metric, for the progress bar."""
     last = history[-1] if history else {}
-    return {k: last[k] for k in ("val_perplexity", "val_accuracy") if last.get(k) is not None}
+    return {k: last[k] for k in ("val_perplexity", "val_accuracy", "val_mse") if last.get(k) is not None}
 
 
 class _EpochSums:
@@ -537,8 +548,12 @@ class _EpochSums:
         self.no_accuracy = False
 
     def add(self, batch_loss: Tensor, student_logits: Tensor | None, labels: Tensor) -> None:
-        """One batch: its mean loss, its logits (None: not materialised, no accuracy), its labels."""
-        known = labels != IGNORE_LABEL
+        """One batch: its mean loss, its logits (None: not materialised, no accuracy), its labels
+        (regression: (B, D) float targets; no accuracy, a row with a known target counts as labelled)."""
+        if labels.is_floating_point():
+            student_logits, known = None, ~torch.isnan(labels).all(dim=1)
+        else:
+            known = labels != IGNORE_LABEL
         if student_logits is None:
             self.no_accuracy = True
             correct = torch.zeros((), device=labels.device)
@@ -812,6 +827,8 @@ def _loss_path(config: TrainConfig, name: str, sparse: bool, head: str) -> dict[
 
 def _loss_function(config: TrainConfig, teachers: TeacherRows | None, head: str) -> str:
     """Which kernel computes the loss (config.json says so, for the record)."""
+    if config.regression:
+        return f"{config.loss.value} of the outputs" + (f" against the {config.fusion.value} of the teachers' values" if config.distil else "")
     if teachers is None:
         return "cross_entropy"
     if teachers.sparse:

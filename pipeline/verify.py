@@ -147,6 +147,7 @@ def verify_store(
         findings += teacher.attribute_findings()
     if not any(f.teacher is None and f.fix is None for f in findings):
         findings += _data_findings(store)
+        findings += _target_findings(store)
     total = store.num_blocks * len(teachers)
     summaries = []
     # Blocks are only meaningful when the store's own counts hold: otherwise they are not checked.
@@ -209,6 +210,19 @@ def _store_findings(store: LogitStore) -> Iterator[Finding]:
     for child in sorted(folder.iterdir()) if folder.is_dir() else []:
         if child.is_dir() and not (child / "zarr.json").is_file():
             yield Finding(ATTRIBUTE, f"{where}: teachers/{child.name} has no zarr.json (not a readable teacher)", child.name)
+
+
+def _target_findings(store: LogitStore) -> list[Finding]:
+    """A regression store's `targets` (v3): every chunk reads (crc32c). Repair cannot rewrite them
+    (they are written once, with the store): a damaged one is unrepaired damage."""
+    if not store.regression:
+        return []
+    try:
+        store.targets()
+    except CorruptStoreError as e:
+        kind = CHECKSUM if "checksum" in str(e.__cause__).lower() else UNREADABLE
+        return [Finding(kind, f"{e} ({_first_line(e.__cause__)}); write the store anew with `mtkd infer`", array="targets")]
+    return []
 
 
 def _data_findings(store: LogitStore) -> list[Finding]:

@@ -122,3 +122,27 @@ def test_own_data_example_runs_as_documented(tmp_path, monkeypatch):
     assert set(accuracy) == {"runs/cnn", "runs/pooled", "runs/student", "runs/baseline"}
     # The CNN teacher is far above chance (0.25), and its student learns from it in 10 epochs.
     assert accuracy["runs/cnn"] >= 0.8 and accuracy["runs/student"] >= 0.45, accuracy
+
+
+REGRESSION = EXAMPLES / "regression"
+
+
+def test_regression_example_configs_run_as_their_first_lines_say(tmp_path, monkeypatch):
+    # examples/regression: the data from friedman.py, then each config's own command (one epoch), in
+    # run.sh's order: the three teachers, stage one on the transfer set, the median student.
+    shutil.copytree(REGRESSION, tmp_path / "regression", ignore=shutil.ignore_patterns("data", "runs", "stores"))
+    monkeypatch.chdir(tmp_path / "regression")
+    monkeypatch.delitem(sys.modules, "friedman", raising=False)
+    subprocess.run([sys.executable, "friedman.py"], check=True, capture_output=True, timeout=120)
+    for name in ("teacher-wide", "teacher-narrow", "teacher-quadratic"):
+        run_cli(one_epoch(command_of(Path(f"{name}.toml"))))
+    run_cli([*command_of(Path("teachers.toml")), "--quiet"])
+    run_cli(one_epoch(command_of(Path("student.toml"))))
+    monkeypatch.delitem(sys.modules, "friedman", raising=False)
+    store = open_store(Path("stores/transfer"))
+    assert store.regression and sorted(store.teachers) == ["narrow", "quadratic", "wide"] and store.num_rows == 5000
+    assert {store.layout(t).name for t in store.teachers} == {"values"}
+    result = CliRunner().invoke(app, ["eval", "runs/median", "--data", "data/test.npz", "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["n"] == 2000 and np.isfinite([report["mse"], report["mae"], report["r2"]]).all()

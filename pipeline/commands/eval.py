@@ -1,5 +1,6 @@
 """`mtkd eval`: accuracy, macro precision/recall/F1, NLL and ECE (rows) or perplexity, next-token
-accuracy and NLL (tokens) of a student or a teacher. Parses options, hands off to run_eval."""
+accuracy and NLL (tokens), or MSE, MAE and R^2 (regression rows), of a student or a teacher. Parses
+options, hands off to run_eval."""
 
 from __future__ import annotations
 
@@ -51,9 +52,10 @@ def eval_command(
     quiet: QuietOption = False,
 ) -> None:
     """Measure a student or a teacher: accuracy, macro P/R/F1, NLL, ECE on rows;
-    perplexity, next-token accuracy, NLL on token sequences.
+    perplexity, next-token accuracy, NLL on token sequences; MSE, MAE, R^2
+    (per output and averaged) on regression rows (float labels).
 
-    Rows whose label is unknown (-100) and each sequence's last position are left out.
+    Rows whose label is unknown (-100, NaN) and each sequence's last position are left out.
 
     Example:
       mtkd eval runs/kd --data mnist1d:test
@@ -72,7 +74,12 @@ def eval_command(
 
 def _render(result: dict) -> None:
     weights = result["checkpoint"] or "its own weights"
-    unit = "positions" if result["kind"] == "tokens" else "labelled rows"
+    unit = "positions" if result["kind"] == "tokens" else "rows with targets" if "r2" in result else "labelled rows"
     print(f"{result['model']} ({weights}) on {result['data']}: {result['n']} {unit}")
+    if "r2" in result:  # regression data (v3): averaged over the outputs, then per output where there are several
+        for name in ("mse", "mae", "r2"):
+            per = result[f"{name}_per_output"]
+            print(f"  {name:<16}{result[name]:.4f}" + (f"  (per output: {', '.join(f'{v:.4f}' for v in per)})" if len(per) > 1 else ""))
+        return
     for name in METRICS[result["kind"]]:
         print(f"  {name:<16}{result[name]:.4f}")

@@ -41,7 +41,8 @@ def infer(
     device: Annotated[Device, typer.Option("--device", help="auto: cuda when available.")] = Device.auto,
     dtype: Annotated[
         Dtype,
-        typer.Option("--dtype", help="Stored logit dtype; on CUDA, 16-bit dtypes also autocast the forward."),
+        typer.Option("--dtype", help="Stored logit dtype; on CUDA, 16-bit dtypes also autocast the forward. "
+                     "Regression teachers (float labels) are stored as float32 values whatever it says."),
     ] = Dtype.float16,
     top_k: Annotated[
         int | None,
@@ -74,7 +75,8 @@ def infer(
     Creates OUT or resumes it: blocks already complete are skipped. A
     teacher complete with the same weights is not run again; a teacher new
     to the store is added. Processes with distinct --shard I/N may write one
-    store at once.
+    store at once. On regression data (float labels) every teacher is stored
+    as its raw outputs (layout values, float32).
 
     Example:
       mtkd infer --teachers teachers.toml --data mnist1d:train --out train.zarr
@@ -128,4 +130,6 @@ def _layout(attrs: dict) -> str:
         temps = ",".join(f"{t:g}" for t in attrs["temperatures"])
         tail = f" + {attrs['tail_samples']} samples" if attrs.get("tail_samples") else ""
         return f"top-{attrs['top_k']}{tail} of {attrs['vocab_size']}, T={temps}, {attrs['dtype']}"
+    if attrs["layout"] == "values":
+        return f"values {attrs['vocab_size']}, {attrs['dtype']}"
     return f"dense {attrs['vocab_size']}, {attrs['dtype']}"

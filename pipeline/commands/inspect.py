@@ -33,6 +33,8 @@ def inspect(
     sequences) on which each teacher gives the label the highest
     probability, and the ensemble under each fusion (posterior and best
     know the label: an upper bound of what selecting targets offer).
+    A regression store (float labels, teachers stored as values): MSE, MAE
+    and R^2 per teacher and for the ensemble by mean and by median.
 
     Warnings (one line each; in --json as `warnings`) name a teacher with more
     than 0.3 of its mass outside its top-k, an ensemble worse than its best
@@ -52,6 +54,10 @@ def inspect(
     with progress_bar(quiet) as bar:
         task = bar.add_task(f"inspect {store.name}", total=opened.num_blocks)
         report = inspect_store(opened, progress=lambda done, total: bar.update(task, completed=done), ensemble_of=_names(teachers))
+    if report.get("task") == "regression":
+        report["warnings"] = []
+        emit(report, as_json, _render_regression)
+        return
     # At the temperature `mtkd train` distils at by default on this kind of data.
     report["warnings"] = report_warnings(report, opened.labels(), KIND_DEFAULTS[report["kind"]]["temperature"])
     emit(report, as_json, _render)
@@ -121,6 +127,32 @@ def _render(report: dict) -> None:
 
     for line in report.get("warnings", []):
         console.print(f"[bold yellow]warning[/] {escape(line)}", highlight=False)
+
+
+def _render_regression(report: dict) -> None:
+    """A regression store: each teacher and the fused ensembles, MSE / MAE / R^2 averaged over the outputs."""
+    console = output_console()
+    console.print(
+        f"[bold]{report['store']}[/bold] (regression rows): {report['num_rows']} rows ({report['labelled_rows']} with targets), "
+        f"{report['num_outputs']} outputs, blocks of {report['chunk_rows']} rows; data {report['dataset']['spec']}"
+    )
+    table = Table()
+    for column in ("model", "layout", "D", "rows", "B/row", "MSE", "MAE", "R^2"):
+        table.add_column(column, justify="left" if column in ("model", "layout") else "right", no_wrap=True)
+
+    def cells(m: dict) -> tuple[str, ...]:
+        return _fmt(m["mse"]), _fmt(m["mae"]), _fmt(m["r2"])
+
+    for t in report["teachers"]:
+        rows = f"{t['rows_complete']}/{report['num_rows']}" + ("" if t["complete"] else " !")
+        size = "-" if t["bytes_per_row"] is None else f"{t['bytes_per_row']:.0f}"
+        table.add_row(t["name"], f"values {t['dtype']}", str(t["vocab_size"]), rows, size, *cells(t["metrics"]))
+    if report["ensemble"] is not None:
+        for fusion, m in report["ensemble"]["metrics"].items():
+            table.add_row(f"{fusion} ({len(report['ensemble']['teachers'])})", "", "", str(report["num_rows"]), "", *cells(m), style="bold")
+    console.print(table)
+    console.print("against the stored targets (NaN: left out), averaged over the outputs (--json: per output too); "
+                  "rows ... !: incomplete; mean/median (K): the K complete teachers fused")
 
 
 def _render_selection(console: Console, selection: dict, tokens: bool) -> None:

@@ -44,7 +44,8 @@ def train(
         typer.Option("--fusion", help="How teachers combine: mean of probabilities, weighted (--teacher-weights), "
                      "confidence (per row, by the probability each gives the label), vote (fraction of argmaxes); "
                      "selecting: posterior (w ~ pi p_k(label)^(1/tau)), best (all weight on the likeliest teacher), "
-                     "entropy (label-free, w ~ pi exp(-H_k / tau))."),
+                     "entropy (label-free, w ~ pi exp(-H_k / tau)); regression teachers (float labels): mean, "
+                     "weighted, median (per output, robust to one bad teacher)."),
     ] = DEFAULTS["fusion"],
     teacher_weights: Annotated[
         str | None, typer.Option("--teacher-weights", help="NAME=WEIGHT pairs for --fusion weighted, or the prior pi of "
@@ -59,14 +60,15 @@ def train(
     ] = DEFAULTS["fusion_scope"],
     temperature: Annotated[
         float | None, typer.Option("--temperature", "-T", help="Softmax temperature of the KD term (> 0). "
-                                   "Default: 1 on token data, 2 on rows.")
+                                   "Default: 1 on token data, 2 on rows; regression teachers take none.")
     ] = DEFAULTS["temperature"],
     alpha: Annotated[
         float | None, typer.Option("--alpha", help="Weight of the KD term in [0, 1]; 1 - alpha weighs cross-entropy "
                                    "on labelled rows. Default: 0.8 on token data, 1 on rows.")
     ] = DEFAULTS["alpha"],
     loss: Annotated[
-        Loss, typer.Option("--loss", help="KD term: kl (T^2 KL divergence) or mse (squared error of probabilities at T).")
+        Loss | None, typer.Option("--loss", help="KD term: kl (T^2 KL divergence) or mse (squared error of probabilities at T); "
+                                  "regression (float labels): mse, huber or l1 of the outputs. Default: kl, regression mse.")
     ] = DEFAULTS["loss"],
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the data.")] = DEFAULTS["epochs"],
     max_steps: Annotated[
@@ -205,7 +207,7 @@ def _render(result: dict) -> None:
 
 
 def _validation(metrics: dict) -> str:
-    # Rows are validated by accuracy, tokens by perplexity (the key the trainer chose the best by).
-    facts = [f"val {name} {metrics[f'val_{name}']:.4f}" for name in ("perplexity", "accuracy")
+    # Rows are validated by accuracy (regression: MSE), tokens by perplexity (the key the trainer chose the best by).
+    facts = [f"val {name} {metrics[f'val_{name}']:.4f}" for name in ("perplexity", "accuracy", "mse")
              if metrics.get(f"val_{name}") is not None]
     return ", ".join(facts)

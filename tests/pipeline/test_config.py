@@ -48,8 +48,8 @@ def test_defaults_are_the_fields_defaults():
         ({"decay_rate": float("inf")}, "--decay-rate"),
         ({"seed": -1}, "--seed"),
         ({"checkpoint_every": -1}, "--checkpoint-every"),
-        ({"fusion": "median"}, "--fusion"),
-        ({"loss": "l1"}, "--loss"),
+        ({"fusion": "middle"}, "--fusion"),
+        ({"loss": "l3"}, "--loss"),
         ({"schedule": "step"}, "--schedule"),
         ({"teachers": ("a",)}, "--teachers needs --store"),
         ({"teachers": ("a", "")}, "--teachers"),
@@ -63,6 +63,19 @@ def test_defaults_are_the_fields_defaults():
 def test_each_bad_option_is_refused_naming_it(options, flag):
     with pytest.raises(BadInputError, match=flag.replace("(", r"\(")):
         config(**options)
+
+
+def test_for_kind_takes_the_task_regression_options_and_refuses_the_other_tasks():
+    assert (config().for_kind("rows").loss, config().for_kind("rows", regression=True).loss) == (Loss.KL, Loss.MSE)
+    r = config(store="s.zarr", fusion="median", loss="huber").for_kind("rows", regression=True)
+    assert (r.regression, r.temperature, r.alpha, r.fusion, r.loss) == (True, None, 1.0, Fusion.MEDIAN, Loss.HUBER)
+    for options, flag in (({"temperature": 2.0}, "--temperature"), ({"fusion": "confidence"}, "--fusion confidence"),
+                          ({"loss": "kl"}, "--loss kl")):
+        with pytest.raises(BadInputError, match=flag):
+            config(store="s.zarr", **options).for_kind("rows", regression=True)
+    for options, flag in (({"fusion": "median"}, "--fusion median"), ({"loss": "l1"}, "--loss l1")):
+        with pytest.raises(BadInputError, match=flag):
+            config(store="s.zarr", **options).for_kind("rows")
 
 
 def test_resolved_fills_in_the_teachers_and_orders_the_weights_by_them():

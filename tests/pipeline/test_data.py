@@ -178,8 +178,11 @@ def test_array_validation():
         make_row_data("s", np.array(["a", "b"]))
     with pytest.raises(SpecError, match=r"shape \(6,\)"):
         make_row_data("s", X, Y[:5])
+    float_labels = make_row_data("s", X, Y.astype(np.float32))  # v3: float labels make a regression data set
+    assert float_labels.regression and float_labels.y is None and float_labels.targets.shape == (6, 1)
+    assert (float_labels.labels == -100).all() and float_labels.labelled_rows == 6
     with pytest.raises(SpecError, match="integers"):
-        make_row_data("s", X, Y.astype(np.float32))
+        make_row_data("s", X, np.array(["a"] * 6))
     with pytest.raises(SpecError, match="label -3 at row 2"):
         make_row_data("s", X, np.array([0, 1, -3, 0, 1, 2]))
     ints = make_row_data("s", np.arange(6).reshape(6, 1))

@@ -353,15 +353,23 @@ def _infer_process(tmp_path, out, *extra):
 SAMPLED = ("--top-k", "1", "--tail-samples", "5", "--seed", "9")
 # Dense rows with features (v3): both teachers also store a module's output (set in their TOML, not options).
 FEATURED = ("features",)
-LAYOUTS = pytest.mark.parametrize("layout", [(), SAMPLED, FEATURED], ids=["dense", "sampled", "features"])
+# Regression rows (v3): data.npz with float labels (rows, 3), so both teachers are stored as values.
+REGRESSION = ("regression",)
+LAYOUTS = pytest.mark.parametrize("layout", [(), SAMPLED, FEATURED, REGRESSION], ids=["dense", "sampled", "features", "values"])
 
 
 def _teachers_and_options(make_teachers, layout):
-    """The fast and slow teachers (storing features under FEATURED) and the infer options of `layout`."""
+    """The fast and slow teachers (storing features under FEATURED) and the infer options of `layout`
+    (REGRESSION: data.npz rewritten with float targets, NaN in some rows)."""
     featured = layout is FEATURED
-    make_teachers([{"name": "fast", **({"features": ["1"]} if featured else {})},
-                   {"name": "slow", **SLOW, **({"features": ["linear"]} if featured else {})}])
-    return () if featured else layout
+    toml = make_teachers([{"name": "fast", **({"features": ["1"]} if featured else {})},
+                          {"name": "slow", **SLOW, **({"features": ["linear"]} if featured else {})}])
+    if layout is REGRESSION:
+        x = np.load(toml.parent / "data.npz")["x"]
+        y = np.stack([x[:, 0], x[:, 1] * 2, -x[:, 2]], axis=1)
+        y[::5] = np.nan
+        np.savez(toml.parent / "data.npz", x=x, y=y)
+    return () if featured or layout is REGRESSION else layout
 
 
 def _reference(tmp_path, *extra, name="reference.zarr"):
@@ -389,10 +397,11 @@ def _kill_once_recorded(proc, store: Path, blocks: int) -> None:
 @LAYOUTS
 def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path, make_data, make_teachers, odd_teachers, layout):
     make_data(80)
-    featured, layout = layout is FEATURED, _teachers_and_options(make_teachers, layout)
+    featured, regression, layout = layout is FEATURED, layout is REGRESSION, _teachers_and_options(make_teachers, layout)
     expected = _reference(tmp_path, *layout)
     assert bool(layout) == any(key.startswith("teachers/slow/tail_ids/c/") for key in expected)
     assert featured == any(key.startswith("teachers/slow/features/linear/c/") for key in expected)
+    assert regression == any(key.startswith("teachers/slow/values/c/") for key in expected)
 
     proc = _infer_process(tmp_path, "s.zarr", *layout)
     _kill_once_recorded(proc, tmp_path / "s.zarr", 3)
@@ -410,9 +419,10 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path, make_data, make_t
 @LAYOUTS
 def test_concurrent_shard_processes_equal_one_run(tmp_path, make_data, make_teachers, odd_teachers, layout):
     make_data(80)
-    featured, layout = layout is FEATURED, _teachers_and_options(make_teachers, layout)
+    featured, regression, layout = layout is FEATURED, layout is REGRESSION, _teachers_and_options(make_teachers, layout)
     expected = _reference(tmp_path, *layout)
     assert featured == any(key.startswith("teachers/fast/features/1/c/") for key in expected)
+    assert regression == any(key.startswith("teachers/fast/values/c/") for key in expected)
 
     procs = [_infer_process(tmp_path, "s.zarr", *layout, "--shard", f"{i}/3") for i in range(3)]
     for proc in procs:
