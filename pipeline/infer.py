@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from mtkd.pipeline import hf
+from mtkd.pipeline import hf, storage
 from mtkd.pipeline.data import Data, RowData, TokenData, load_data
 from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.errors import BadInputError, StoreMismatchError, TeacherFailedError, TeacherOutputError
@@ -189,8 +189,9 @@ def run_infer(
     specs = list(teachers) if isinstance(teachers, Sequence) and not isinstance(teachers, str) else load_teacher_specs(teachers)
     data = load_data(data) if isinstance(data, str) else data
     dev = resolve_device(device)
-    out = Path(out)
-    check_out_path(out)
+    out = storage.location(out)  # a local path, or a URL (storage.py)
+    if not storage.is_remote(out):
+        check_out_path(out)
     batch_size = batch_size or DEFAULT_BATCH[data.kind]
 
     store = _open_existing(out)
@@ -611,7 +612,7 @@ def _temperatures(temperatures: str | Sequence[float] | None) -> tuple[float, ..
     return parse_temperatures(",".join(str(t) for t in temperatures))
 
 
-def _open_existing(out: Path) -> LogitStore | None:
+def _open_existing(out: Path | storage.ObjectPath) -> LogitStore | None:
     if not out.exists():
         return None
     if out.is_dir() and not any(out.iterdir()):

@@ -39,9 +39,11 @@ Why it is built this way:
   -1, so a row never written cannot pass as data.
 - Creation is atomic: a store (or a teacher added to one) is built in a hidden sibling folder and
   renamed into place. When several processes start together one rename wins; the others find the
-  winner's store and check that it is the one they would have made.
+  winner's store and check that it is the one they would have made. On an object store (no rename)
+  the same deterministic tree is uploaded create-only, its group's zarr.json last (storage.py).
 
-Every file is written to a temporary file and renamed into place (zarr's LocalStore does this for
+Every file and object goes through storage.py (a local path or a URL: the one place they differ).
+On a disk every file is written to a temporary file and renamed into place (zarr's LocalStore does this for
 metadata; `write_block` does it for chunks and records, which it encodes with the arrays' own zarr
 codecs and writes directly: through zarr's async machinery one small chunk costs ~1.6 ms of CPU), so
 a process killed at any moment leaves either the old or the new file, never half of one.
@@ -55,13 +57,10 @@ record holds, and an earlier mtkd, which lists records and never reads them, sti
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +75,8 @@ from zarr.core.sync import sync as zarr_sync
 from mtkd.pipeline.data import Data
 from mtkd.pipeline.errors import BadInputError, CorruptStoreError, IncompleteStoreError, StoreMismatchError
 from mtkd.pipeline.layouts import FEATURES, STORAGE, Dense, Layout, SparseRows, TopK, layout_from_attrs
-from mtkd.pipeline.staging import remove_stale, staging_dir
+from mtkd.pipeline import storage
+from mtkd.pipeline.storage import zarr_store
 
 FORMAT = 2
 READABLE_FORMATS = (1, 2)
@@ -119,13 +119,13 @@ def open_store(path: str | os.PathLike, *, mode: str = "r", check: bool = True) 
     Only `mtkd verify` opens without, to report and repair what the check would refuse."""
     if mode not in ("r", "r+"):
         raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
-    path = Path(path)
+    path = storage.location(path)
     if not path.exists():
         raise BadInputError(f"store {str(path)!r} does not exist")
     if not (path / "zarr.json").is_file():
         raise StoreMismatchError(f"{str(path)!r} is not an mtkd store (no Zarr group there)")
     try:
-        group = zarr.open_group(path, mode="r")
+        group = zarr.open_group(zarr_store(path), mode="r")
     except Exception as e:  # zarr raises several unrelated types for "not a group"
         raise StoreMismatchError(f"{str(path)!r} is not an mtkd store ({type(e).__name__}: {e})") from e
     meta = group.attrs.get("mtkd")
@@ -156,7 +156,7 @@ def create_store(path: str | os.PathLike, *, data: Data, num_classes: int, chunk
     Returns (store opened "r+", whether this call created it). A store already at `path` (made by a
     process that started at the same time) is accepted only if it holds the same data and class count.
     """
-    path = Path(path)
+    path = storage.location(path)
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     if chunk_rows < 1:
@@ -171,8 +171,8 @@ def create_store(path: str | os.PathLike, *, data: Data, num_classes: int, chunk
         "chunk_rows": int(chunk_rows),
         "dataset": {"spec": data.spec, "fingerprint": data.fingerprint},
     }
-    tmp = _staging_dir(path)
-    try:
+
+    def build(tmp: Path) -> None:  # deterministic: every creator of this store writes these same bytes (storage.create_once)
         root = zarr.open_group(tmp, mode="w", attributes={"mtkd": meta})
         labels = root.create_array(
             "labels", shape=(n,), chunks=(min(n, LABEL_CHUNK_ROWS),), dtype="int64", fill_value=-100,
@@ -186,9 +186,8 @@ def create_store(path: str | os.PathLike, *, data: Data, num_classes: int, chunk
             )
             _write_data_chunks(tmp / OFFSETS, offsets, data.offsets)
         root.create_group("teachers")
-        created = _publish(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    created = storage.create_once(path, build, beside=path)
     store = open_store(path, mode="r+")
     store.check_data(data)  # also binds the blocks written through `store` to `data`
     if not created:
@@ -279,7 +278,7 @@ class LogitStore:
     def teacher(self, name: str) -> TeacherInfo:
         """The stored attributes of one teacher (read afresh: other processes may have updated them)."""
         self._require_teacher(name)
-        attrs = dict(zarr.open_group(self.path / "teachers" / name, mode="r").attrs)
+        attrs = dict(zarr.open_group(zarr_store(self.path / "teachers" / name), mode="r").attrs)
         if "dtype" not in attrs:
             raise StoreMismatchError(f"store {str(self.path)!r}: teacher {name!r} has no dtype attribute")
         return TeacherInfo(
@@ -302,10 +301,8 @@ class LogitStore:
         """Blocks whose completion record exists (one file per block, listed rather than read)."""
         self._require_teacher(name)
         folder = self.path / "teachers" / name / "done" / "c"
-        if not folder.is_dir():
-            return set()
-        # A killed writer may leave "<b>.<hex>.partial" behind; only whole names count.
-        return {int(p) for p in os.listdir(folder) if p.isdigit() and int(p) < self.num_blocks}
+        # A killed writer may leave "<b>.<hex>.partial" behind (a disk's); only whole names count.
+        return {int(p) for p in storage.list_names(folder) if p.isdigit() and int(p) < self.num_blocks}
 
     def missing_blocks(self, name: str) -> list[int]:
         """Blocks of `name` not yet written, ascending."""
@@ -382,7 +379,7 @@ class LogitStore:
         record = self.record(name, block)
         path = self.path / "teachers" / name / key / array.metadata.encode_chunk_key(coords)
         try:
-            raw = _read_file(path)
+            raw = storage.read(path)
         except FileNotFoundError:
             if record is None:  # not written yet: the fill (NaN, -1), never data
                 return np.full(array.metadata.chunk_grid.chunk_shape, array.metadata.fill_value, dtype=array.dtype), None
@@ -443,7 +440,7 @@ class LogitStore:
     def identity(self, name: str) -> str:
         """A digest of the teacher's spec and weights' hash, as stored (what its records are bound to)."""
         if name not in self._identities:
-            attrs = zarr.open_group(self.path / "teachers" / name, mode="r").attrs
+            attrs = zarr.open_group(zarr_store(self.path / "teachers" / name), mode="r").attrs
             identity = {"spec": attrs.get("spec") or {}, "weights_sha256": attrs.get("weights_sha256")}
             self._identities[name] = _digest(json.dumps(identity, sort_keys=True).encode())
         return self._identities[name]
@@ -494,7 +491,7 @@ class LogitStore:
             what = f"store {str(self.path)!r}: {key} chunk {i} (entries {i * rows}..{min(n, (i + 1) * rows) - 1})"
             fix = f"run `mtkd verify {self.path} --repair`, then the same `mtkd infer`: it rewrites it from the data"
             try:
-                parts.append(decode_chunk(array, (i,), _read_file(path)))
+                parts.append(decode_chunk(array, (i,), storage.read(path)))
             except FileNotFoundError:
                 raise CorruptStoreError(f"{what} is missing; {fix}") from None
             except Exception as e:  # noqa: BLE001 - the codec's checksum error, or a chunk of the wrong size
@@ -588,8 +585,8 @@ class LogitStore:
         target = self.path / "teachers" / name
         if (target / "zarr.json").is_file():
             return False
-        tmp = _staging_dir(self.path)
-        try:
+
+        def build(tmp: Path) -> None:  # deterministic: racers adding this teacher write the same bytes
             attrs = {"spec": spec, "weights_sha256": weights_sha256, **layout.attrs(), "complete": False, "stats": {}}
             group = zarr.open_group(tmp, mode="w", attributes=attrs)
             for a in layout.arrays():
@@ -616,9 +613,8 @@ class LogitStore:
                 compressors=None,
                 dimension_names=["block"],
             )
-            return _publish(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        return storage.create_once(target, build, beside=self.path)
 
     def write_block(self, name: str, block: int, arrays: dict[str, np.ndarray], stats: np.ndarray) -> None:
         """Write one whole block of every array of `name` and its stats sums, then its completion record.
@@ -650,7 +646,7 @@ class LogitStore:
         else:
             text = json.dumps(self.block_record(name, block, chunks), sort_keys=True, separators=(",", ":"))
             payload = _encode(done, (block,), np.array([text], dtype=object))
-        _write_file(folder / "done" / done.metadata.encode_chunk_key((block,)), payload, durable=True)
+        storage.write(folder / "done" / done.metadata.encode_chunk_key((block,)), payload, durable=True)
 
     def mark_complete(self, name: str, stats: dict[str, Any]) -> None:
         """Record that every block of `name` is written, with its stats. Idempotent: same bytes each time."""
@@ -667,9 +663,9 @@ class LogitStore:
         attrs = {"complete": True, "stats": _json_safe(stats)}
 
         def write_attrs() -> None:
-            zarr.open_group(folder, mode="r+").attrs.update(attrs)
+            zarr.open_group(zarr_store(folder, "r+"), mode="r+").attrs.update(attrs)
 
-        _retry_if_vanished(write_attrs)
+        storage.retry_if_vanished(write_attrs)
 
     def drop_block(self, name: str, block: int) -> None:
         """Forget a (damaged) block: its record first, then its chunk of every array (stats sums
@@ -689,7 +685,7 @@ class LogitStore:
         """Clear `complete` and the stats (they described data now dropped), as a new teacher has them."""
         self._require_writable()
         self._require_teacher(name)
-        zarr.open_group(self.path / "teachers" / name, mode="r+").attrs.update({"complete": False, "stats": {}})
+        zarr.open_group(zarr_store(self.path / "teachers" / name, "r+"), mode="r+").attrs.update({"complete": False, "stats": {}})
 
     def restore_data(self, data: Data) -> list[str]:
         """Write the labels and (tokens) offsets chunks that are missing (dropped by `mtkd verify
@@ -705,7 +701,7 @@ class LogitStore:
 
     def with_attrs(self, fixes: dict[str, Any]) -> LogitStore:
         """This store as if its root attributes held `fixes` (what the arrays prove), for judging the rest."""
-        meta = {**dict(zarr.open_group(self.path, mode="r").attrs["mtkd"]), **fixes}
+        meta = {**dict(zarr.open_group(zarr_store(self.path), mode="r").attrs["mtkd"]), **fixes}
         return LogitStore(self.path, meta, self.mode)
 
     # -- internals ----------------------------------------------------------------------------------
@@ -719,13 +715,13 @@ class LogitStore:
             padded[tuple(slice(0, n) for n in values.shape)] = values
             values = padded
         raw = _encode(array, coords, values)
-        _write_file(folder / key / array.metadata.encode_chunk_key(coords), raw, durable=durable)
+        storage.write(folder / key / array.metadata.encode_chunk_key(coords), raw, durable=durable)
         return raw
 
     def _array(self, key: str) -> zarr.Array:
         if key not in self._arrays:
             mode = "r+" if self.mode == "r+" else "r"
-            self._arrays[key] = zarr.open_array(self.path / key, mode=mode)
+            self._arrays[key] = zarr.open_array(zarr_store(self.path / key, mode), mode=mode)
         return self._arrays[key]
 
     def _require_teacher(self, name: str) -> None:
@@ -773,13 +769,13 @@ def store_problems(store: LogitStore) -> list[Problem]:
     num_classes against the dense teachers' width; a count is proven when all the arrays agree on it."""
     where = f"store {str(store.path)!r}"
     try:
-        labels = zarr.open_array(store.path / "labels", mode="r")
+        labels = zarr.open_array(zarr_store(store.path / "labels"), mode="r")
     except Exception as e:  # noqa: BLE001 - zarr raises several types for a missing/broken array
         return [Problem(f"{where}: the labels array does not open ({type(e).__name__})")]
     rows, chunks, widths = {int(labels.shape[0])}, set(), set()
     for name in store.teachers:
         try:
-            arrays = list(zarr.open_group(store.path / "teachers" / name, mode="r").arrays())
+            arrays = list(zarr.open_group(zarr_store(store.path / "teachers" / name), mode="r").arrays())
         except Exception as e:  # noqa: BLE001
             return [Problem(f"{where}: teacher {name!r} does not open ({type(e).__name__})", name)]
         for key, array in arrays:
@@ -809,13 +805,13 @@ def teacher_problems(store: LogitStore, name: str) -> list[Problem]:
     vocab_size or the temperatures' values."""
     where = f"store {str(store.path)!r}: teacher {name!r}"
     folder = store.path / "teachers" / name
-    attrs = dict(zarr.open_group(folder, mode="r").attrs)
+    attrs = dict(zarr.open_group(zarr_store(folder), mode="r").attrs)
     arrays = {}  # the teacher's row arrays, whatever its layout declares
     for child in row_array_folders(folder):
         key = child.relative_to(folder).as_posix()
         if key not in PER_BLOCK_ARRAYS:
             try:
-                arrays[key] = zarr.open_array(child, mode="r")
+                arrays[key] = zarr.open_array(zarr_store(child), mode="r")
             except Exception as e:  # noqa: BLE001
                 return [Problem(f"{where}: array {child.name} does not open ({type(e).__name__})", name)]
     try:
@@ -990,17 +986,9 @@ def _write_data_chunks(folder: Path, array: zarr.Array, values: np.ndarray, *, o
         chunk = np.full(rows, array.metadata.fill_value, dtype=np.int64)
         piece = values[i * rows : (i + 1) * rows]
         chunk[: len(piece)] = piece
-        _write_file(path, _encode(array, (i,), chunk), durable=only_missing)
+        storage.write(path, _encode(array, (i,), chunk), durable=only_missing)
         written.append(i)
     return written
-
-
-def _read_file(path: Path) -> bytearray:
-    """A file's bytes, writable (a chunk stored uncompressed decodes to a view of them, which torch takes as is)."""
-    with open(path, "rb") as f:
-        raw = bytearray(os.fstat(f.fileno()).st_size)
-        f.readinto(raw)
-    return raw
 
 
 def _crc(raw: bytes | memoryview) -> int:
@@ -1027,63 +1015,6 @@ def _data_digests(labels: np.ndarray, offsets: np.ndarray | None, start: int, st
 def _jsonable(value: Any) -> Any:
     """As JSON gives it back (tuples as lists), so that a record compares equal to what it was made of."""
     return json.loads(json.dumps(value))
-
-
-def _staging_dir(path: Path) -> Path:
-    # Before making a new one, remove those of creators that were killed (staging.py says how).
-    remove_stale(path)
-    return staging_dir(path)
-
-
-def _publish(tmp: Path, target: Path) -> bool:
-    """Rename `tmp` onto `target`; False if another process got there first (target not empty)."""
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if target.is_dir() and any(target.iterdir()):
-            return False
-        raise
-    return True
-
-
-def _write_file(path: Path, payload: bytes | memoryview, *, durable: bool) -> None:
-    """Replace `path` atomically (temporary file, then rename), like zarr's LocalStore.
-
-    durable: the bytes are on disk before the rename. The folder is not synced: journaling file
-    systems commit renames in order, so a later record's rename never survives a crash that this
-    one does not, and a lost pair only means the block is computed again.
-    """
-
-    def write() -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")  # zarr's naming for the same
-        try:
-            with open(tmp, "wb") as f:
-                f.write(payload)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):  # os.fsync's error names no file: name the one being written
-                raise OSError(e.errno, e.strerror, str(path)) from e
-            raise
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    _retry_if_vanished(write)
-
-
-def _retry_if_vanished(write, attempts: int = 3) -> None:
-    """Run a zarr write again if its temporary file was removed under it (see mark_complete)."""
-    for attempt in range(attempts):
-        try:
-            return write()
-        except FileNotFoundError:
-            if attempt == attempts - 1:
-                raise
 
 
 def _json_safe(value: Any) -> Any:
