@@ -224,6 +224,8 @@ class ObjectPath:
             raise
         except FileNotFoundError:
             raise BadInputError(f"{self.url!r}: bucket {bucket!r} does not exist (or these credentials cannot see it)") from None
+        except TypeError as e:  # s3fs hands unknown options to its client session, which refuses them on first use
+            raise BadInputError(f"{self.url!r}: --storage-option not understood by {self.protocol}:// ({_first_line(e)})") from None
         except PermissionError as e:
             raise BadInputError(f"{self.url!r}: access to bucket {bucket!r} denied ({_first_line(e)}); check the credentials "
                                 "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and --storage-option") from None
@@ -319,6 +321,17 @@ def list_names(folder: Path | ObjectPath) -> list[str]:
         return os.listdir(folder)
     except FileNotFoundError:
         return []
+
+
+def total_bytes(folder: Path | ObjectPath) -> int:
+    """The bytes of every file (object) under `folder`, but a disk's unfinished temporary files."""
+    if isinstance(folder, ObjectPath):
+        keys = folder.fs.find(folder.key)
+        return int(sum(folder.fs.sizes(keys))) if keys else 0
+    total = 0
+    for root, _, files in os.walk(folder):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files if not f.endswith(".partial"))
+    return total
 
 
 def create_once(target: Path | ObjectPath, build: Callable[[Path], None], *, beside: Path | ObjectPath) -> bool:
