@@ -95,7 +95,10 @@ def is_remote(loc: Any) -> bool:
 
 
 def _filesystem(protocol: str, options: dict[str, Any], url: str):
-    import fsspec
+    try:
+        import fsspec
+    except ImportError:
+        raise BadInputError(f"{url!r}: stores at URLs need fsspec and its backend: {CLOUD_EXTRA}") from None
 
     try:
         cls = fsspec.get_filesystem_class(protocol)
