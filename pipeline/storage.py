@@ -272,6 +272,30 @@ def read(loc: Path | ObjectPath) -> bytearray:
     return raw
 
 
+def read_many(locs: list[Path | ObjectPath]) -> dict[Path | ObjectPath, bytearray]:
+    """Several objects' bytes, requested concurrently on an object store (one after the other on a
+    disk); those that do not exist are left out."""
+    out: dict[Path | ObjectPath, bytearray] = {}
+    remote = [loc for loc in locs if isinstance(loc, ObjectPath)]
+    for loc in locs:
+        if not isinstance(loc, ObjectPath):
+            try:
+                out[loc] = read(loc)
+            except FileNotFoundError:
+                pass
+    if remote:
+        fs = remote[0].fs
+        by_key = {fs._strip_protocol(loc.key): loc for loc in remote}
+        got = fs.cat(list(by_key), on_error="return")
+        for key, value in (got.items() if isinstance(got, dict) else [(next(iter(by_key)), got)]):
+            if isinstance(value, FileNotFoundError):
+                continue
+            if isinstance(value, BaseException):
+                raise value
+            out[by_key[fs._strip_protocol(key)]] = bytearray(value)
+    return out
+
+
 def write(loc: Path | ObjectPath, payload: bytes | memoryview, *, durable: bool) -> None:
     """Replace `loc` atomically: a killed process leaves the old bytes or the new, never half.
 

@@ -351,15 +351,15 @@ class LogitStore:
             raise IndexError(f"rows [{start}, {stop}) out of range (store has {self.num_rows})")
         blocks = range(start // self.chunk_rows, -(-stop // self.chunk_rows)) if stop > start else range(0)
         out, misplaced = {}, None
-        for spec in self.layout(name).arrays():
-            if only is not None and spec.name not in only:
-                continue
+        specs = [spec for spec in self.layout(name).arrays() if only is None or spec.name in only]
+        fetched = self._fetch(name, specs, blocks) if storage.is_remote(self.path) else {}
+        for spec in specs:
             array = self._array(f"teachers/{name}/{spec.name}")
             self._check_logical_dtype(name, array, spec)
             parts = []
             for block in blocks:
                 b0, b1 = self.block_range(block)
-                values, wrong = self._read_chunk(name, spec.name, array, block)
+                values, wrong = self._read_chunk(name, spec.name, array, block, fetched.get((spec.name, block)))
                 parts.append(values[max(start, b0) - b0 : min(stop, b1) - b0])
                 if wrong is not None and misplaced is None:
                     misplaced = (block, wrong)
@@ -372,14 +372,27 @@ class LogitStore:
             raise CorruptStoreError(misplaced_message(self.path, name, *misplaced))
         return out
 
-    def _read_chunk(self, name: str, key: str, array: zarr.Array, block: int) -> tuple[np.ndarray, str | None]:
+    def _fetch(self, name: str, specs: list, blocks: range) -> dict[tuple[str, int], bytearray]:
+        """On an object store, the chunks `read` is about to take, requested all at once (several in
+        flight: one request's latency each would dominate); (array, block) -> bytes, missing ones left out."""
+        paths = {}
+        for spec in specs:
+            array = self._array(f"teachers/{name}/{spec.name}")
+            for block in blocks:
+                coords = (block,) + (0,) * (len(array.shape) - 1)
+                paths[(spec.name, block)] = self.path / "teachers" / name / spec.name / array.metadata.encode_chunk_key(coords)
+        got = storage.read_many(list(paths.values()))
+        return {k: got[p] for k, p in paths.items() if p in got}
+
+    def _read_chunk(self, name: str, key: str, array: zarr.Array, block: int, raw: bytearray | None = None) -> tuple[np.ndarray, str | None]:
         """One block's whole chunk of teachers/<name>/<key>, decoded, and why it is not the chunk its
-        record names (None: it is, or the record is an earlier mtkd's, which names nothing)."""
+        record names (None: it is, or the record is an earlier mtkd's, which names nothing). `raw`:
+        its bytes when already fetched."""
         coords = (block,) + (0,) * (len(array.shape) - 1)
         record = self.record(name, block)
         path = self.path / "teachers" / name / key / array.metadata.encode_chunk_key(coords)
         try:
-            raw = storage.read(path)
+            raw = storage.read(path) if raw is None else raw
         except FileNotFoundError:
             if record is None:  # not written yet: the fill (NaN, -1), never data
                 return np.full(array.metadata.chunk_grid.chunk_shape, array.metadata.fill_value, dtype=array.dtype), None
