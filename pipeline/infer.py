@@ -65,7 +65,7 @@ from mtkd.pipeline.layouts import (
 )
 from mtkd.pipeline.report import StatsSums
 from mtkd.pipeline.specs import ModelSpec, brief, check_out_path, load_teacher_specs, spec_differences
-from mtkd.pipeline.store import LogitStore, create_store, default_chunk_rows, open_store
+from mtkd.pipeline.store import LogitStore, create_store, default_chunk_rows, half_created, open_store
 
 WRITE_QUEUE_BLOCKS = 2  # full blocks waiting for the writer; bounds host memory to a few blocks
 WRITER_THREADS = 4  # block parts written at once (their fsyncs overlap)
@@ -617,6 +617,8 @@ def _open_existing(out: Path | storage.ObjectPath) -> LogitStore | None:
         return None
     if out.is_dir() and not any(out.iterdir()):
         return None  # an empty folder is where the store goes
+    if half_created(out):
+        return None  # a creator killed mid-upload (object store): creating again finishes it (storage.create_once)
     return open_store(out, mode="r+")
 
 

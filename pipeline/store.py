@@ -149,6 +149,16 @@ def open_store(path: str | os.PathLike, *, mode: str = "r", check: bool = True) 
     return store
 
 
+def half_created(path: Path | storage.ObjectPath) -> bool:
+    """Whether `path` holds the start of a store whose creator was killed mid-upload: an object store
+    (a disk's creator builds beside the store, so it leaves nothing there) with no group zarr.json,
+    and nothing under it but what a creator uploads (labels, sequences, teachers)."""
+    if not storage.is_remote(path) or (path / "zarr.json").is_file():
+        return False
+    names = storage.list_names(path)
+    return bool(names) and set(names) <= {"labels", "sequences", "teachers"}
+
+
 def create_store(path: str | os.PathLike, *, data: Data, num_classes: int, chunk_rows: int) -> tuple[LogitStore, bool]:
     """Create an empty store for `data` (labels and sequences written, no teachers), or find the one
     a racer made.
@@ -220,14 +230,16 @@ class LogitStore:
         self._source_labels: np.ndarray | None = None
         self._checked_labels: np.ndarray | None = None  # labels() once read and checked against the records
         self._stored: tuple[np.ndarray, np.ndarray | None] | None = None  # labels, offsets as stored (writing without data)
+        self._prefetched: dict[tuple[str, str, int], bytearray] = {}  # object stores: (teacher, array, block) -> chunk bytes (`prefetch`)
 
     # Picklable for DataLoader workers: zarr handles are reopened lazily on the other side.
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_arrays", "_source", "_source_labels", "_stored", "_checked_labels")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_arrays", "_source", "_source_labels", "_stored", "_checked_labels", "_prefetched")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._arrays, self._source, self._source_labels, self._stored, self._checked_labels = {}, None, None, None, None
+        self._prefetched = {}
 
     def __repr__(self) -> str:
         return f"LogitStore({str(self.path)!r}, {self.kind}, rows={self.num_rows}, classes={self.num_classes}, teachers={self.teachers})"
@@ -372,17 +384,40 @@ class LogitStore:
             raise CorruptStoreError(misplaced_message(self.path, name, *misplaced))
         return out
 
-    def _fetch(self, name: str, specs: list, blocks: range) -> dict[tuple[str, int], bytearray]:
-        """On an object store, the chunks `read` is about to take, requested all at once (several in
-        flight: one request's latency each would dominate); (array, block) -> bytes, missing ones left out."""
+    def prefetch(self, names: list[str] | tuple[str, ...], start: int, stop: int) -> None:
+        """On an object store, request at once every chunk that reading rows [start, stop) of the
+        teachers `names` (read_logits / read_topk: all arrays but entropies and features) takes, so
+        that K teachers cost one request latency, not K; the next `read` of each takes them from
+        here. On a disk: nothing (a read is a local file)."""
+        if not storage.is_remote(self.path) or stop <= start:
+            return
+        blocks = range(start // self.chunk_rows, -(-stop // self.chunk_rows))
+        paths = {}
+        for name in names:
+            specs = [a for a in self.layout(name).arrays() if a.name != "entropy" and not a.name.startswith(FEATURES + "/")]
+            paths.update({(name, *k): p for k, p in self._chunk_paths(name, specs, blocks).items()})
+        got = storage.read_many(list(paths.values()))
+        self._prefetched = {k: got[p] for k, p in paths.items() if p in got}
+
+    def _chunk_paths(self, name: str, specs: list, blocks: range) -> dict[tuple[str, int], Any]:
         paths = {}
         for spec in specs:
             array = self._array(f"teachers/{name}/{spec.name}")
             for block in blocks:
                 coords = (block,) + (0,) * (len(array.shape) - 1)
                 paths[(spec.name, block)] = self.path / "teachers" / name / spec.name / array.metadata.encode_chunk_key(coords)
-        got = storage.read_many(list(paths.values()))
-        return {k: got[p] for k, p in paths.items() if p in got}
+        return paths
+
+    def _fetch(self, name: str, specs: list, blocks: range) -> dict[tuple[str, int], bytearray]:
+        """On an object store, the chunks `read` is about to take: those `prefetch` holds, the rest
+        requested all at once (several in flight: one request's latency each would dominate);
+        (array, block) -> bytes, missing ones left out (the read names them)."""
+        paths = self._chunk_paths(name, specs, blocks)
+        have = {k: self._prefetched.pop((name, *k)) for k in paths if (name, *k) in self._prefetched}
+        missing = {k: p for k, p in paths.items() if k not in have}
+        got = storage.read_many(list(missing.values())) if missing else {}
+        have.update({k: got[p] for k, p in missing.items() if p in got})
+        return have
 
     def _read_chunk(self, name: str, key: str, array: zarr.Array, block: int, raw: bytearray | None = None) -> tuple[np.ndarray, str | None]:
         """One block's whole chunk of teachers/<name>/<key>, decoded, and why it is not the chunk its
@@ -671,7 +706,8 @@ class LogitStore:
         # Temporary files of writers killed mid-write ("<key>.<hex>.partial", renamed when whole):
         # nobody writes the blocks of a teacher whose blocks are all recorded. A racing process that
         # is finishing the same teacher may lose its temporary zarr.json here; it writes it again.
-        for leftover in folder.rglob("*.partial"):
+        # (An object store has none: a PUT is whole or absent.)
+        for leftover in folder.rglob("*.partial") if not storage.is_remote(folder) else ():
             leftover.unlink(missing_ok=True)
         attrs = {"complete": True, "stats": _json_safe(stats)}
 

@@ -186,6 +186,25 @@ def test_kill_9_of_shards_at_random_moments_then_rerun_is_bit_identical(tmp_path
     assert recorded < 40, "every block was recorded before the last kill: nothing was resumed"
 
 
+def test_a_creator_killed_before_its_last_object_is_finished_by_the_rerun(tmp_path, s3, make_data, make_teachers):
+    """Creation uploads the group's zarr.json last: a store without it is half-made, and the same
+    `mtkd infer` completes it (its objects are the ones it would write) to the store of one run;
+    a prefix holding anything else is refused as not a store."""
+    data, toml = make_data(30), make_teachers([{"name": "a"}])
+    _infer(s3, toml, data, tmp_path / "local.zarr", "--chunk-rows", "8")
+    url = s3.url("s.zarr")
+    create_store(storage.location(url, s3.storage_options), data=load_data(str(data)), num_classes=3, chunk_rows=8)
+    s3.fs.rm_file(f"{s3.bucket}/s.zarr/zarr.json")  # as if killed just before its last upload
+    assert "labels/c/0" in s3.keys("s.zarr")
+    _infer(s3, toml, data, url, "--chunk-rows", "8")
+    assert s3.snapshot("s.zarr") == snapshot(tmp_path / "local.zarr")
+
+    s3.fs.pipe_file(f"{s3.bucket}/notes/todo.txt", b"keep me")
+    result = invoke("infer", "--teachers", toml, "--data", data, "--out", s3.url("notes"), *s3.cli_options)
+    refused(result, s3.url("notes"), "not an mtkd store")
+    assert s3.keys("notes") == ["todo.txt"]
+
+
 # -- corruption: found by verify, repaired by rerunning infer ---------------------------------------
 
 
@@ -210,19 +229,25 @@ def test_a_flipped_byte_and_a_deleted_object_are_found_by_verify_and_repaired_by
     assert s3.snapshot("s.zarr") == snapshot(tmp_path / "local.zarr")
 
 
-def test_train_and_inspect_read_a_store_on_s3(tmp_path, s3, make_data, make_teachers):
+def test_train_streams_from_s3_to_the_student_it_trains_from_disk_and_inspect_reads_it(tmp_path, s3, make_data, make_teachers):
+    import torch
+
     data, toml = make_data(40), make_teachers([{"name": "a"}, {"name": "b", "seed": 1}])
     url = s3.url("s.zarr")
     _infer(s3, toml, data, url, "--chunk-rows", "8")
+    _infer(s3, toml, data, tmp_path / "local.zarr", "--chunk-rows", "8")
     student = tmp_path / "student.toml"
     student.write_text('[student]\nname = "st"\nfactory = "mtkd.pipeline.models:mlp"\n'
                        "kwargs = { in_features = 8, hidden = [4], num_classes = 3 }\n")
-    result = invoke("train", "--student", student, "--data", data, "--store", url, *s3.cli_options, "--out", tmp_path / "run",
-                    "--epochs", "1", "--batch-size", "16", "--json", "--quiet")
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout.strip().splitlines()[-1])["mode"] == "distil"
+    for store, run, options in ((url, "run", s3.cli_options), (tmp_path / "local.zarr", "local_run", [])):
+        result = invoke("train", "--student", student, "--data", data, "--store", store, *options, "--out", tmp_path / run,
+                        "--epochs", "2", "--batch-size", "16", "--loader", "stream", "--json", "--quiet")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout.strip().splitlines()[-1])["mode"] == "distil"
+    trained = [torch.load(tmp_path / run / "student.pt") for run in ("run", "local_run")]
+    assert trained[0].keys() == trained[1].keys() and all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["paths"]["store"] == url
+    assert config["paths"]["store"] == url and f"endpoint_url={s3.endpoint}" in config["command"]
     result = invoke("inspect", url, *s3.cli_options, "--json")
     assert result.exit_code == 0, result.output
     assert sorted(t["name"] for t in json.loads(result.stdout.strip().splitlines()[-1])["teachers"]) == ["a", "b"]
