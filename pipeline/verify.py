@@ -65,7 +65,7 @@ from mtkd.pipeline.store import (
     teacher_problems,
 )
 from mtkd.pipeline.errors import CorruptStoreError
-from mtkd.pipeline.storage import zarr_store
+from mtkd.pipeline.storage import is_remote, zarr_store
 
 CHECKSUM = "checksum"
 UNREADABLE = "unreadable"
@@ -209,7 +209,11 @@ def _store_findings(store: LogitStore) -> Iterator[Finding]:
     folder = store.path / "teachers"
     for child in sorted(folder.iterdir()) if folder.is_dir() else []:
         if child.is_dir() and not (child / "zarr.json").is_file():
-            yield Finding(ATTRIBUTE, f"{where}: teachers/{child.name} has no zarr.json (not a readable teacher)", child.name)
+            if is_remote(child):  # no rename there: a teacher is uploaded with its zarr.json last (storage.create_once)
+                yield Finding(ATTRIBUTE, f"{where}: teachers/{child.name} has no zarr.json yet (being added, or its adder was "
+                              "killed: the same `mtkd infer` finishes it)", child.name, damage=False)
+            else:
+                yield Finding(ATTRIBUTE, f"{where}: teachers/{child.name} has no zarr.json (not a readable teacher)", child.name)
 
 
 def _data_findings(store: LogitStore) -> list[Finding]:

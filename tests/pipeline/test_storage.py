@@ -205,6 +205,21 @@ def test_a_creator_killed_before_its_last_object_is_finished_by_the_rerun(tmp_pa
     assert s3.keys("notes") == ["todo.txt"]
 
 
+def test_a_teacher_whose_adder_was_killed_mid_upload_is_a_note_for_verify_and_finished_by_infer(tmp_path, s3, make_data, make_teachers):
+    data = make_data(30)
+    both, one = make_teachers([{"name": "a"}, {"name": "b", "seed": 1}]), make_teachers([{"name": "a"}], filename="one.toml")
+    _infer(s3, both, data, s3.url("full.zarr"), "--chunk-rows", "8")
+    _infer(s3, one, data, s3.url("s.zarr"), "--chunk-rows", "8")
+    fs, full = s3.fs, f"{s3.bucket}/full.zarr"
+    for key in s3.keys("full.zarr"):  # what add_teacher uploads before the teacher's own zarr.json: its arrays' metadata
+        if key.startswith("teachers/b/") and key.endswith("zarr.json") and key != "teachers/b/zarr.json":
+            fs.pipe_file(f"{s3.bucket}/s.zarr/{key}", fs.cat_file(f"{full}/{key}"))
+    result = invoke("verify", s3.url("s.zarr"), *s3.cli_options)
+    assert result.exit_code == 0 and "teachers/b has no zarr.json yet" in result.output, result.output
+    _infer(s3, both, data, s3.url("s.zarr"), "--chunk-rows", "8")
+    assert s3.snapshot("s.zarr") == s3.snapshot("full.zarr")
+
+
 # -- corruption: found by verify, repaired by rerunning infer ---------------------------------------
 
 
