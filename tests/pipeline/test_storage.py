@@ -313,3 +313,13 @@ def test_storage_options_read_json_values_else_strings():
         storage.parse_options(["=x"])
     assert isinstance(storage.location("a/b.zarr"), type(storage.location("c")))  # a local path stays a Path
     assert str(storage.location("memory://x/y.zarr")) == "memory://x/y.zarr"
+
+
+def test_a_runs_command_line_keeps_storage_options_but_not_secrets(s3):
+    from mtkd.pipeline.config import TrainConfig
+
+    config = TrainConfig("s.toml", "d.npz", "run", store=s3.url("s.zarr"),
+                         storage_options=(f"endpoint_url={s3.endpoint}", "secret=hunter2", "key=AKIA"))
+    line = config.command_line()
+    assert f"--storage-option endpoint_url={s3.endpoint}" in line and "hunter2" not in line and "AKIA" not in line
+    assert "secret=***" in line and "key=***" in line and str(config.store) == s3.url("s.zarr")
