@@ -15,6 +15,7 @@ and so reach subprocesses; the endpoint is not (AWS_ENDPOINT_URL unset): command
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -86,3 +87,33 @@ def s3(s3_endpoint) -> S3World:
     bucket = f"mtkd-{os.getpid()}-{next(_buckets)}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     return S3World(s3_endpoint, bucket)
+
+
+@contextlib.contextmanager
+def checking_credentials_server():
+    """moto's S3 server in a process of its own that checks every request's credentials
+    (INITIAL_NO_AUTH_ACTION_COUNT=0: an access key it does not know is refused, 403); yields its endpoint."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "moto's server did not start"
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()

@@ -283,6 +283,16 @@ def test_an_unreachable_endpoint_is_refused(tmp_path, s3, make_data, make_teache
     assert s3.keys("s.zarr") == []
 
 
+def test_credentials_a_server_does_not_know_are_refused(tmp_path, s3_endpoint, make_data, make_teachers):
+    from tests.pipeline.s3_world import checking_credentials_server
+
+    data, toml = make_data(20), make_teachers([{"name": "a"}])
+    with checking_credentials_server() as endpoint:  # the session's credentials are not in its records
+        result = invoke("infer", "--teachers", toml, "--data", data, "--out", "s3://mtkd-any/s.zarr",
+                        "--storage-option", f"endpoint_url={endpoint}")
+    refused(result, "s3://mtkd-any/s.zarr", "denied", "AWS_ACCESS_KEY_ID")
+
+
 def test_a_scheme_without_its_backend_and_options_on_a_local_path_are_refused(tmp_path, s3, make_data, make_teachers):
     import importlib.util
 
