@@ -23,7 +23,7 @@ from mtkd.pipeline.cli import app
 from mtkd.pipeline.data import load_data
 from mtkd.pipeline.errors import BadInputError, StoreMismatchError
 from mtkd.pipeline.store import create_store, open_store
-from tests.pipeline.conftest import refused, snapshot
+from tests.pipeline.conftest import LM_VOCAB, refused, snapshot
 
 runner = CliRunner()
 
@@ -69,8 +69,6 @@ def test_a_store_on_s3_is_byte_identical_to_the_local_one_and_plain_zarr_reads_i
         toml = make_teachers([{"name": "a"}, {"name": "b", "seed": 1}])
         extra = ["--chunk-rows", "16"]
     else:
-        from tests.pipeline.conftest import LM_VOCAB
-
         data = make_tokens(10)
         toml = make_teachers([{"name": "lm", "factory": "mtkd.pipeline.models:gru_lm", "kwargs": {"vocab_size": LM_VOCAB, "hidden": 8}}])
         extra = ["--chunk-rows", "16", "--top-k", "4", "--tail-samples", "3", "--temperatures", "1,2"]
@@ -89,6 +87,23 @@ def test_a_store_on_s3_is_byte_identical_to_the_local_one_and_plain_zarr_reads_i
     local_rows = open_store(tmp_path / "local.zarr").read(name, 0, store.num_rows)
     for key, values in store.read(name, 0, store.num_rows).items():
         np.testing.assert_array_equal(values, local_rows[key])
+    if kind == "tokens":  # a token student streamed from the bucket (sparse targets) is the one streamed from disk
+        _same_student_from_both(tmp_path, s3, data, "mtkd.pipeline.models:gru_lm", f"vocab_size = {LM_VOCAB}, hidden = 8",
+                                s3.url("s.zarr"), tmp_path / "local.zarr")
+
+
+def _same_student_from_both(tmp_path, s3, data, factory, kwargs, url, local):
+    import torch
+
+    student = tmp_path / "student.toml"
+    student.write_text(f'[student]\nname = "st"\nfactory = "{factory}"\nkwargs = {{ {kwargs} }}\n')
+    for store, run, options in ((url, "run", s3.cli_options), (local, "local_run", [])):
+        result = invoke("train", "--student", student, "--data", data, "--store", store, *options, "--out", tmp_path / run,
+                        "--epochs", "2", "--batch-size", "4", "--loader", "stream", "--json", "--quiet")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout.strip().splitlines()[-1])["mode"] == "distil"
+    trained = [torch.load(tmp_path / run / "student.pt") for run in ("run", "local_run")]
+    assert trained[0].keys() == trained[1].keys() and all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
 
 
 # -- creation races, concurrent shards, kill -9 ----------------------------------------------------
@@ -237,22 +252,12 @@ def test_a_flipped_byte_and_a_deleted_object_are_found_by_verify_and_repaired_by
 
 
 def test_train_streams_from_s3_to_the_student_it_trains_from_disk_and_inspect_reads_it(tmp_path, s3, make_data, make_teachers):
-    import torch
-
     data, toml = make_data(40), make_teachers([{"name": "a"}, {"name": "b", "seed": 1}])
     url = s3.url("s.zarr")
     _infer(s3, toml, data, url, "--chunk-rows", "8")
     _infer(s3, toml, data, tmp_path / "local.zarr", "--chunk-rows", "8")
-    student = tmp_path / "student.toml"
-    student.write_text('[student]\nname = "st"\nfactory = "mtkd.pipeline.models:mlp"\n'
-                       "kwargs = { in_features = 8, hidden = [4], num_classes = 3 }\n")
-    for store, run, options in ((url, "run", s3.cli_options), (tmp_path / "local.zarr", "local_run", [])):
-        result = invoke("train", "--student", student, "--data", data, "--store", store, *options, "--out", tmp_path / run,
-                        "--epochs", "2", "--batch-size", "16", "--loader", "stream", "--json", "--quiet")
-        assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout.strip().splitlines()[-1])["mode"] == "distil"
-    trained = [torch.load(tmp_path / run / "student.pt") for run in ("run", "local_run")]
-    assert trained[0].keys() == trained[1].keys() and all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+    _same_student_from_both(tmp_path, s3, data, "mtkd.pipeline.models:mlp", "in_features = 8, hidden = [4], num_classes = 3",
+                            url, tmp_path / "local.zarr")
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["paths"]["store"] == url and f"endpoint_url={s3.endpoint}" in config["command"]
     result = invoke("inspect", url, *s3.cli_options, "--json")
