@@ -346,7 +346,7 @@ def list_names(folder: Path | ObjectPath) -> list[str]:
         return [posixpath.basename(k.rstrip("/")) for k in folder._listing()]
     try:
         return os.listdir(folder)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
 
 
@@ -386,9 +386,9 @@ def create_once(target: Path | ObjectPath, build: Callable[[Path], None], *, bes
                 if rel == "zarr.json":
                     return False  # another creator finished first: the caller checks its store
                 raise StoreMismatchError(
-                    f"{(target / rel).url!r} already holds other bytes than this creator writes: another store "
-                    f"(other data or options) is being made at {target.url!r}, or one was left half-made there; "
-                    "remove that prefix or choose another location"
+                    f"{(target / rel).url!r} already holds other bytes than this creator writes: {target.url!r} is "
+                    "being made by another creator (of other data, another teacher of that name, other options), "
+                    "or one was left half-made there; remove that prefix or choose another location or name"
                 )
     return True
 
