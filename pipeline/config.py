@@ -98,7 +98,7 @@ class TrainConfig:
     student: Path  # TOML with one [student] table
     data: str  # data spec the student trains on
     out: Path  # run directory
-    store: Path | None = None  # None: hard labels
+    store: Path | None = None  # None: hard labels; a URL (s3://...) becomes a storage.ObjectPath
     teachers: tuple[str, ...] | None = None  # None: every teacher of the store (filled in by resolved())
     fusion: Fusion = Fusion.MEAN
     teacher_weights: Mapping[str, float] | None = None  # --fusion weighted, or the prior pi of posterior/best/entropy; normalised
@@ -127,14 +127,18 @@ class TrainConfig:
     features: tuple[str, ...] = ()  # v3: --feature STUDENT_MODULE=TEACHER:MODULE pairs (hint losses)
     feature_loss: str = "mse"  # --feature-loss mse|cosine
     feature_weight: float = 1.0  # --feature-weight BETA
+    storage_options: tuple[str, ...] = ()  # v3: --storage-option KEY=VALUE pairs for a store at a URL
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the given values once, here
         set_(self, "student", Path(self.student))
         set_(self, "out", Path(self.out))
         set_(self, "data", str(self.data))
+        set_(self, "storage_options", tuple(self.storage_options))
         if self.store is not None:
-            set_(self, "store", Path(self.store))
+            from mtkd.pipeline.storage import location, parse_options  # a local path stays a Path
+
+            set_(self, "store", location(self.store, parse_options(self.storage_options)))
         if self.teachers is not None:
             names = tuple(self.teachers)
             if not names or not all(isinstance(n, str) and n for n in names):
@@ -304,6 +308,9 @@ class TrainConfig:
         args = ["mtkd", "train", "--student", str(self.student), "--data", self.data, "--out", str(self.out)]
         if self.store is not None:
             args += ["--store", str(self.store)]
+            for pair in self.storage_options:  # a secret's value is not written down
+                key = pair.partition("=")[0]
+                args += ["--storage-option", pair if not any(w in key.lower() for w in ("secret", "key", "token", "password")) else f"{key}=***"]
             if self.teachers:
                 args += ["--teachers", ",".join(self.teachers)]
             args += ["--fusion", self.fusion.value]

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from mtkd.pipeline import hf
+from mtkd.pipeline import hf, storage
 from mtkd.pipeline.data import Data, RowData, TokenData, load_data
 from mtkd.pipeline.device import resolve_device
 from mtkd.pipeline.errors import BadInputError, StoreMismatchError, TeacherFailedError, TeacherOutputError
@@ -66,7 +66,7 @@ from mtkd.pipeline.layouts import (
 )
 from mtkd.pipeline.report import StatsSums
 from mtkd.pipeline.specs import ModelSpec, brief, check_out_path, load_teacher_specs, spec_differences
-from mtkd.pipeline.store import LogitStore, create_store, default_chunk_rows, open_store
+from mtkd.pipeline.store import LogitStore, create_store, default_chunk_rows, half_created, open_store
 
 WRITE_QUEUE_BLOCKS = 2  # full blocks waiting for the writer; bounds host memory to a few blocks
 WRITER_THREADS = 4  # block parts written at once (their fsyncs overlap)
@@ -190,8 +190,9 @@ def run_infer(
     specs = list(teachers) if isinstance(teachers, Sequence) and not isinstance(teachers, str) else load_teacher_specs(teachers)
     data = load_data(data) if isinstance(data, str) else data
     dev = resolve_device(device)
-    out = Path(out)
-    check_out_path(out)
+    out = storage.location(out)  # a local path, or a URL (storage.py)
+    if not storage.is_remote(out):
+        check_out_path(out)
     batch_size = batch_size or DEFAULT_BATCH[data.kind]
 
     store = _open_existing(out)
@@ -612,11 +613,13 @@ def _temperatures(temperatures: str | Sequence[float] | None) -> tuple[float, ..
     return parse_temperatures(",".join(str(t) for t in temperatures))
 
 
-def _open_existing(out: Path) -> LogitStore | None:
+def _open_existing(out: Path | storage.ObjectPath) -> LogitStore | None:
     if not out.exists():
         return None
     if out.is_dir() and not any(out.iterdir()):
         return None  # an empty folder is where the store goes
+    if half_created(out):
+        return None  # a creator killed mid-upload (object store): creating again finishes it (storage.create_once)
     return open_store(out, mode="r+")
 
 

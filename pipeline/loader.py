@@ -85,6 +85,16 @@ class LogitSource(Protocol):
 
     def read_logits(self, name: str, start: int, stop: int) -> Tensor: ...  # (stop - start, V)
 
+    # Optional: prefetch(names, start, stop) requests the chunks the teachers' next reads take at
+    # once (a store at a URL: one request latency for K teachers); see _prefetch.
+
+
+def _prefetch(store: Any, names: Sequence[str], lo: int, hi: int) -> None:
+    """Ask `store` for the rows [lo, hi) of every teacher at once, where it can (LogitStore.prefetch)."""
+    prefetch = getattr(store, "prefetch", None)
+    if prefetch is not None:
+        prefetch(list(names), lo, hi)
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -440,6 +450,7 @@ class BatchLoader(_Loader):
     def _read_unit(self, u: int) -> list[np.ndarray]:
         """K x (rows, V): the unit's whole chunks of each teacher."""
         lo, hi = int(self.bounds[u]), int(self.bounds[u + 1])
+        _prefetch(self.store, self.teachers, lo, hi)
         return [_as_numpy(self._read_rows(name, lo, hi), self.logits_dtype) for name in self.teachers]
 
     def _lay_out(self, pieces, shuffle, free):
@@ -649,6 +660,7 @@ class TeacherRows:
         return out
 
     def _read(self, lo: int, hi: int) -> dict[str, list[Tensor]]:
+        _prefetch(self.store, self.teachers, lo, hi)
         if not self.sparse:
             return {"logits": [self.store.read_logits(t, lo, hi).to(self.logits_dtype) for t in self.teachers]}
         ids, logprobs, label_logprob, top1 = [], [], [], []

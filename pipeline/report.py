@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from mtkd.pipeline import storage
 from mtkd.pipeline.config import Fusion
 from mtkd.pipeline.data import IGNORE_LABEL
 from mtkd.pipeline.fusion import fused_values, fusion_weights
@@ -456,7 +456,4 @@ def _feature_bytes_per_row(store: LogitStore, name: str, done: set[int]) -> dict
 
 
 def _array_bytes(store: LogitStore, name: str, key: str) -> int:
-    total = 0
-    for root, _, files in os.walk(store.path / "teachers" / name / key / "c"):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files if not f.endswith(".partial"))
-    return total
+    return storage.total_bytes(store.path / "teachers" / name / key / "c")

@@ -40,9 +40,11 @@ Why it is built this way:
   -1, so a row never written cannot pass as data.
 - Creation is atomic: a store (or a teacher added to one) is built in a hidden sibling folder and
   renamed into place. When several processes start together one rename wins; the others find the
-  winner's store and check that it is the one they would have made.
+  winner's store and check that it is the one they would have made. On an object store (no rename)
+  the same deterministic tree is uploaded create-only, its group's zarr.json last (storage.py).
 
-Every file is written to a temporary file and renamed into place (zarr's LocalStore does this for
+Every file and object goes through storage.py (a local path or a URL: the one place they differ).
+On a disk every file is written to a temporary file and renamed into place (zarr's LocalStore does this for
 metadata; `write_block` does it for chunks and records, which it encodes with the arrays' own zarr
 codecs and writes directly: through zarr's async machinery one small chunk costs ~1.6 ms of CPU), so
 a process killed at any moment leaves either the old or the new file, never half of one.
@@ -56,13 +58,10 @@ record holds, and an earlier mtkd, which lists records and never reads them, sti
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +76,8 @@ from zarr.core.sync import sync as zarr_sync
 from mtkd.pipeline.data import Data
 from mtkd.pipeline.errors import BadInputError, CorruptStoreError, IncompleteStoreError, StoreMismatchError
 from mtkd.pipeline.layouts import FEATURES, STORAGE, Dense, Layout, SparseRows, TopK, Values, layout_from_attrs
-from mtkd.pipeline.staging import remove_stale, staging_dir
+from mtkd.pipeline import storage
+from mtkd.pipeline.storage import zarr_store
 
 FORMAT = 2
 READABLE_FORMATS = (1, 2)
@@ -120,13 +120,13 @@ def open_store(path: str | os.PathLike, *, mode: str = "r", check: bool = True) 
     Only `mtkd verify` opens without, to report and repair what the check would refuse."""
     if mode not in ("r", "r+"):
         raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
-    path = Path(path)
+    path = storage.location(path)
     if not path.exists():
         raise BadInputError(f"store {str(path)!r} does not exist")
     if not (path / "zarr.json").is_file():
         raise StoreMismatchError(f"{str(path)!r} is not an mtkd store (no Zarr group there)")
     try:
-        group = zarr.open_group(path, mode="r")
+        group = zarr.open_group(zarr_store(path), mode="r")
     except Exception as e:  # zarr raises several unrelated types for "not a group"
         raise StoreMismatchError(f"{str(path)!r} is not an mtkd store ({type(e).__name__}: {e})") from e
     meta = group.attrs.get("mtkd")
@@ -150,6 +150,16 @@ def open_store(path: str | os.PathLike, *, mode: str = "r", check: bool = True) 
     return store
 
 
+def half_created(path: Path | storage.ObjectPath) -> bool:
+    """Whether `path` holds the start of a store whose creator was killed mid-upload: an object store
+    (a disk's creator builds beside the store, so it leaves nothing there) with no group zarr.json,
+    and nothing under it but what a creator uploads (labels, targets, sequences, teachers)."""
+    if not storage.is_remote(path) or (path / "zarr.json").is_file():
+        return False
+    names = storage.list_names(path)
+    return bool(names) and set(names) <= {"labels", TARGETS, "sequences", "teachers"}
+
+
 def create_store(path: str | os.PathLike, *, data: Data, num_classes: int, chunk_rows: int) -> tuple[LogitStore, bool]:
     """Create an empty store for `data` (labels and sequences written, no teachers), or find the one
     a racer made.
@@ -157,7 +167,7 @@ def create_store(path: str | os.PathLike, *, data: Data, num_classes: int, chunk
     Returns (store opened "r+", whether this call created it). A store already at `path` (made by a
     process that started at the same time) is accepted only if it holds the same data and class count.
     """
-    path = Path(path)
+    path = storage.location(path)
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     if chunk_rows < 1:
@@ -172,8 +182,8 @@ def create_store(path: str | os.PathLike, *, data: Data, num_classes: int, chunk
         "chunk_rows": int(chunk_rows),
         "dataset": {"spec": data.spec, "fingerprint": data.fingerprint},
     }
-    tmp = _staging_dir(path)
-    try:
+
+    def build(tmp: Path) -> None:  # deterministic: every creator of this store writes these same bytes (storage.create_once)
         root = zarr.open_group(tmp, mode="w", attributes={"mtkd": meta})
         labels = root.create_array(
             "labels", shape=(n,), chunks=(min(n, LABEL_CHUNK_ROWS),), dtype="int64", fill_value=-100,
@@ -193,9 +203,8 @@ def create_store(path: str | os.PathLike, *, data: Data, num_classes: int, chunk
             )
             _write_data_chunks(tmp / OFFSETS, offsets, data.offsets)
         root.create_group("teachers")
-        created = _publish(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    created = storage.create_once(path, build, beside=path)
     store = open_store(path, mode="r+")
     store.check_data(data)  # also binds the blocks written through `store` to `data`
     if not created:
@@ -228,14 +237,16 @@ class LogitStore:
         self._source_labels: np.ndarray | None = None
         self._checked_labels: np.ndarray | None = None  # labels() once read and checked against the records
         self._stored: tuple[np.ndarray, np.ndarray | None] | None = None  # labels, offsets as stored (writing without data)
+        self._prefetched: dict[tuple[str, str, int], bytearray] = {}  # object stores: (teacher, array, block) -> chunk bytes (`prefetch`)
 
     # Picklable for DataLoader workers: zarr handles are reopened lazily on the other side.
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_arrays", "_source", "_source_labels", "_stored", "_checked_labels")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_arrays", "_source", "_source_labels", "_stored", "_checked_labels", "_prefetched")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._arrays, self._source, self._source_labels, self._stored, self._checked_labels = {}, None, None, None, None
+        self._prefetched = {}
 
     def __repr__(self) -> str:
         return f"LogitStore({str(self.path)!r}, {self.kind}, rows={self.num_rows}, classes={self.num_classes}, teachers={self.teachers})"
@@ -270,7 +281,7 @@ class LogitStore:
         if not self.regression:
             raise BadInputError(f"store {str(self.path)!r} holds classification rows, not regression targets")
         try:
-            return np.asarray(zarr.open_array(self.path / TARGETS, mode="r")[...], dtype=np.float32)
+            return np.asarray(zarr.open_array(zarr_store(self.path / TARGETS), mode="r")[...], dtype=np.float32)
         except Exception as e:  # noqa: BLE001 - the codec's checksum error, a missing chunk's file
             raise CorruptStoreError(f"store {str(self.path)!r}: the {TARGETS} array does not read ({type(e).__name__})") from e
 
@@ -300,7 +311,7 @@ class LogitStore:
     def teacher(self, name: str) -> TeacherInfo:
         """The stored attributes of one teacher (read afresh: other processes may have updated them)."""
         self._require_teacher(name)
-        attrs = dict(zarr.open_group(self.path / "teachers" / name, mode="r").attrs)
+        attrs = dict(zarr.open_group(zarr_store(self.path / "teachers" / name), mode="r").attrs)
         if "dtype" not in attrs:
             raise StoreMismatchError(f"store {str(self.path)!r}: teacher {name!r} has no dtype attribute")
         return TeacherInfo(
@@ -323,10 +334,8 @@ class LogitStore:
         """Blocks whose completion record exists (one file per block, listed rather than read)."""
         self._require_teacher(name)
         folder = self.path / "teachers" / name / "done" / "c"
-        if not folder.is_dir():
-            return set()
-        # A killed writer may leave "<b>.<hex>.partial" behind; only whole names count.
-        return {int(p) for p in os.listdir(folder) if p.isdigit() and int(p) < self.num_blocks}
+        # A killed writer may leave "<b>.<hex>.partial" behind (a disk's); only whole names count.
+        return {int(p) for p in storage.list_names(folder) if p.isdigit() and int(p) < self.num_blocks}
 
     def missing_blocks(self, name: str) -> list[int]:
         """Blocks of `name` not yet written, ascending."""
@@ -382,15 +391,15 @@ class LogitStore:
             raise IndexError(f"rows [{start}, {stop}) out of range (store has {self.num_rows})")
         blocks = range(start // self.chunk_rows, -(-stop // self.chunk_rows)) if stop > start else range(0)
         out, misplaced = {}, None
-        for spec in self.layout(name).arrays():
-            if only is not None and spec.name not in only:
-                continue
+        specs = [spec for spec in self.layout(name).arrays() if only is None or spec.name in only]
+        fetched = self._fetch(name, specs, blocks) if storage.is_remote(self.path) else {}
+        for spec in specs:
             array = self._array(f"teachers/{name}/{spec.name}")
             self._check_logical_dtype(name, array, spec)
             parts = []
             for block in blocks:
                 b0, b1 = self.block_range(block)
-                values, wrong = self._read_chunk(name, spec.name, array, block)
+                values, wrong = self._read_chunk(name, spec.name, array, block, fetched.get((spec.name, block)))
                 parts.append(values[max(start, b0) - b0 : min(stop, b1) - b0])
                 if wrong is not None and misplaced is None:
                     misplaced = (block, wrong)
@@ -403,14 +412,50 @@ class LogitStore:
             raise CorruptStoreError(misplaced_message(self.path, name, *misplaced))
         return out
 
-    def _read_chunk(self, name: str, key: str, array: zarr.Array, block: int) -> tuple[np.ndarray, str | None]:
+    def prefetch(self, names: list[str] | tuple[str, ...], start: int, stop: int) -> None:
+        """On an object store, request at once every chunk that reading rows [start, stop) of the
+        teachers `names` (read_logits / read_topk: all arrays but entropies and features) takes, so
+        that K teachers cost one request latency, not K; the next `read` of each takes them from
+        here. On a disk: nothing (a read is a local file)."""
+        if not storage.is_remote(self.path) or stop <= start:
+            return
+        blocks = range(start // self.chunk_rows, -(-stop // self.chunk_rows))
+        paths = {}
+        for name in names:
+            specs = [a for a in self.layout(name).arrays() if a.name != "entropy" and not a.name.startswith(FEATURES + "/")]
+            paths.update({(name, *k): p for k, p in self._chunk_paths(name, specs, blocks).items()})
+        got = storage.read_many(list(paths.values()))
+        self._prefetched = {k: got[p] for k, p in paths.items() if p in got}
+
+    def _chunk_paths(self, name: str, specs: list, blocks: range) -> dict[tuple[str, int], Any]:
+        paths = {}
+        for spec in specs:
+            array = self._array(f"teachers/{name}/{spec.name}")
+            for block in blocks:
+                coords = (block,) + (0,) * (len(array.shape) - 1)
+                paths[(spec.name, block)] = self.path / "teachers" / name / spec.name / array.metadata.encode_chunk_key(coords)
+        return paths
+
+    def _fetch(self, name: str, specs: list, blocks: range) -> dict[tuple[str, int], bytearray]:
+        """On an object store, the chunks `read` is about to take: those `prefetch` holds, the rest
+        requested all at once (several in flight: one request's latency each would dominate);
+        (array, block) -> bytes, missing ones left out (the read names them)."""
+        paths = self._chunk_paths(name, specs, blocks)
+        have = {k: self._prefetched.pop((name, *k)) for k in paths if (name, *k) in self._prefetched}
+        missing = {k: p for k, p in paths.items() if k not in have}
+        got = storage.read_many(list(missing.values())) if missing else {}
+        have.update({k: got[p] for k, p in missing.items() if p in got})
+        return have
+
+    def _read_chunk(self, name: str, key: str, array: zarr.Array, block: int, raw: bytearray | None = None) -> tuple[np.ndarray, str | None]:
         """One block's whole chunk of teachers/<name>/<key>, decoded, and why it is not the chunk its
-        record names (None: it is, or the record is an earlier mtkd's, which names nothing)."""
+        record names (None: it is, or the record is an earlier mtkd's, which names nothing). `raw`:
+        its bytes when already fetched."""
         coords = (block,) + (0,) * (len(array.shape) - 1)
         record = self.record(name, block)
         path = self.path / "teachers" / name / key / array.metadata.encode_chunk_key(coords)
         try:
-            raw = _read_file(path)
+            raw = storage.read(path) if raw is None else raw
         except FileNotFoundError:
             if record is None:  # not written yet: the fill (NaN, -1), never data
                 return np.full(array.metadata.chunk_grid.chunk_shape, array.metadata.fill_value, dtype=array.dtype), None
@@ -471,7 +516,7 @@ class LogitStore:
     def identity(self, name: str) -> str:
         """A digest of the teacher's spec and weights' hash, as stored (what its records are bound to)."""
         if name not in self._identities:
-            attrs = zarr.open_group(self.path / "teachers" / name, mode="r").attrs
+            attrs = zarr.open_group(zarr_store(self.path / "teachers" / name), mode="r").attrs
             identity = {"spec": attrs.get("spec") or {}, "weights_sha256": attrs.get("weights_sha256")}
             self._identities[name] = _digest(json.dumps(identity, sort_keys=True).encode())
         return self._identities[name]
@@ -522,7 +567,7 @@ class LogitStore:
             what = f"store {str(self.path)!r}: {key} chunk {i} (entries {i * rows}..{min(n, (i + 1) * rows) - 1})"
             fix = f"run `mtkd verify {self.path} --repair`, then the same `mtkd infer`: it rewrites it from the data"
             try:
-                parts.append(decode_chunk(array, (i,), _read_file(path)))
+                parts.append(decode_chunk(array, (i,), storage.read(path)))
             except FileNotFoundError:
                 raise CorruptStoreError(f"{what} is missing; {fix}") from None
             except Exception as e:  # noqa: BLE001 - the codec's checksum error, or a chunk of the wrong size
@@ -623,8 +668,8 @@ class LogitStore:
         target = self.path / "teachers" / name
         if (target / "zarr.json").is_file():
             return False
-        tmp = _staging_dir(self.path)
-        try:
+
+        def build(tmp: Path) -> None:  # deterministic: racers adding this teacher write the same bytes
             attrs = {"spec": spec, "weights_sha256": weights_sha256, **layout.attrs(), "complete": False, "stats": {}}
             group = zarr.open_group(tmp, mode="w", attributes=attrs)
             for a in layout.arrays():
@@ -651,9 +696,8 @@ class LogitStore:
                 compressors=None,
                 dimension_names=["block"],
             )
-            return _publish(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        return storage.create_once(target, build, beside=self.path)
 
     def write_block(self, name: str, block: int, arrays: dict[str, np.ndarray], stats: np.ndarray) -> None:
         """Write one whole block of every array of `name` and its stats sums, then its completion record.
@@ -685,7 +729,7 @@ class LogitStore:
         else:
             text = json.dumps(self.block_record(name, block, chunks), sort_keys=True, separators=(",", ":"))
             payload = _encode(done, (block,), np.array([text], dtype=object))
-        _write_file(folder / "done" / done.metadata.encode_chunk_key((block,)), payload, durable=True)
+        storage.write(folder / "done" / done.metadata.encode_chunk_key((block,)), payload, durable=True)
 
     def mark_complete(self, name: str, stats: dict[str, Any]) -> None:
         """Record that every block of `name` is written, with its stats. Idempotent: same bytes each time."""
@@ -697,14 +741,15 @@ class LogitStore:
         # Temporary files of writers killed mid-write ("<key>.<hex>.partial", renamed when whole):
         # nobody writes the blocks of a teacher whose blocks are all recorded. A racing process that
         # is finishing the same teacher may lose its temporary zarr.json here; it writes it again.
-        for leftover in folder.rglob("*.partial"):
+        # (An object store has none: a PUT is whole or absent.)
+        for leftover in folder.rglob("*.partial") if not storage.is_remote(folder) else ():
             leftover.unlink(missing_ok=True)
         attrs = {"complete": True, "stats": _json_safe(stats)}
 
         def write_attrs() -> None:
-            zarr.open_group(folder, mode="r+").attrs.update(attrs)
+            zarr.open_group(zarr_store(folder, "r+"), mode="r+").attrs.update(attrs)
 
-        _retry_if_vanished(write_attrs)
+        storage.retry_if_vanished(write_attrs)
 
     def drop_block(self, name: str, block: int) -> None:
         """Forget a (damaged) block: its record first, then its chunk of every array (stats sums
@@ -724,7 +769,7 @@ class LogitStore:
         """Clear `complete` and the stats (they described data now dropped), as a new teacher has them."""
         self._require_writable()
         self._require_teacher(name)
-        zarr.open_group(self.path / "teachers" / name, mode="r+").attrs.update({"complete": False, "stats": {}})
+        zarr.open_group(zarr_store(self.path / "teachers" / name, "r+"), mode="r+").attrs.update({"complete": False, "stats": {}})
 
     def restore_data(self, data: Data) -> list[str]:
         """Write the labels and (tokens) offsets chunks that are missing (dropped by `mtkd verify
@@ -740,7 +785,7 @@ class LogitStore:
 
     def with_attrs(self, fixes: dict[str, Any]) -> LogitStore:
         """This store as if its root attributes held `fixes` (what the arrays prove), for judging the rest."""
-        meta = {**dict(zarr.open_group(self.path, mode="r").attrs["mtkd"]), **fixes}
+        meta = {**dict(zarr.open_group(zarr_store(self.path), mode="r").attrs["mtkd"]), **fixes}
         return LogitStore(self.path, meta, self.mode)
 
     # -- internals ----------------------------------------------------------------------------------
@@ -754,13 +799,13 @@ class LogitStore:
             padded[tuple(slice(0, n) for n in values.shape)] = values
             values = padded
         raw = _encode(array, coords, values)
-        _write_file(folder / key / array.metadata.encode_chunk_key(coords), raw, durable=durable)
+        storage.write(folder / key / array.metadata.encode_chunk_key(coords), raw, durable=durable)
         return raw
 
     def _array(self, key: str) -> zarr.Array:
         if key not in self._arrays:
             mode = "r+" if self.mode == "r+" else "r"
-            self._arrays[key] = zarr.open_array(self.path / key, mode=mode)
+            self._arrays[key] = zarr.open_array(zarr_store(self.path / key, mode), mode=mode)
         return self._arrays[key]
 
     def _require_teacher(self, name: str) -> None:
@@ -808,13 +853,13 @@ def store_problems(store: LogitStore) -> list[Problem]:
     num_classes against the dense teachers' width; a count is proven when all the arrays agree on it."""
     where = f"store {str(store.path)!r}"
     try:
-        labels = zarr.open_array(store.path / "labels", mode="r")
+        labels = zarr.open_array(zarr_store(store.path / "labels"), mode="r")
     except Exception as e:  # noqa: BLE001 - zarr raises several types for a missing/broken array
         return [Problem(f"{where}: the labels array does not open ({type(e).__name__})")]
     rows, chunks, widths = {int(labels.shape[0])}, set(), set()
     for name in store.teachers:
         try:
-            arrays = list(zarr.open_group(store.path / "teachers" / name, mode="r").arrays())
+            arrays = list(zarr.open_group(zarr_store(store.path / "teachers" / name), mode="r").arrays())
         except Exception as e:  # noqa: BLE001
             return [Problem(f"{where}: teacher {name!r} does not open ({type(e).__name__})", name)]
         for key, array in arrays:
@@ -844,13 +889,13 @@ def teacher_problems(store: LogitStore, name: str) -> list[Problem]:
     vocab_size or the temperatures' values."""
     where = f"store {str(store.path)!r}: teacher {name!r}"
     folder = store.path / "teachers" / name
-    attrs = dict(zarr.open_group(folder, mode="r").attrs)
+    attrs = dict(zarr.open_group(zarr_store(folder), mode="r").attrs)
     arrays = {}  # the teacher's row arrays, whatever its layout declares
     for child in row_array_folders(folder):
         key = child.relative_to(folder).as_posix()
         if key not in PER_BLOCK_ARRAYS:
             try:
-                arrays[key] = zarr.open_array(child, mode="r")
+                arrays[key] = zarr.open_array(zarr_store(child), mode="r")
             except Exception as e:  # noqa: BLE001
                 return [Problem(f"{where}: array {child.name} does not open ({type(e).__name__})", name)]
     try:
@@ -1026,17 +1071,9 @@ def _write_data_chunks(folder: Path, array: zarr.Array, values: np.ndarray, *, o
         chunk = np.full(rows, array.metadata.fill_value, dtype=np.int64)
         piece = values[i * rows : (i + 1) * rows]
         chunk[: len(piece)] = piece
-        _write_file(path, _encode(array, (i,), chunk), durable=only_missing)
+        storage.write(path, _encode(array, (i,), chunk), durable=only_missing)
         written.append(i)
     return written
-
-
-def _read_file(path: Path) -> bytearray:
-    """A file's bytes, writable (a chunk stored uncompressed decodes to a view of them, which torch takes as is)."""
-    with open(path, "rb") as f:
-        raw = bytearray(os.fstat(f.fileno()).st_size)
-        f.readinto(raw)
-    return raw
 
 
 def _crc(raw: bytes | memoryview) -> int:
@@ -1063,63 +1100,6 @@ def _data_digests(labels: np.ndarray, offsets: np.ndarray | None, start: int, st
 def _jsonable(value: Any) -> Any:
     """As JSON gives it back (tuples as lists), so that a record compares equal to what it was made of."""
     return json.loads(json.dumps(value))
-
-
-def _staging_dir(path: Path) -> Path:
-    # Before making a new one, remove those of creators that were killed (staging.py says how).
-    remove_stale(path)
-    return staging_dir(path)
-
-
-def _publish(tmp: Path, target: Path) -> bool:
-    """Rename `tmp` onto `target`; False if another process got there first (target not empty)."""
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if target.is_dir() and any(target.iterdir()):
-            return False
-        raise
-    return True
-
-
-def _write_file(path: Path, payload: bytes | memoryview, *, durable: bool) -> None:
-    """Replace `path` atomically (temporary file, then rename), like zarr's LocalStore.
-
-    durable: the bytes are on disk before the rename. The folder is not synced: journaling file
-    systems commit renames in order, so a later record's rename never survives a crash that this
-    one does not, and a lost pair only means the block is computed again.
-    """
-
-    def write() -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")  # zarr's naming for the same
-        try:
-            with open(tmp, "wb") as f:
-                f.write(payload)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):  # os.fsync's error names no file: name the one being written
-                raise OSError(e.errno, e.strerror, str(path)) from e
-            raise
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    _retry_if_vanished(write)
-
-
-def _retry_if_vanished(write, attempts: int = 3) -> None:
-    """Run a zarr write again if its temporary file was removed under it (see mark_complete)."""
-    for attempt in range(attempts):
-        try:
-            return write()
-        except FileNotFoundError:
-            if attempt == attempts - 1:
-                raise
 
 
 def _json_safe(value: Any) -> Any:

@@ -65,6 +65,7 @@ from mtkd.pipeline.store import (
     teacher_problems,
 )
 from mtkd.pipeline.errors import CorruptStoreError
+from mtkd.pipeline.storage import is_remote, zarr_store
 
 CHECKSUM = "checksum"
 UNREADABLE = "unreadable"
@@ -192,7 +193,7 @@ def _store_findings(store: LogitStore) -> Iterator[Finding]:
     """
     where = f"store {str(store.path)!r}"
     try:
-        labels = zarr.open_array(store.path / "labels", mode="r")
+        labels = zarr.open_array(zarr_store(store.path / "labels"), mode="r")
     except Exception as e:  # noqa: BLE001 - zarr raises several types for a missing/broken array
         yield Finding(ATTRIBUTE, f"{where}: the labels array does not open ({type(e).__name__})")
         return
@@ -209,7 +210,11 @@ def _store_findings(store: LogitStore) -> Iterator[Finding]:
     folder = store.path / "teachers"
     for child in sorted(folder.iterdir()) if folder.is_dir() else []:
         if child.is_dir() and not (child / "zarr.json").is_file():
-            yield Finding(ATTRIBUTE, f"{where}: teachers/{child.name} has no zarr.json (not a readable teacher)", child.name)
+            if is_remote(child):  # no rename there: a teacher is uploaded with its zarr.json last (storage.create_once)
+                yield Finding(ATTRIBUTE, f"{where}: teachers/{child.name} has no zarr.json yet (being added, or its adder was "
+                              "killed: the same `mtkd infer` finishes it)", child.name, damage=False)
+            else:
+                yield Finding(ATTRIBUTE, f"{where}: teachers/{child.name} has no zarr.json (not a readable teacher)", child.name)
 
 
 def _target_findings(store: LogitStore) -> list[Finding]:
@@ -233,7 +238,7 @@ def _data_findings(store: LogitStore) -> list[Finding]:
     rerun = "the same `mtkd infer` rewrites it from the data"
     found = []
     for key in ("labels", OFFSETS) if store.kind == "tokens" else ("labels",):
-        array = zarr.open_array(store.path / key, mode="r")
+        array = zarr.open_array(zarr_store(store.path / key), mode="r")
         (n,), (rows,) = array.shape, array.metadata.chunk_grid.chunk_shape
         parts, broken = [], False
         for i in range(-(-n // rows)):
@@ -287,7 +292,7 @@ def _as_fixed(store: LogitStore, findings: list[Finding]) -> LogitStore:
     fixes = {k: v for f in findings if f.teacher is None and f.fix for k, v in f.fix.items()}
     if not fixes:
         return store
-    meta = {**dict(zarr.open_group(store.path, mode="r").attrs["mtkd"]), **fixes}
+    meta = {**dict(zarr.open_group(zarr_store(store.path), mode="r").attrs["mtkd"]), **fixes}
     return LogitStore(store.path, meta, store.mode)
 
 
@@ -317,7 +322,7 @@ class _Teacher:
     @classmethod
     def open(cls, store: LogitStore, name: str) -> _Teacher:
         folder = store.path / "teachers" / name
-        group = zarr.open_group(folder, mode="r")
+        group = zarr.open_group(zarr_store(folder), mode="r")
         attrs = dict(group.attrs)
         arrays, problems = [], []
         where = f"store {str(store.path)!r}: teacher {name!r}"
@@ -335,7 +340,7 @@ class _Teacher:
                 problems.append(Finding(ATTRIBUTE, f"{where}: array {key} has no zarr.json", teacher=name))
                 continue
             try:
-                array = zarr.open_array(child, mode="r")
+                array = zarr.open_array(zarr_store(child), mode="r")
             except Exception as e:  # noqa: BLE001
                 problems.append(Finding(ATTRIBUTE, f"{where}: array {key} does not open ({type(e).__name__})", teacher=name))
                 continue
@@ -386,7 +391,7 @@ class _Teacher:
                                  "no chunk, so those blocks are checked by their checksums alone)", name, damage=False))
         records = self.folder / RECORDS
         if (records / "zarr.json").is_file():
-            shape = tuple(zarr.open_array(records, mode="r").shape)
+            shape = tuple(zarr.open_array(zarr_store(records), mode="r").shape)
             if shape != (store.num_blocks,):
                 found.append(Finding(ATTRIBUTE, f"{where}: the completion records cover {shape} blocks; the store has {store.num_blocks}", name))
         return found
@@ -496,7 +501,7 @@ def _repair(store: LogitStore, report: VerifyReport) -> None:
     dirty: set[str] = set()  # teachers that lose `complete`
     for f in report.damage:
         if f.fix is not None and "drop" in f.fix:  # a labels or offsets chunk: stage one rewrites it from the data
-            array = zarr.open_array(store.path / f.fix["drop"], mode="r")
+            array = zarr.open_array(zarr_store(store.path / f.fix["drop"]), mode="r")
             (store.path / f.fix["drop"] / array.metadata.encode_chunk_key((f.fix["chunk"],))).unlink(missing_ok=True)
             report.repaired.append(f"{f.fix['drop']} chunk {f.fix['chunk']} dropped ({f.kind}); the same `mtkd infer` rewrites it from the data")
             continue
@@ -520,12 +525,12 @@ def _repair(store: LogitStore, report: VerifyReport) -> None:
         store.mark_incomplete(name)
         report.repaired.append(f"teacher {name!r}: no longer complete; rerun `mtkd infer` to recompute its dropped blocks")
     if store_fixes:
-        meta = dict(zarr.open_group(store.path, mode="r").attrs["mtkd"])
+        meta = dict(zarr.open_group(zarr_store(store.path), mode="r").attrs["mtkd"])
         meta.update(store_fixes)
-        zarr.open_group(store.path, mode="r+").attrs["mtkd"] = meta
+        zarr.open_group(zarr_store(store.path, "r+"), mode="r+").attrs["mtkd"] = meta
         report.repaired.append(f"store attributes set to {store_fixes}")
 
 
 def _update_attrs(path: Path, attrs: dict[str, Any], *, is_array: bool) -> None:
-    node = zarr.open_array(path, mode="r+") if is_array else zarr.open_group(path, mode="r+")
+    node = zarr.open_array(zarr_store(path, "r+"), mode="r+") if is_array else zarr.open_group(zarr_store(path, "r+"), mode="r+")
     node.attrs.update(attrs)

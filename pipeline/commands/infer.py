@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mtkd.pipeline.commands.output import console as output_console, JsonOption, QuietOption, emit
+from mtkd.pipeline.commands.output import console as output_console, JsonOption, QuietOption, StorageOption, emit, where
 from mtkd.pipeline.device import Device
 from mtkd.pipeline.progress import progress_bar
 
@@ -34,7 +34,7 @@ def infer(
             "MODULE:FUNCTION (a list of id arrays). labels: -100 = not trained on.",
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="The store to create or resume (a Zarr v3 folder).")],
+    out: Annotated[str, typer.Option("--out", help="The store to create or resume: a Zarr v3 folder, or a URL (s3://bucket/prefix).")],
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, help="Rows per forward pass (default 512), or whole sequences for tokens (16).")
     ] = None,
@@ -67,6 +67,7 @@ def infer(
     chunk_rows: Annotated[
         int | None, typer.Option("--chunk-rows", hidden=True, min=1, help="Rows per block of a new store (tests).")
     ] = None,
+    storage_option: StorageOption = None,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -81,6 +82,8 @@ def infer(
     Example:
       mtkd infer --teachers teachers.toml --data mnist1d:train --out train.zarr
       mtkd infer --teachers teachers.toml --data x.npz --out x.zarr --shard 3/8
+      mtkd infer --teachers t.toml --data x.npz --out s3://bucket/x.zarr \\
+          --shard 3/8 --storage-option endpoint_url=http://host:9000
       mtkd infer --teachers lm.toml --data tok.parquet --out tok.zarr --top-k 64
       mtkd infer --teachers lm.toml --data tok.parquet --out tok.zarr \\
           --top-k 32 --tail-samples 32
@@ -88,12 +91,13 @@ def infer(
     from mtkd.pipeline.infer import parse_shard, run_infer  # heavy (torch): here, so --help stays fast
 
     parsed_shard = parse_shard(shard)
+    store = where(out, storage_option)
     with progress_bar(quiet) as bar:
-        task = bar.add_task(f"infer {out.name} [{parsed_shard}]", total=None)
+        task = bar.add_task(f"infer {store.name} [{parsed_shard}]", total=None)
         result = run_infer(
             teachers,
             data,
-            out,
+            store,
             batch_size=batch_size,
             device=device.value,
             dtype=dtype.value,

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mtkd.pipeline.commands.output import console as output_console, JsonOption, QuietOption, emit
+from mtkd.pipeline.commands.output import console as output_console, JsonOption, QuietOption, StorageOption, emit, where
 from mtkd.pipeline.progress import progress_bar
 
 
 def inspect(
-    store: Annotated[Path, typer.Argument(metavar="STORE", help="A store written by `mtkd infer`.")],
+    store: Annotated[str, typer.Argument(metavar="STORE", help="A store written by `mtkd infer` (a path or a URL).")],
     teachers: Annotated[
         str | None, typer.Option("--teachers", help="Comma-separated teachers whose ensemble to show (default: all complete).")
     ] = None,
+    storage_option: StorageOption = None,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -50,9 +50,9 @@ def inspect(
     from mtkd.pipeline.report import inspect_store  # heavy (torch, zarr): here, so --help stays fast
     from mtkd.pipeline.store import open_store
 
-    opened = open_store(store)
+    opened = open_store(where(store, storage_option))
     with progress_bar(quiet) as bar:
-        task = bar.add_task(f"inspect {store.name}", total=opened.num_blocks)
+        task = bar.add_task(f"inspect {opened.path.name}", total=opened.num_blocks)
         report = inspect_store(opened, progress=lambda done, total: bar.update(task, completed=done), ensemble_of=_names(teachers))
     if report.get("task") == "regression":
         report["warnings"] = []

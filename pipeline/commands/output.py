@@ -12,6 +12,18 @@ from rich.console import Console
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line of stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+StorageOption = Annotated[
+    list[str] | None,
+    typer.Option("--storage-option", metavar="KEY=VALUE", help="For a store at a URL (s3://...): an fsspec option, "
+                 "e.g. endpoint_url=http://host:9000; repeatable. Credentials: as the backend reads them (AWS_* env, profile)."),
+]
+
+
+def where(spec: str, storage_option: list[str] | None):
+    """A store named on the command line (a path or a URL) with its --storage-option pairs -> where it lives."""
+    from mtkd.pipeline.storage import location, parse_options
+
+    return location(spec, parse_options(storage_option))
 
 
 def _finite(value: Any) -> Any:

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from mtkd.pipeline.device import Device
-from mtkd.pipeline.commands.output import JsonOption, QuietOption, emit
+from mtkd.pipeline.commands.output import JsonOption, QuietOption, StorageOption, emit
 from mtkd.pipeline.errors import BadInputError
 from mtkd.pipeline.config import CHECKPOINT_EVERY, DEFAULTS, Fusion, FusionScope, Loss, LossPath, Schedule, TrainConfig
 
@@ -33,8 +33,8 @@ def train(
     ],
     out: Annotated[Path, typer.Option("--out", help="Run directory to create (or continue, with --resume).")],
     store: Annotated[
-        Path | None,
-        typer.Option("--store", help="Logit store of --data made by `mtkd infer`: distil from it. Without: hard labels."),
+        str | None,
+        typer.Option("--store", help="Logit store of --data made by `mtkd infer` (a path or a URL): distil from it. Without: hard labels."),
     ] = None,
     teachers: Annotated[
         str | None, typer.Option("--teachers", help="Comma-separated teachers of the store to use (default: all).")
@@ -116,6 +116,7 @@ def train(
     ] = None,
     feature_loss: Annotated[str, typer.Option("--feature-loss", help="mse | cosine")] = "mse",
     feature_weight: Annotated[float, typer.Option("--feature-weight", help="BETA: weight of the summed hint losses.")] = 1.0,
+    storage_option: StorageOption = None,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -143,6 +144,7 @@ def train(
         val_data=val_data, resume=resume, stream=None if loader is LoaderMode.auto else loader is LoaderMode.stream,
         checkpoint_every=checkpoint_every, fusion_temperature=fusion_temperature, fusion_scope=fusion_scope,
         loss_path=loss_path, features=tuple(feature or ()), feature_loss=feature_loss, feature_weight=feature_weight,
+        storage_options=tuple(storage_option or ()),
     )
     from mtkd.pipeline.train import run_train  # heavy (torch): here, so --help stays fast
 

@@ -3,23 +3,23 @@ Hands off to verify.verify_store."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from mtkd.pipeline.commands.output import console as output_console, JsonOption, QuietOption, emit
+from mtkd.pipeline.commands.output import console as output_console, JsonOption, QuietOption, StorageOption, emit, where
 from mtkd.pipeline.progress import progress_bar
 
 
 def verify(
-    store: Annotated[Path, typer.Argument(metavar="STORE", help="A store written by `mtkd infer`.")],
+    store: Annotated[str, typer.Argument(metavar="STORE", help="A store written by `mtkd infer` (a path or a URL).")],
     repair: Annotated[
         bool,
         typer.Option("--repair", help="Drop the records of damaged blocks (and `complete`), so that rerunning "
                      "the same `mtkd infer` recomputes exactly those blocks."),
     ] = False,
+    storage_option: StorageOption = None,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -33,9 +33,10 @@ def verify(
     """
     from mtkd.pipeline.verify import verify_store  # heavy (torch, zarr): here, so --help stays fast
 
+    loc = where(store, storage_option)
     with progress_bar(quiet) as bar:
-        task = bar.add_task(f"verify {store.name}", total=None)
-        report = verify_store(store, repair=repair, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        task = bar.add_task(f"verify {loc.name}", total=None)
+        report = verify_store(loc, repair=repair, progress=lambda done, total: bar.update(task, completed=done, total=total))
     emit(report.to_dict(), as_json, _render)
     if not report.clean:
         damage = report.damage

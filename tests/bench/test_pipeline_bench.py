@@ -15,10 +15,10 @@ TINY = ["--rows", "256", "--epochs", "1", "--stream-epochs", "1", "--repeats", "
         "--token-seqs", "4", "--token-len", "16", "--token-vocab", "256", "--token-batch", "4", "--overhead-vocabs", "512",
         "--dense-vocabs", "10", "--dense-rows", "256", "--lm-seqs", "4", "--lm-batch-size", "4",
         "--loader-seqs", "8", "--loader-rows", "512", "--loader-vocabs", "10", "--loader-epochs", "1",
-        "--device", "cpu", "--threads", "1"]
+        "--s3-rows", "256", "--device", "cpu", "--threads", "1"]
 FIGURES = ("infer_vs_forward", "offline_vs_online_speedup", "stream_overhead", "infer_vs_forward_tokens",
-           "offline_vs_online_speedup_tokens", "stream_overhead_tokens")
-GROUPS = ("rows", "dense", "infer_tokens", "overhead", "tokens", "loader")
+           "offline_vs_online_speedup_tokens", "stream_overhead_tokens", "stream_overhead_s3")
+GROUPS = ("rows", "dense", "infer_tokens", "overhead", "tokens", "loader", "s3")
 
 
 @pytest.fixture(scope="module")
@@ -77,5 +77,5 @@ def test_loader_only_measures_no_model_and_quick_shrinks_every_size(bench, tmp_p
     assert set(results["loader_tokens"]) == {"seqs=4,T=1", "seqs=4,T=2"} and results["loader_dense"] == {}
     quick = bench.build_parser().parse_args(list(bench.QUICK))
     default = bench.build_parser().parse_args([])
-    for name in ("rows", "epochs", "lm_seqs", "token_seqs", "loader_rows"):
+    for name in ("rows", "epochs", "lm_seqs", "token_seqs", "loader_rows", "s3_rows"):
         assert 0 < getattr(quick, name) < getattr(default, name), name

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mtkd.pipeline.specs import import_object
+from tests.pipeline.s3_world import s3, s3_endpoint  # noqa: F401 - fixtures: a real S3 API (moto's server)
 
 FEATURES, CLASSES = 8, 3
 
