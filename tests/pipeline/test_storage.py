@@ -62,11 +62,19 @@ def _same(a: dict, b: dict) -> None:
 # -- the same store as on a disk ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["rows", "tokens"])
+@pytest.mark.parametrize("kind", ["rows", "tokens", "regression"])
 def test_a_store_on_s3_is_byte_identical_to_the_local_one_and_plain_zarr_reads_it(tmp_path, s3, make_data, make_tokens, make_teachers, kind):
     if kind == "rows":
         data = make_data(50)
         toml = make_teachers([{"name": "a"}, {"name": "b", "seed": 1}])
+        extra = ["--chunk-rows", "16"]
+    elif kind == "regression":  # float targets (a `targets` array) and teachers stored as values
+        x = np.load(make_data(50))["x"]
+        y = np.stack([x[:, 0], x[:, 1] - x[:, 2]], axis=1).astype(np.float32)
+        y[::5, 1] = np.nan
+        data = tmp_path / "regression.npz"
+        np.savez(data, x=x, y=y)
+        toml = make_teachers([{"name": "a", "num_classes": 2}, {"name": "b", "seed": 1, "num_classes": 2}])
         extra = ["--chunk-rows", "16"]
     else:
         data = make_tokens(10)
@@ -78,7 +86,7 @@ def test_a_store_on_s3_is_byte_identical_to_the_local_one_and_plain_zarr_reads_i
     assert s3.snapshot("s.zarr") == local  # every object, byte for byte: chunks, records, metadata
     remote = zarr.open_group(s3.url("s.zarr"), mode="r", storage_options=s3.storage_options)
     _same(_plain(remote), _plain(zarr.open_group(tmp_path / "local.zarr", mode="r")))
-    assert remote.attrs["mtkd"]["kind"] == kind
+    assert remote.attrs["mtkd"]["kind"] == ("rows" if kind == "regression" else kind)
     # mtkd itself reads it back as it reads the local one.
     store = open_store(storage.location(s3.url("s.zarr"), s3.storage_options))
     assert store.teachers == open_store(tmp_path / "local.zarr").teachers
@@ -87,6 +95,8 @@ def test_a_store_on_s3_is_byte_identical_to_the_local_one_and_plain_zarr_reads_i
     local_rows = open_store(tmp_path / "local.zarr").read(name, 0, store.num_rows)
     for key, values in store.read(name, 0, store.num_rows).items():
         np.testing.assert_array_equal(values, local_rows[key])
+    if kind == "regression":
+        np.testing.assert_array_equal(store.targets(), open_store(tmp_path / "local.zarr").targets())
     if kind == "tokens":  # a token student streamed from the bucket (sparse targets) is the one streamed from disk
         _same_student_from_both(tmp_path, s3, data, "mtkd.pipeline.models:gru_lm", f"vocab_size = {LM_VOCAB}, hidden = 8",
                                 s3.url("s.zarr"), tmp_path / "local.zarr")
