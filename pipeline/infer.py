@@ -690,6 +690,9 @@ def _check_same_teacher(store: LogitStore, spec: ModelSpec, weights: str | None,
             f"{where} at temperatures {format_temperatures(layout.temperatures)}, not {format_temperatures(temps)}; "
             "rename the teacher or use another store"
         )
+    if layout.features and info.dtype != dtype:  # features asked at another dtype than stored: never skipped silently
+        raise StoreMismatchError(f"{where} with features stored as {info.dtype}, not --dtype {dtype}; "
+                                 "rename the teacher or use another store")
     if not info.complete and info.dtype != dtype and not isinstance(layout, Values):  # values: always float32
         raise StoreMismatchError(f"{where} as {info.dtype}; resume it with --dtype {info.dtype}, not {dtype}")
     return info

@@ -257,6 +257,10 @@ def test_bad_feature_specs_are_refused_before_anything_is_written(tmp_path, make
     with pytest.raises(StoreMismatchError, match="features"):
         run_infer(make_teachers([{"name": "a", "features": ["0"]}]), str(data), tmp_path / "s.zarr", device="cpu")
     assert snapshot(tmp_path / "s.zarr") == before
+    # ... or its features (float16, the default) asked at another dtype: refused, the store untouched
+    with pytest.raises(StoreMismatchError, match="float32"):
+        run_infer(make_teachers([{"name": "a", "features": ["1"]}]), str(data), tmp_path / "s.zarr", device="cpu", dtype="float32")
+    assert snapshot(tmp_path / "s.zarr") == before
 
 
 def test_nan_features_are_refused_and_nothing_is_written(tmp_path, make_data, make_teachers, monkeypatch):
