@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mtkd.kernels.cpu_path import RowsWithGradient, add_ce_and_mask
 from mtkd.kernels.reference import (
     accumulation_dtype,
     check_kd_arguments,
@@ -30,7 +31,6 @@ from mtkd.kernels.reference import (
     normalised_log_weights,
     reduce_rows,
 )
-from mtkd.kernels.sparse_cpu import ce_rows_and_grad
 
 
 def kd_rows_and_grad(
@@ -50,7 +50,7 @@ def kd_rows_and_grad(
     or None). Arguments are assumed valid (`check_kd_arguments`). Rows outside `mask` get a zero
     loss and a zero gradient."""
     z = teacher_logits.detach()
-    N, V = student_logits.shape
+    N = student_logits.shape[0]
     acc = accumulation_dtype(student_logits, z, weights)
     T = float(temperature)
     s = student_logits.detach().to(acc)
@@ -67,20 +67,8 @@ def kd_rows_and_grad(
         if need_grad:
             grad = log_q.exp_().sub_(p).mul_(alpha * T)  # into log q's buffer: it is done with
 
-    if labels is not None and alpha < 1:
-        ce, ce_grad = ce_rows_and_grad(s, labels, ignore_index, mask, need_grad=need_grad)
-        rows += (1 - alpha) * ce
-        if need_grad:
-            term = ce_grad.mul_(1 - alpha)
-            grad = term if grad is None else grad.add_(term)
-
-    if need_grad and grad is None:  # neither term (alpha 0 without labels): a zero gradient
-        grad = torch.zeros(N, V, dtype=acc, device=s.device)
-    if mask is not None:
-        rows = torch.where(mask, rows, 0.0)
-        if need_grad:
-            grad = torch.where(mask[:, None], grad, 0.0)
-    return rows, None if grad is None else grad.to(student_logits.dtype)
+    return add_ce_and_mask(rows, grad, s, labels, alpha=alpha, ignore_index=ignore_index, mask=mask,
+                           need_grad=need_grad, dtype=student_logits.dtype)
 
 
 def _teacher_probs(z: Tensor, weights: Tensor | None, T: float, fusion: str, mask: Tensor | None,
@@ -107,26 +95,6 @@ def _teacher_probs(z: Tensor, weights: Tensor | None, T: float, fusion: str, mas
     return p, p.log()
 
 
-class _KDRows(torch.autograd.Function):
-    """Per-row losses whose gradient was computed with them: backward scales it by the incoming
-    per-row gradient."""
-
-    @staticmethod
-    def forward(ctx, student_logits, teacher_logits, weights, labels, mask, temperature, alpha, fusion, ignore_index):
-        rows, grad = kd_rows_and_grad(
-            student_logits, teacher_logits, weights, labels, mask, temperature=temperature, alpha=alpha,
-            fusion=fusion, ignore_index=ignore_index, need_grad=ctx.needs_input_grad[0])
-        ctx.save_for_backward(grad)
-        return rows
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        (grad,) = ctx.saved_tensors
-        if grad is None:
-            return (None,) * 9
-        return (grad * grad_rows[:, None].to(grad.dtype),) + (None,) * 8
-
-
 def kd_loss_cpu(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -146,12 +114,13 @@ def kd_loss_cpu(
         student_logits, teacher_logits, temperature=temperature, weights=weights, labels=labels,
         alpha=alpha, fusion=fusion, reduction=reduction, ignore_index=ignore_index, mask=mask,
     )
+    def compute(s: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        return kd_rows_and_grad(
+            s, teacher_logits.detach(), None if weights is None else weights.detach(), labels, mask,
+            temperature=float(temperature), alpha=float(alpha), fusion=fusion, ignore_index=int(ignore_index), need_grad=need_grad)
+
     if student_logits.requires_grad and torch.is_grad_enabled():
-        rows = _KDRows.apply(
-            student_logits, teacher_logits.detach(), None if weights is None else weights.detach(), labels, mask,
-            float(temperature), float(alpha), fusion, int(ignore_index))
+        rows = RowsWithGradient.apply(student_logits, compute)
     else:
-        rows = kd_rows_and_grad(
-            student_logits, teacher_logits, weights, labels, mask, temperature=temperature, alpha=alpha,
-            fusion=fusion, ignore_index=ignore_index, need_grad=False)[0]
+        rows = compute(student_logits, False)[0]
     return reduce_rows(rows, mask, reduction)

@@ -35,6 +35,7 @@ import math
 import torch
 from torch import Tensor
 
+from mtkd.kernels.cpu_path import RowsWithGradient, add_ce_and_mask
 from mtkd.kernels.reference import (
     accumulation_dtype,
     check_sparse_kd_arguments,
@@ -96,38 +97,8 @@ def sparse_kd_rows_and_grad(
         kd, grad = _kd_terms(log_q, q, ids, lp, w, log_w, scale=alpha * T, need_grad=need_grad)
         rows += alpha * T * T * kd
 
-    if labels is not None and alpha < 1:
-        ce, ce_grad = ce_rows_and_grad(s, labels, ignore_index, mask, need_grad=need_grad)
-        rows += (1 - alpha) * ce
-        if need_grad:
-            term = ce_grad.mul_(1 - alpha)
-            grad = term if grad is None else grad.add_(term)
-
-    if need_grad and grad is None:  # neither term (alpha 0 without labels): a zero gradient
-        grad = torch.zeros(N, V, dtype=acc, device=s.device)
-    if mask is not None:
-        rows = torch.where(mask, rows, 0.0)
-        if need_grad:
-            grad = torch.where(mask[:, None], grad, 0.0)
-    return rows, None if grad is None else grad.to(student_logits.dtype)
-
-
-def ce_rows_and_grad(s: Tensor, labels: Tensor, ignore_index: int, mask: Tensor | None, *,
-                     need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """The hard-label term: per-row cross-entropy of s (N, V) (0 where the label is ignore_index or
-    the row is outside `mask`) and its gradient softmax(s) - onehot(y) (0 on those rows), or None."""
-    N = s.shape[0]
-    labelled = labels != ignore_index
-    if mask is not None:
-        labelled = labelled & mask  # a masked row's label may be anything
-    y = torch.where(labelled, labels, 0).long()
-    log_softmax = torch.log_softmax(s, dim=-1)
-    ce = torch.where(labelled, -log_softmax.gather(1, y[:, None]).squeeze(1), 0.0)
-    if not need_grad:
-        return ce, None
-    grad = log_softmax.exp_()
-    grad.scatter_add_(1, y[:, None], torch.full((N, 1), -1.0, dtype=s.dtype, device=s.device))
-    return ce, torch.where(labelled[:, None], grad, 0.0)
+    return add_ce_and_mask(rows, grad, s, labels, alpha=alpha, ignore_index=ignore_index, mask=mask,
+                           need_grad=need_grad, dtype=student_logits.dtype)
 
 
 def _kd_terms(log_q: Tensor, q: Tensor, ids: Tensor, lp: Tensor, w: Tensor, log_w: Tensor, *,
@@ -243,28 +214,6 @@ def _unlisted(N: int, V: int, spare_ids: Tensor) -> Tensor:
     return unlisted.scatter_(1, spare_ids, False)[:, :V]
 
 
-class _SparseKDRows(torch.autograd.Function):
-    """Per-row losses whose gradient was computed with them: backward scales it by the incoming
-    per-row gradient."""
-
-    @staticmethod
-    def forward(ctx, student_logits, teacher_ids, teacher_logprobs, weights, labels, mask,
-                temperature, alpha, ignore_index):
-        rows, grad = sparse_kd_rows_and_grad(
-            student_logits, teacher_ids, teacher_logprobs, weights, labels, mask,
-            temperature=temperature, alpha=alpha, ignore_index=ignore_index,
-            need_grad=ctx.needs_input_grad[0])
-        ctx.save_for_backward(grad)
-        return rows
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        (grad,) = ctx.saved_tensors
-        if grad is None:
-            return (None,) * 9
-        return (grad * grad_rows[:, None].to(grad.dtype),) + (None,) * 8
-
-
 def sparse_kd_loss_cpu(
     student_logits: Tensor,
     teacher_ids: Tensor,
@@ -286,13 +235,13 @@ def sparse_kd_loss_cpu(
         temperature=temperature, weights=weights, labels=labels, alpha=alpha,
         reduction=reduction, ignore_index=ignore_index, mask=mask,
     )
+    def compute(s: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        return sparse_kd_rows_and_grad(
+            s, teacher_ids.detach(), teacher_logprobs.detach(), None if weights is None else weights.detach(), labels, mask,
+            temperature=float(temperature), alpha=float(alpha), ignore_index=int(ignore_index), need_grad=need_grad)
+
     if student_logits.requires_grad and torch.is_grad_enabled():
-        rows = _SparseKDRows.apply(
-            student_logits, teacher_ids.detach(), teacher_logprobs.detach(),
-            None if weights is None else weights.detach(), labels, mask, float(temperature),
-            float(alpha), int(ignore_index))
+        rows = RowsWithGradient.apply(student_logits, compute)
     else:
-        rows = sparse_kd_rows_and_grad(
-            student_logits, teacher_ids, teacher_logprobs, weights, labels, mask,
-            temperature=temperature, alpha=alpha, ignore_index=ignore_index, need_grad=False)[0]
+        rows = compute(student_logits, False)[0]
     return reduce_rows(rows, mask, reduction)
