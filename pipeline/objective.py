@@ -76,7 +76,7 @@ class Objective:
             weights=fusions.prior_tensor(config.teacher_weights, device),
             temperature=config.temperature,
             alpha=config.alpha,
-            loss=config.loss,
+            loss=config.loss or Loss.KL,  # unresolved (no for_kind yet): classification, as config.py reads it
             fusion_temperature=config.fusion_temperature,
             fusion_scope=config.fusion_scope,
             row_entropy=row_entropy,
