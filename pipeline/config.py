@@ -136,9 +136,12 @@ class TrainConfig:
         set_(self, "data", str(self.data))
         set_(self, "storage_options", tuple(self.storage_options))
         if self.store is not None:
-            from mtkd.pipeline.storage import location, parse_options  # a local path stays a Path
+            from mtkd.pipeline.storage import is_url, location, parse_options  # a local path stays a Path
 
-            set_(self, "store", location(self.store, parse_options(self.storage_options)))
+            # The options are for whichever of the store and the data (--data, --val-data) lives at a URL.
+            data_remote = any(is_url(d) for d in (self.data, self.val_data) if d is not None)
+            options = parse_options(self.storage_options) if is_url(self.store) or not data_remote else {}
+            set_(self, "store", location(self.store, options))
         if self.teachers is not None:
             names = tuple(self.teachers)
             if not names or not all(isinstance(n, str) and n for n in names):

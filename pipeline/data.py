@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import io
 import math
 import struct
 import threading
@@ -44,6 +45,8 @@ import torch
 
 from mtkd.pipeline.errors import SpecError
 from mtkd.pipeline.specs import brief, import_object
+from mtkd.pipeline.storage import is_url, location, zarr_store
+from mtkd.pipeline.storage import read as read_object
 
 IGNORE_LABEL = -100
 
@@ -458,8 +461,11 @@ def _padded_token_data(spec: str, input_ids: Any, attention_mask: Any = None, la
     return _scan_tokens(spec, PaddedTokens(ids, offsets), offsets, given)
 
 
-def load_data(spec: str) -> Data:
-    """Parse a data spec and load it (see the module docstring for the forms)."""
+def load_data(spec: str, storage_options: dict[str, Any] | None = None) -> Data:
+    """Parse a data spec and load it (see the module docstring for the forms). A file or Zarr array
+    may be named by URL (`s3://...`, SPEC "Where a store lives"), opened with `storage_options`."""
+    if is_url(spec):
+        return _load_url(spec, storage_options or {})
     if spec.startswith("mnist1d:"):
         return _load_mnist1d(spec)
     path = Path(spec)
@@ -498,14 +504,37 @@ def _check_npz_arrays(spec: str, names: list[str]) -> None:
         raise SpecError(f"data {spec!r}: unknown arrays {unknown} beside {kinds[0]!r} (known: {', '.join(NPZ_ARRAYS[kinds[0]])})")
 
 
-def _load_npz(spec: str, path: Path) -> Data:
-    if not path.is_file():
+def _load_url(spec: str, options: dict[str, Any]) -> Data:
+    """Data at a URL: an .npz or .npy read into memory whole (an object store has no memory map),
+    or a Zarr array through zarr's own FsspecStore; the same checks as on a disk."""
+    loc = location(spec, options)  # BadInputError: a scheme without its backend, an unreachable bucket
+    if spec.endswith((".npz", ".npy")):
+        try:
+            raw = io.BytesIO(bytes(read_object(loc)))
+        except FileNotFoundError:
+            raise SpecError(f"data {spec!r}: no such object") from None
+        if spec.endswith(".npz"):
+            return _load_npz(spec, raw)
+        try:
+            x = np.load(raw, allow_pickle=False)
+        except Exception as e:  # corrupt file, pickled object array
+            raise SpecError(f"data {spec!r}: cannot read it: {brief(e)}") from e
+        return make_row_data(spec, x)
+    if (loc / "zarr.json").is_file():
+        return _load_zarr(spec, zarr_store(loc))
+    raise SpecError(f"data {spec!r}: not an .npz/.npy object or a Zarr array (other forms are read from a local path)")
+
+
+def _load_npz(spec: str, path: Path | io.BytesIO) -> Data:
+    local = isinstance(path, Path)  # else the bytes of an object read whole (_load_url)
+    if local and not path.is_file():
         raise SpecError(f"data {spec!r}: no such file")
     try:
         with np.load(path, allow_pickle=False) as f:
             _check_npz_arrays(spec, list(f.files))
             if "input_ids" in f:
-                mapped = {name: _mapped_member(path, name) for name in ("input_ids", "attention_mask", "labels") if name in f}
+                members = ("input_ids", "attention_mask", "labels")
+                mapped = {name: _mapped_member(path, name) if local else None for name in members if name in f}
                 # A member stored compressed cannot be mapped: np.load reads it whole.
                 ids = mapped["input_ids"] if mapped["input_ids"] is not None else f["input_ids"]
                 mask = mapped.get("attention_mask")
@@ -634,7 +663,8 @@ def _load_parquet(spec: str, path: Path) -> TokenData:
     return _scan_tokens(spec, ParquetTokens(paths, parts, groups_at, offsets), offsets, given)
 
 
-def _load_zarr(spec: str, path: Path) -> RowData:
+def _load_zarr(spec: str, path: Any) -> RowData:
+    """A Zarr array at `path` (a local path, or zarr's store for a URL) as rows."""
     import zarr  # imported here: only this spec form needs it at parse time
 
     try:

@@ -73,6 +73,7 @@ from mtkd.pipeline.guard import LossGuard
 from mtkd.pipeline.data import IGNORE_LABEL, RowData, TokenData, load_data
 from mtkd.pipeline.specs import ModelSpec, check_out_path, load_student_spec
 from mtkd.pipeline.store import LogitStore, open_store
+from mtkd.pipeline.storage import parse_options
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = frozenset({"format", "epoch", "batch", "step", "model", "optimizer", "rng", "sums", "history", "best"})
@@ -194,7 +195,7 @@ class Trainer:
         spec = load_student_spec(config.student)
         if spec.torchscript is not None:
             raise SpecError(f"student {spec.name!r}: a TorchScript student cannot be trained; give factory = \"MODULE:CALLABLE\"")
-        dataset = load_data(config.data)
+        dataset = load_data(config.data, parse_options(config.storage_options))  # options: data at a URL too
         config = config.for_kind(dataset.kind, _recorded_options(config.out) if config.resume else None, regression=dataset.regression)
         tokens = dataset.kind == "tokens"
         labelled = dataset.labelled_rows  # tokens: counted from the offsets, never read whole
@@ -240,7 +241,7 @@ class Trainer:
             raise BadInputError(f"data {config.data!r} has {what} {top} but student {spec.name!r} outputs {num_classes} classes")
         val = None
         if config.val_data is not None:
-            val = load_data(config.val_data)
+            val = load_data(config.val_data, parse_options(config.storage_options))
             if val.kind != dataset.kind:
                 raise BadInputError(f"--val-data {config.val_data!r} holds {val.kind}; --data {config.data!r} holds {dataset.kind}")
             if not val.labelled_rows:

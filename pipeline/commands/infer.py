@@ -31,7 +31,7 @@ def infer(
             "--data",
             help="Data spec. Rows: PATH.npz (x, y), PATH.npy, a Zarr array, mnist1d:SPLIT, MODULE:FUNCTION. "
             "Tokens: PATH.npz (input_ids, attention_mask, labels), PATH.parquet or a folder of them (input_ids, labels), "
-            "MODULE:FUNCTION (a list of id arrays). labels: -100 = not trained on.",
+            "MODULE:FUNCTION (a list of id arrays). labels: -100 = not trained on. A .npz/.npy or Zarr array may be a URL (s3://...).",
         ),
     ],
     out: Annotated[str, typer.Option("--out", help="The store to create or resume: a Zarr v3 folder, or a URL (s3://bucket/prefix).")],
@@ -88,10 +88,15 @@ def infer(
       mtkd infer --teachers lm.toml --data tok.parquet --out tok.zarr \\
           --top-k 32 --tail-samples 32
     """
+    from mtkd.pipeline.data import load_data
     from mtkd.pipeline.infer import parse_shard, run_infer  # heavy (torch): here, so --help stays fast
+    from mtkd.pipeline.storage import is_url, parse_options
 
     parsed_shard = parse_shard(shard)
-    store = where(out, storage_option)
+    # The --storage-option pairs are for whichever of the store and the data lives at a URL.
+    store = where(out, storage_option if is_url(out) or not is_url(data) else None)
+    if is_url(data):
+        data = load_data(data, parse_options(storage_option))
     with progress_bar(quiet) as bar:
         task = bar.add_task(f"infer {store.name} [{parsed_shard}]", total=None)
         result = run_infer(

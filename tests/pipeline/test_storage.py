@@ -116,6 +116,43 @@ def _same_student_from_both(tmp_path, s3, data, factory, kwargs, url, local):
     assert trained[0].keys() == trained[1].keys() and all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
 
 
+def test_data_in_a_bucket_gives_the_stores_and_students_of_the_same_data_on_a_disk(tmp_path, s3, make_data, make_teachers, make_tokens):
+    """--data s3://.../x.npz (rows and tokens) and a Zarr array at a URL: read with the same
+    --storage-option pairs, stored exactly as the local file's data, trained on alike."""
+    toml = make_teachers([{"name": "a"}])
+    rows = make_data(40)
+    s3.fs.pipe_file(s3.url("in/rows.npz"), rows.read_bytes())
+    _infer(s3, toml, rows, tmp_path / "local.zarr", "--chunk-rows", "16")
+    _infer(s3, toml, s3.url("in/rows.npz"), tmp_path / "from_s3.zarr", "--chunk-rows", "16", *s3.cli_options)
+    local, remote = open_store(tmp_path / "local.zarr"), open_store(tmp_path / "from_s3.zarr")
+    assert remote.fingerprint == local.fingerprint  # the same data, wherever it was read from
+    for key, values in remote.read("a", 0, 40).items():
+        np.testing.assert_array_equal(values, local.read("a", 0, 40)[key])
+    student = tmp_path / "student.toml"
+    student.write_text('[student]\nname = "st"\nfactory = "mtkd.pipeline.models:mlp"\nkwargs = { in_features = 8, hidden = [8], num_classes = 3 }\n')
+    for data, run, options in ((s3.url("in/rows.npz"), "run_s3", s3.cli_options), (rows, "run_local", [])):
+        result = invoke("train", "--student", student, "--data", data, "--store", tmp_path / "local.zarr", *options,
+                        "--out", tmp_path / run, "--epochs", "1", "--batch-size", "8", "--quiet")
+        assert result.exit_code == 0, result.output
+    import torch
+
+    a, b = (torch.load(tmp_path / run / "student.pt") for run in ("run_s3", "run_local"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # tokens from a bucket: the same positions as from the file
+    tokens = make_tokens(6)
+    s3.fs.pipe_file(s3.url("in/tokens.npz"), tokens.read_bytes())
+    got, want = load_data(s3.url("in/tokens.npz"), s3.storage_options), load_data(str(tokens))
+    assert got.fingerprint == want.fingerprint and np.array_equal(got.offsets, want.offsets)
+    # a Zarr array at a URL
+    x = np.load(rows)["x"]
+    zarr.create_array(zarr.storage.FsspecStore.from_url(s3.url("in/x.zarr"), storage_options=s3.storage_options), data=x)
+    np.testing.assert_array_equal(load_data(s3.url("in/x.zarr"), s3.storage_options).x, x)
+    # an object that is not there: one line, nothing written
+    refused(invoke("infer", "--teachers", toml, "--data", s3.url("in/none.npz"), "--out", tmp_path / "none.zarr", *s3.cli_options),
+            "no such object", "none.npz")
+    assert not (tmp_path / "none.zarr").exists()
+
+
 # -- creation races, concurrent shards, kill -9 ----------------------------------------------------
 
 
