@@ -602,6 +602,14 @@ def _epoch_seconds(run: Path) -> float:
     return statistics.median(r["seconds"] for r in rows)
 
 
+def _reader_threads() -> int | None:
+    try:
+        from mtkd.pipeline import loader
+    except ImportError:
+        return None
+    return getattr(loader, "READER_THREADS", None)  # None: a version that reads one unit at a time
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
@@ -638,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loader-vocabs", type=_ints, default=[100, 1000], help="loader figures: V of the dense stores")
     parser.add_argument("--loader-epochs", type=int, default=2, help="loader figures: epochs timed per run (after a first one)")
     parser.add_argument("--loader-only", action="store_true", help="only the loader figures (no model, no stage one)")
+    parser.add_argument("--reader-threads", type=int, help="streaming: units read at once (mtkd.pipeline.loader.READER_THREADS; default: its own)")
     parser.add_argument("--s3-rows", type=int, default=50_000, help="stream_overhead_s3: MNIST-1D rows (0: skip it; needs moto[server], s3fs)")
     parser.add_argument("--s3-only", action="store_true", help="only stream_overhead_s3")
     parser.add_argument("--quick", action="store_true",
@@ -661,6 +670,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.dense_vocabs, args.loader_seqs = [], []
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.reader_threads:
+        from mtkd.pipeline import loader
+
+        loader.READER_THREADS = args.reader_threads
     device = resolve_device(args.device)
     lr, temperature, seed = 1e-2, 2.0, 0
 
@@ -696,7 +709,7 @@ def main(argv: list[str] | None = None) -> dict:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
         "cpus": os.cpu_count(), "load_average_1min": [load_before, os.getloadavg()[0]],  # at the start, at the end
-        "quick": args.quick, "loader_only": args.loader_only, "s3_only": args.s3_only,
+        "quick": args.quick, "loader_only": args.loader_only, "reader_threads": _reader_threads(), "s3_only": args.s3_only,
     }
     targets = {"infer_vs_forward": (">=", 0.9), "infer_vs_forward_tokens": (">=", 0.9), "offline_vs_online_speedup": (">=", 5.0),
                "stream_overhead": ("<=", 0.05), "offline_vs_online_speedup_tokens": (">=", 5.0), "stream_overhead_tokens": ("<=", 0.05),

@@ -50,6 +50,7 @@ import queue
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,6 +73,8 @@ READ_BYTES = 1 << 20
 # Shuffled windows waiting for the trainer: with the one it is cutting batches from and the one
 # the reader thread is filling, at most three windows are alive at once.
 WINDOW_QUEUE = 1
+# Read units of a window read at once, by this many threads beside the loader's own.
+READER_THREADS = 2
 
 
 class LogitSource(Protocol):
@@ -300,21 +303,24 @@ class _Loader:
         per_rank, size = self.items_per_epoch, self.window_items
         base = self.rank * per_rank  # this rank's stretch of the order: [base, base + per_rank)
         cached: tuple[int, int, Any] | None = None  # a unit shared by two windows is read once
-
-        def read_unit(epoch: int, u: int) -> Any:
-            nonlocal cached
-            if cached is None or cached[:2] != (epoch, u):
-                cached = (epoch, u, self._read_unit(u))
-            return cached[2]
-
-        for epoch in range(start_epoch, stop_epoch):
-            order = EpochOrder(self.bounds, self.seed, epoch)
-            first = start_batch * self.batch_size if epoch == start_epoch else 0
-            for w in range(first // size, math.ceil(per_rank / size)):
-                w_lo, w_hi = w * size, min((w + 1) * size, per_rank)
-                pieces = [(read_unit(epoch, u), u, lo, hi) for u, lo, hi in order.pieces(base + w_lo, base + w_hi)]
-                shuffle = _rng(self.seed, epoch, 1, self.rank, w).permutation(w_hi - w_lo)
-                yield (epoch, w_lo, w_hi, *self._lay_out(pieces, shuffle, free))
+        # A window's units are read READER_THREADS at a time: decompression, checksums and copies
+        # release the GIL, so on an otherwise idle CPU (a GPU's host) the reads overlap.
+        with ThreadPoolExecutor(max_workers=READER_THREADS, thread_name_prefix="mtkd-read") as pool:
+            for epoch in range(start_epoch, stop_epoch):
+                order = EpochOrder(self.bounds, self.seed, epoch)
+                first = start_batch * self.batch_size if epoch == start_epoch else 0
+                for w in range(first // size, math.ceil(per_rank / size)):
+                    w_lo, w_hi = w * size, min((w + 1) * size, per_rank)
+                    spans = order.pieces(base + w_lo, base + w_hi)
+                    reads: dict[int, Any] = {}
+                    for u, _, _ in spans:
+                        if u not in reads:
+                            reads[u] = cached[2] if cached is not None and cached[:2] == (epoch, u) else pool.submit(self._read_unit, u)
+                    units = {u: r.result() if isinstance(r, Future) else r for u, r in reads.items()}
+                    cached = (epoch, spans[-1][0], units[spans[-1][0]])
+                    pieces = [(units[u], u, lo, hi) for u, lo, hi in spans]
+                    shuffle = _rng(self.seed, epoch, 1, self.rank, w).permutation(w_hi - w_lo)
+                    yield (epoch, w_lo, w_hi, *self._lay_out(pieces, shuffle, free))
 
     def _read_unit(self, u: int) -> Any:
         """What a window needs of read unit u (whole chunks), read in the reader thread."""

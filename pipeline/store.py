@@ -441,7 +441,9 @@ class LogitStore:
         requested all at once (several in flight: one request's latency each would dominate);
         (array, block) -> bytes, missing ones left out (the read names them)."""
         paths = self._chunk_paths(name, specs, blocks)
-        have = {k: self._prefetched.pop((name, *k)) for k in paths if (name, *k) in self._prefetched}
+        # pop(key, None) on one dict: the loader's reader threads may prefetch (replace it) meanwhile.
+        prefetched = self._prefetched
+        have = {k: raw for k in paths if (raw := prefetched.pop((name, *k), None)) is not None}
         missing = {k: p for k, p in paths.items() if k not in have}
         got = storage.read_many(list(missing.values())) if missing else {}
         have.update({k: got[p] for k, p in missing.items() if p in got})
