@@ -289,23 +289,29 @@ def test_a_streamed_token_run_resumed_after_sigkill_ends_with_the_same_weights(t
 
 
 def kill_and_resume(command, tmp_path, *, epochs):
-    """An uninterrupted run against one killed (SIGKILL) three times at random moments and resumed."""
+    """An uninterrupted run against one killed (SIGKILL) three times and resumed.
+
+    Each kill waits for its process to checkpoint past a random point of training (somewhere in
+    10-25%, 30-45% and 50-65% of the epochs), then a random few milliseconds more: the kills land at
+    random batches and always before the end, however fast or loaded this machine is."""
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(command(reference), check=True, env=SUBPROCESS_ENV, capture_output=True)
     rng = random.Random(0)
+    targets = [epochs * rng.uniform(0.1 + 0.2 * i, 0.25 + 0.2 * i) for i in range(3)]
     positions = []
-    for _ in range(3):
+    checkpoint = killed / "checkpoint.pt"
+    for target in targets:
         proc = subprocess.Popen(command(killed, "--resume"), env=SUBPROCESS_ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        checkpoint = killed / "checkpoint.pt"
-        previous = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
-        deadline = time.monotonic() + 60
-        # Wait for this process's first checkpoint (it is training by then), then kill at a random moment.
-        while proc.poll() is None and time.monotonic() < deadline and (
-            not checkpoint.exists() or checkpoint.stat().st_mtime_ns == previous
-        ):
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.4))
+        deadline, seen = time.monotonic() + 120, None
+        while proc.poll() is None and time.monotonic() < deadline:
+            stamp = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
+            if stamp is not None and stamp != seen:  # checkpoints are written atomically (renamed into place)
+                seen = stamp
+                if torch.load(checkpoint, weights_only=True)["epoch"] >= target:
+                    break
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.01))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         saved = torch.load(checkpoint, weights_only=True)
